@@ -1,0 +1,25 @@
+"""amstream: online continual learning without end-to-end backpropagation.
+
+The heart is online alternating minimization with auxiliary variables (Choromanska et al., ICML
+2019): every layer's output is a free *code*; per sample or mini-batch the codes are updated from
+the top layer down, then every layer's weights are fitted to its own input and output codes.
+"""
+from .blocks import Sign, Step, StraightThrough, UnsupportedModelError, blocks_from_sequential
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .learners import AltMinLearner, AMAdam, AMMem, Backprop, Learner, NonFiniteStepError, StepInfo
+from .stream import PrequentialResult, iter_prequential, prequential
+from .utils import resolve_device, set_seed
+from .validation import InputError
+
+__version__ = "0.1.0"
+
+LEARNERS = {"am-adam": AMAdam, "am-mem": AMMem, "backprop": Backprop}
+
+__all__ = [
+    "AMAdam", "AMMem", "Backprop", "AltMinLearner", "Learner", "StepInfo", "NonFiniteStepError",
+    "InputError", "UnsupportedModelError", "LEARNERS",
+    "blocks_from_sequential", "Sign", "Step", "StraightThrough",
+    "prequential", "iter_prequential", "PrequentialResult",
+    "save_checkpoint", "load_checkpoint", "CheckpointError",
+    "resolve_device", "set_seed",
+]

@@ -1,0 +1,93 @@
+"""Atomic checkpoints of a learner and the position of its stream.
+
+A checkpoint holds the learner's ``state_dict()`` (weights, every optimizer state, memories,
+counters), every RNG state, and whatever the caller adds (stream position, metric counts). It is
+written to a temporary file in the same folder, flushed to disk and renamed over the target, so a
+crash at any moment leaves either the old checkpoint or the new one, never a torn file. Loading uses
+``torch.load(weights_only=True)``: nothing but tensors and plain containers is unpickled.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .utils import rng_state, set_rng_state
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """The checkpoint file is missing, unreadable or was made for a different learner."""
+
+
+def _plain_rng_state() -> dict:
+    # numpy's and python's RNG states contain tuples/arrays; convert so weights_only loading accepts them.
+    state = rng_state()
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    state["numpy"] = [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss]
+    version, internal, gauss_next = state["python"]
+    state["python"] = [version, list(internal), gauss_next]
+    return state
+
+
+def _restore_rng_state(state: dict) -> None:
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    set_rng_state({
+        **state,
+        "numpy": (kind, keys.numpy(), pos, has_gauss, gauss),
+        "python": (version, tuple(internal), gauss_next),
+    })
+
+
+def save_checkpoint(path: str | os.PathLike, learner, **extra) -> Path:
+    """Write ``learner`` and ``extra`` (plain values and tensors) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "learner_class": type(learner).__name__,
+        "learner": learner.state_dict(),
+        "rng": _plain_rng_state(),
+        "extra": extra,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, learner, *, restore_rng: bool = True) -> dict:
+    """Load ``path`` into ``learner`` (and the RNGs); return the ``extra`` values saved with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=learner.device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    if payload.get("learner_class") != type(learner).__name__:
+        raise CheckpointError(
+            f"checkpoint {path} was saved from {payload.get('learner_class')}, "
+            f"not {type(learner).__name__}"
+        )
+    learner.load_state_dict(payload["learner"])
+    if restore_rng:
+        rng = payload["rng"]
+        rng["torch"] = rng["torch"].cpu()
+        if "cuda" in rng:
+            rng["cuda"] = [s.cpu() for s in rng["cuda"]]
+        _restore_rng_state(rng)
+    return payload["extra"]

@@ -1,0 +1,238 @@
+"""The update rules of online alternating minimization as small pure functions.
+
+References: A. Choromanska et al., "Beyond Backprop: Online Alternating Minimization with Auxiliary
+Variables", ICML 2019 (arXiv:1806.09077), and J. Mairal et al., "Online dictionary learning for
+sparse coding", ICML 2009 (the co-activation memories and block-coordinate solve of AM-mem).
+
+Objective over codes ``c_1..c_L`` and weights, for one batch:
+
+    L(f_out(c_L), y) + mu * sum_l ||c_l - f_l(c_{l-1})||^2
+
+Shapes: ``a`` is a layer input flattened to ``(B, d_in)``, ``c`` a code ``(B, d_out)``, ``W`` a
+weight ``(d_out, d_in)``, memories ``A (d_in, d_in)`` and ``Bm (d_out, d_in)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "proximity_anchor",
+    "code_objective",
+    "nesterov_step_",
+    "update_codes",
+    "update_memory_",
+    "gauss_seidel_sweep",
+    "gauss_seidel_sweep_reference",
+    "memory_solve",
+    "proximal_sweep",
+    "soft_threshold",
+]
+
+PROX_MODES = ("paper", "official")
+
+
+def proximity_anchor(c: torch.Tensor, mode: str) -> torch.Tensor:
+    """The forward code ``c0`` that the proximity term ``||c - c0||^2`` pulls towards.
+
+    ``"paper"``: a detached copy, so the term has the gradient ``2 (c - c0) / n`` the paper intends.
+    ``"official"``: a graph-connected clone, as in the reference code (``codes_initial =
+    codes.clone()`` after ``requires_grad_``). Autograd then differentiates through both arguments
+    and the two contributions cancel: the term has exactly zero gradient (bug A1). Kept to compare
+    with the original implementation's numbers.
+    """
+    if mode == "paper":
+        return c.detach().clone()
+    if mode == "official":
+        return c.clone()
+    raise ValueError(f"prox must be one of {PROX_MODES}, got {mode!r}")
+
+
+def code_objective(
+    c: torch.Tensor,
+    anchor: torch.Tensor,
+    downstream: torch.Tensor,
+    *,
+    mu: float,
+    lambda_c: float = 0.0,
+    is_last: bool,
+) -> torch.Tensor:
+    """Loss minimized over one code ``c`` (reference ``compute_codes_loss``).
+
+    Last code: ``(1/mu) * task_loss + MSE(c, c0) [+ (lambda_c/mu) mean|c|]``.
+    Hidden code: ``MSE(f_{l+1}(c), c_{l+1}) + MSE(c, c0) [+ (lambda_c/mu) mean|c|]``; the mu of the
+    objective cancels here (both terms carry it). ``downstream`` is the task loss or that MSE.
+    """
+    loss = downstream / mu if is_last else downstream
+    loss = loss + F.mse_loss(c, anchor)
+    if lambda_c:
+        loss = loss + (lambda_c / mu) * c.abs().mean()
+    return loss
+
+
+@torch.no_grad()
+def nesterov_step_(c: torch.Tensor, buf: torch.Tensor | None, grad: torch.Tensor,
+                   lr: float, momentum: float) -> torch.Tensor:
+    """In-place Nesterov-momentum SGD step, identical to ``torch.optim.SGD(nesterov=True)``.
+
+    The buffer starts as the first gradient (torch's rule) and is returned for the next step.
+    """
+    if momentum == 0.0:
+        c.sub_(grad, alpha=lr)
+        return grad
+    if buf is None:
+        buf = grad.clone()
+    else:
+        buf.mul_(momentum).add_(grad)
+    c.sub_(grad.add(buf, alpha=momentum), alpha=lr)
+    return buf
+
+
+def update_codes(
+    codes: Sequence[torch.Tensor],
+    blocks: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    output_block: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    mu: float,
+    steps: int,
+    lrs: Sequence[float],
+    momentum: float = 0.9,
+    prox: str = "paper",
+    lambda_c: float = 0.0,
+) -> list[torch.Tensor]:
+    """Top-down code update (Choromanska et al., Alg. 1): last code first, then each lower code.
+
+    Args:
+        codes: forward codes ``[c_1, ..., c_L]`` (detached).
+        blocks: hidden blocks ``[f_1, ..., f_L]``; ``blocks[l]`` maps ``c_l`` to ``c_{l+1}``.
+        output_block: ``f_out`` mapping ``c_L`` to the network output.
+        loss_fn: task loss of the network output.
+        steps: Nesterov-momentum steps per code; ``lrs``: step size per code.
+
+    Returns:
+        The updated codes (new tensors; ``codes`` is not modified).
+    """
+    n = len(codes)
+    new_codes: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+    for i in reversed(range(n)):
+        c = codes[i].detach().clone().requires_grad_(True)
+        anchor = proximity_anchor(c, prox)
+        target = None if i == n - 1 else new_codes[i + 1]
+        buf = None
+        for _ in range(steps):
+            with torch.enable_grad():
+                if target is None:
+                    downstream = loss_fn(output_block(c))
+                else:
+                    downstream = F.mse_loss(blocks[i + 1](c), target)
+                loss = code_objective(c, anchor, downstream, mu=mu, lambda_c=lambda_c, is_last=target is None)
+                (grad,) = torch.autograd.grad(loss, c)
+            buf = nesterov_step_(c, buf, grad, lrs[i], momentum)
+        new_codes[i] = c.detach()
+    return new_codes
+
+
+# ------------------------------------------------------------------------------ AM-mem (Mairal)
+@torch.no_grad()
+def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor, *,
+                   mode: str, count: int, forget: float = 0.0) -> None:
+    """Accumulate co-activations ``A <- a^T a``, ``Bm <- c^T a`` in place.
+
+    Modes: ``"sum"`` running sums (the reference default, eta = 0); ``"mean"`` running means over the
+    ``count`` samples seen before this batch (same solution, bounded magnitudes); ``"forget"``
+    exponential forgetting ``A <- (1 - eta) A + eta a^T a`` (reference eta > 0).
+    """
+    aa = a.T @ a
+    ca = c.T @ a
+    if mode == "sum":
+        A.add_(aa)
+        Bm.add_(ca)
+    elif mode == "mean":
+        total = count + a.shape[0]
+        A.mul_(count / total).add_(aa, alpha=1.0 / total)
+        Bm.mul_(count / total).add_(ca, alpha=1.0 / total)
+    elif mode == "forget":
+        A.mul_(1.0 - forget).add_(aa, alpha=forget)
+        Bm.mul_(1.0 - forget).add_(ca, alpha=forget)
+    else:
+        raise ValueError(f"memory mode must be 'sum', 'mean' or 'forget', got {mode!r}")
+
+
+def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """One block-coordinate (Gauss-Seidel) sweep over the columns of ``W`` for ``W A = Bm``, as one
+    triangular solve.
+
+    The column loop ``w_j += (b_j - W a_j) / (A_jj + eps)``, j = 1..d, with the already-updated
+    columns used for k < j, is exactly ``W_new (D + eps I + U) = Bm - W_old L + eps W_old`` with
+    ``A = L + D + U`` (strictly lower, diagonal, strictly upper). One right-sided triangular solve
+    replaces d sequential column updates.
+    """
+    upper = torch.triu(A, diagonal=1)
+    lower = torch.tril(A, diagonal=-1)
+    lhs = upper + torch.diag(torch.diagonal(A) + eps)
+    rhs = Bm - W @ lower + eps * W
+    return torch.linalg.solve_triangular(lhs, rhs, upper=True, left=False)
+
+
+def soft_threshold(w: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    return torch.sign(w) * torch.clamp(w.abs() - threshold, min=0.0)
+
+
+@torch.no_grad()
+def gauss_seidel_sweep_reference(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
+                                 eps: float = 1e-10, lambda_w: float = 0.0) -> torch.Tensor:
+    """The reference code's column-by-column BCD sweep (``altmin.BCD``, one iteration).
+
+    A Python loop over columns: slow, kept as the oracle for :func:`gauss_seidel_sweep` and as the
+    baseline in ``scripts/bench.py``. With ``lambda_w > 0`` each column is soft-thresholded.
+    """
+    W = W.clone()
+    d = torch.diagonal(A) + eps
+    A_n = A / d
+    B_n = Bm / d
+    for j in range(A.shape[0]):
+        W[:, j] += B_n[:, j] - W @ A_n[:, j]
+        if lambda_w > 0:
+            W[:, j] = soft_threshold(W[:, j], lambda_w)
+    return W
+
+
+def memory_solve(A: torch.Tensor, Bm: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """The converged BCD fixed point: ``W = Bm (A + r I)^{-1}`` by a Cholesky solve.
+
+    ``ridge`` is relative to the mean diagonal of ``A`` (so it is scale-free) and keeps the system
+    positive definite when some inputs never vary. Falls back to a least-squares solve if the
+    Cholesky factorization fails.
+    """
+    d = A.shape[0]
+    scale = torch.diagonal(A).mean().clamp_min(torch.finfo(A.dtype).tiny)
+    reg = A + (ridge * scale) * torch.eye(d, dtype=A.dtype, device=A.device)
+    factor, info = torch.linalg.cholesky_ex(reg)
+    if int(info) == 0:
+        return torch.cholesky_solve(Bm.T, factor).T
+    return torch.linalg.lstsq(reg, Bm.T).solution.T
+
+
+def proximal_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, lambda_w: float,
+                   iterations: int = 10) -> torch.Tensor:
+    """L1-regularized memory solve by FISTA, warm-started from ``W``.
+
+    Minimizes ``1/2 Tr(W A W^T) - Tr(W Bm^T) + lambda_w * sum_j A_jj ||w_j||_1`` (the reference BCD's
+    objective, whose soft threshold is ``lambda_w`` in units of ``A_jj``). The step is ``1/Lip`` with
+    Lip a Gershgorin bound on the largest eigenvalue of ``A`` (safe, no eigen-decomposition).
+    """
+    lip = A.abs().sum(dim=1).max().clamp_min(torch.finfo(A.dtype).tiny)
+    step = 1.0 / lip
+    threshold = lambda_w * torch.diagonal(A) * step  # per column j
+    x_prev = W
+    z = W
+    t = 1.0
+    for _ in range(iterations):
+        x = soft_threshold(z - step * (z @ A - Bm), threshold)
+        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
+        z = x + ((t - 1.0) / t_next) * (x - x_prev)
+        x_prev, t = x, t_next
+    return x_prev

@@ -1,0 +1,262 @@
+"""Online alternating minimization with auxiliary variables: the shared machinery and AM-Adam.
+
+Choromanska, Cowen, Kumaravel, Luss, Rigotti, Rish, Kingsbury, Tejwani, Bouneffouf, "Beyond
+Backprop: Online Alternating Minimization with Auxiliary Variables", ICML 2019 (PMLR 97:1193-1202).
+
+Per mini-batch (or single sample) the learner minimizes
+
+    L(f_out(c_L), y) + mu * sum_l ||c_l - f_l(c_{l-1})||^2
+
+by alternating: (1) a forward pass gives the codes ``c_l``; (2) the codes are updated from the top
+layer down with a few Nesterov-momentum steps each, anchored to their forward values; (3) every
+layer's weights are fitted to its own input and output codes, independently of the other layers
+(the output layer on the task loss).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..blocks import BATCHNORM_TYPES, Block
+from ..functional import PROX_MODES, update_codes
+from ..schedules import halving_factor, mu_at
+from .base import Learner, LossFn, StepInfo
+
+__all__ = ["AltMinLearner", "AMAdam"]
+
+
+class AltMinLearner(Learner):
+    """Base of the AM learners: forward with codes, top-down code update, weight fits.
+
+    Subclasses choose which blocks their Adam optimizer trains (``_adam_blocks``) and may add a
+    different rule for the hidden weights (``_fit_hidden_extra``).
+
+    Args:
+        model: an ``nn.Sequential`` (see :mod:`amstream.blocks`).
+        mu: penalty weight ``mu_0`` of the objective (reference default 0.003).
+        d_mu: increment of mu per step; the ramp stops at ``mu_max`` (default ``10 * mu``).
+        code_steps: Nesterov-momentum steps per code and batch (reference 5).
+        code_lr: code step size, one value or one per hidden code (reference 0.3).
+        code_momentum: Nesterov momentum of the code steps (reference 0.9).
+        lr_out: Adam learning rate of the output block (reference 0.008).
+        weight_steps: Adam steps per batch on each local loss (reference 1).
+        lr_halve_every: halve every learning rate each this many steps (reference: every 8 epochs).
+        lambda_c: L1 weight on the codes (reference 0).
+        prox: ``"paper"`` (detached proximity anchor, the paper's intent) or ``"official"`` (the
+            reference code's zero-gradient proximity term, to compare with its numbers).
+        bn_stats: ``"forward"``: BatchNorm running statistics are updated only by the plain forward
+            pass; ``"all"``: also by every code and weight step, as in the reference code (bug A8).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        criterion: nn.Module | None = None,
+        mu: float = 0.003,
+        d_mu: float = 0.0,
+        mu_max: float | None = None,
+        code_steps: int = 5,
+        code_lr: float | Sequence[float] = 0.3,
+        code_momentum: float = 0.9,
+        lr_out: float = 0.008,
+        weight_steps: int = 1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        lr_halve_every: int | None = None,
+        lambda_c: float = 0.0,
+        prox: str = "paper",
+        bn_stats: str = "forward",
+        device: str | torch.device = "auto",
+        on_nonfinite: str = "warn",
+        validate: bool = True,
+    ) -> None:
+        _check_positive(mu=mu, code_lr=code_lr, lr_out=lr_out)
+        _check_nonnegative(d_mu=d_mu, lambda_c=lambda_c, code_momentum=code_momentum)
+        if int(code_steps) < 0 or int(weight_steps) < 1:
+            raise ValueError(f"need code_steps >= 0 and weight_steps >= 1, got {code_steps}, {weight_steps}")
+        if prox not in PROX_MODES:
+            raise ValueError(f"prox must be one of {PROX_MODES}, got {prox!r}")
+        if bn_stats not in ("forward", "all"):
+            raise ValueError(f"bn_stats must be 'forward' or 'all', got {bn_stats!r}")
+        super().__init__(model, criterion=criterion, device=device, on_nonfinite=on_nonfinite,
+                         validate=validate)
+        n_codes = len(self.blocks.hidden)
+        if isinstance(code_lr, (int, float)):
+            code_lrs = [float(code_lr)] * n_codes
+        else:
+            code_lrs = [float(v) for v in code_lr]
+            if len(code_lrs) != n_codes:
+                raise ValueError(f"code_lr has {len(code_lrs)} values but the model has {n_codes} codes")
+        self.mu, self.d_mu, self.mu_max = float(mu), float(d_mu), mu_max
+        self.code_steps, self.code_lrs, self.code_momentum = int(code_steps), code_lrs, float(code_momentum)
+        self.lr_out, self.weight_steps, self.lr_halve_every = float(lr_out), int(weight_steps), lr_halve_every
+        self.lambda_c, self.prox, self.bn_stats = float(lambda_c), prox, bn_stats
+        self._last_codes: list[torch.Tensor] = []
+        groups = [
+            {"params": b.parameters(), "lr": self._block_lr(b), "name": f"block{b.index}"}
+            for b in self._adam_blocks()
+            if b.parameters()
+        ]
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        self.optimizer = torch.optim.Adam(groups, betas=betas, eps=adam_eps)
+
+    # --------------------------------------------------------------------------- subclass hooks
+    def _adam_blocks(self) -> list[Block]:
+        return list(self.blocks)
+
+    def _block_lr(self, block: Block) -> float:
+        return self.lr_out
+
+    def _hidden_loss(self, block: Block, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(block(inp), target)
+
+    def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Weight rule for hidden blocks outside Adam (AM-mem); returns their local losses."""
+        return []
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    # ------------------------------------------------------------------------------------ step
+    @property
+    def current_mu(self) -> float:
+        return mu_at(self.step_count, self.mu, self.d_mu, self.mu_max)
+
+    def _step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+        mu = self.current_mu
+        factor = halving_factor(self.step_count, self.lr_halve_every)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        code_lrs = [lr * factor for lr in self.code_lrs]
+
+        with torch.no_grad():  # (1) forward pass; BatchNorm running statistics update here only
+            codes, out = self.blocks.forward_with_codes(x)
+            loss = loss_fn(out).detach()
+
+        with self._frozen_bn_stats():
+            # (2) codes, top-down
+            new_codes = update_codes(
+                codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=mu,
+                steps=self.code_steps, lrs=code_lrs, momentum=self.code_momentum,
+                prox=self.prox, lambda_c=self.lambda_c,
+            ) if codes else []
+            # (3) weights: every block on its own input/output codes
+            inputs = [x, *new_codes]
+            local = self._fit_weights(inputs, new_codes, loss_fn)
+
+        self._last_codes = new_codes
+        displacement = tuple(
+            torch.linalg.vector_norm(n - c) / torch.linalg.vector_norm(c).clamp_min(1e-12)
+            for n, c in zip(new_codes, codes)
+        )
+        return StepInfo(
+            loss=loss, local_losses=tuple(local), code_displacement=displacement, mu=mu,
+            lrs=tuple(g["lr"] for g in self.optimizer.param_groups), batch_size=x.shape[0],
+        )
+
+    def _fit_weights(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], loss_fn: LossFn) -> list:
+        hidden = self.blocks.hidden
+        adam_hidden = [b for b in self._adam_blocks() if b is not self.blocks.output]
+        local: list[torch.Tensor] = []
+        for _ in range(self.weight_steps):
+            # The local losses share no parameters and their inputs are detached codes, so one
+            # backward of their sum gives every layer exactly its own gradient: one fused Adam step.
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = [self._hidden_loss(b, inputs[b.index], targets[b.index]) for b in adam_hidden]
+            total = loss_fn(self.blocks.output(inputs[len(hidden)]))
+            for item in losses:
+                total = total + item
+            total.backward()
+            self.optimizer.step()
+            local = [item.detach() for item in losses]
+        self.optimizer.zero_grad(set_to_none=True)
+        return local + self._fit_hidden_extra(inputs, targets)
+
+    # ------------------------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _frozen_bn_stats(self):
+        """Use batch statistics without updating running ones (unless bn_stats == "all")."""
+        bns = [m for m in self.model.modules() if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats]
+        if self.bn_stats == "all" or not bns:
+            yield
+            return
+        for m in bns:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in bns:
+                m.track_running_stats = True
+
+    def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
+        return super()._check_tensors(info) + list(self._last_codes)
+
+    def hparams(self) -> dict:
+        return {
+            "mu": self.mu, "d_mu": self.d_mu, "mu_max": self.mu_max, "code_steps": self.code_steps,
+            "code_lr": self.code_lrs, "code_momentum": self.code_momentum, "lr_out": self.lr_out,
+            "weight_steps": self.weight_steps, "lr_halve_every": self.lr_halve_every,
+            "lambda_c": self.lambda_c, "prox": self.prox, "bn_stats": self.bn_stats,
+        }
+
+
+class AMAdam(AltMinLearner):
+    """AM-Adam: alternating minimization whose weight rule is Adam on each layer's local loss.
+
+    Hidden block l minimizes ``MSE(f_l(c_{l-1}), c_l) [+ lambda_w mean|W_l|]`` and the output block
+    the task loss ``L(f_out(c_L), y)``, with one Adam parameter group per block (Choromanska et al.,
+    ICML 2019, Sec. 3). Defaults follow the reference code (``IBM/online-alt-min``).
+
+    Args:
+        lr: Adam learning rate of the hidden blocks (reference 0.008).
+        lambda_w: L1 weight on the hidden weights (reference 0).
+        **kwargs: see :class:`AltMinLearner`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from amstream import AMAdam
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> learner = AMAdam(model, device="cpu")
+        >>> info = learner.learn(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> learner.predict(torch.randn(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 0.008, lambda_w: float = 0.0, **kwargs) -> None:
+        _check_positive(lr=lr)
+        _check_nonnegative(lambda_w=lambda_w)
+        self.lr, self.lambda_w = float(lr), float(lambda_w)
+        super().__init__(model, **kwargs)
+
+    def _block_lr(self, block: Block) -> float:
+        return self.lr_out if block is self.blocks.output else self.lr
+
+    def _hidden_loss(self, block: Block, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.mse_loss(block(inp), target)
+        if self.lambda_w:
+            loss = loss + self.lambda_w * sum(p.abs().mean() for p in block.parameters() if p.dim() > 1)
+        return loss
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "lr": self.lr, "lambda_w": self.lambda_w}
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"invalid {name}: {value!r} (must be > 0)")
+
+
+def _check_nonnegative(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"invalid {name}: {value!r} (must be >= 0)")

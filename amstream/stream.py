@@ -1,0 +1,193 @@
+"""River-style streaming: one sample at a time, optional micro-batches, prequential evaluation.
+
+Every learner has ``learn_one`` / ``learn_many`` / ``predict_one`` / ``predict_proba_one``.
+A sample may be a tensor, a NumPy array, a list of numbers or a dict of features (the feature order
+is the key order of the first dict seen; later dicts must have the same keys). With
+``micro_batch > 1`` the learner buffers samples and learns from each full micro-batch (GPU kernels
+want more than one sample); ``flush()`` learns from a partial one.
+
+``prequential(samples, learner)`` is the test-then-train protocol of online learning (river's
+``progressive_val_score``): each batch is first predicted and scored, then learned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .validation import InputError
+
+__all__ = ["StreamingMixin", "PrequentialResult", "prequential", "iter_prequential"]
+
+
+class StreamingMixin:
+    """The one-sample API, mixed into :class:`~amstream.learners.base.Learner`."""
+
+    micro_batch: int = 1
+
+    def _init_stream(self, micro_batch: int = 1) -> None:
+        self.micro_batch = micro_batch
+        self._buffer_x: list[torch.Tensor] = []
+        self._buffer_y: list[torch.Tensor] = []
+        self._feature_names: tuple | None = None
+
+    def set_micro_batch(self, size: int) -> None:
+        """Learn from every ``size`` buffered samples (1: learn at every ``learn_one``)."""
+        if int(size) < 1:
+            raise ValueError(f"micro batch size must be >= 1, got {size}")
+        self.flush()
+        self.micro_batch = int(size)
+
+    # ------------------------------------------------------------------------------- conversion
+    def _as_sample(self, x: object) -> torch.Tensor:
+        if isinstance(x, dict):
+            names = tuple(x)
+            if self._feature_names is None:
+                self._feature_names = names
+            elif set(names) != set(self._feature_names):
+                missing = sorted(set(self._feature_names) - set(names), key=str)
+                extra = sorted(set(names) - set(self._feature_names), key=str)
+                raise InputError(f"feature dict keys changed: missing {missing}, unexpected {extra}")
+            x = [x[k] for k in self._feature_names]
+        if isinstance(x, (list, tuple)):
+            try:
+                x = np.asarray(x, dtype=np.float32)
+            except (TypeError, ValueError) as err:
+                raise InputError(f"sample features must be numbers: {err}") from None
+        if isinstance(x, np.ndarray):
+            if not np.issubdtype(x.dtype, np.number):
+                raise InputError(f"sample must be numeric, got numpy dtype {x.dtype}")
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"a sample must be a tensor, array, list or dict, got {type(x).__name__}")
+        return x
+
+    def _as_label(self, y: object) -> torch.Tensor:
+        if isinstance(y, torch.Tensor):
+            return y.reshape(()) if y.numel() == 1 else y
+        if isinstance(y, (bool, np.bool_)):
+            raise InputError(f"label must be a class index or a number, got {y!r}")
+        if isinstance(y, (int, np.integer)):
+            return torch.tensor(int(y), dtype=torch.long)
+        if isinstance(y, (float, np.floating)):
+            return torch.tensor(float(y), dtype=torch.float32)
+        return torch.as_tensor(np.asarray(y))
+
+    # ------------------------------------------------------------------------------------ verbs
+    def learn_one(self, x: object, y: object) -> None:
+        """Learn from one sample (buffered when ``micro_batch > 1``). Returns None, like river."""
+        sample, label = self._as_sample(x), self._as_label(y)
+        if self.micro_batch == 1:
+            self.learn(sample.unsqueeze(0), label.unsqueeze(0))
+            return
+        if self._buffer_x and sample.shape != self._buffer_x[0].shape:
+            raise InputError(
+                f"sample shape {tuple(sample.shape)} differs from the buffered samples' "
+                f"{tuple(self._buffer_x[0].shape)}"
+            )
+        self._buffer_x.append(sample)
+        self._buffer_y.append(label)
+        if len(self._buffer_x) >= self.micro_batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Learn from the buffered samples now (a partial micro-batch); no-op when empty."""
+        if not self._buffer_x:
+            return
+        xs, ys = torch.stack(self._buffer_x), torch.stack(self._buffer_y)
+        self._buffer_x, self._buffer_y = [], []
+        self.learn(xs, ys)
+
+    def learn_many(self, X: object, y: object) -> None:
+        """Learn from a batch given as a tensor/array of samples and their labels."""
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32)) if not isinstance(X, torch.Tensor) else X
+        y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+        self.learn(X, y)
+
+    def predict_proba_one(self, x: object) -> dict[int, float]:
+        """Class probabilities ``{class: p}`` (softmax of the output) for one sample."""
+        probs = torch.softmax(self.predict(self._as_sample(x).unsqueeze(0))[0].float(), dim=-1)
+        return {i: float(p) for i, p in enumerate(probs.tolist())}
+
+    def predict_one(self, x: object) -> int:
+        """Most likely class for one sample."""
+        return int(self.predict(self._as_sample(x).unsqueeze(0))[0].argmax())
+
+
+# ---------------------------------------------------------------------------------- prequential
+@dataclass
+class PrequentialResult:
+    """Outcome of a prequential run.
+
+    Attributes:
+        n_seen: samples scored (and then learned).
+        n_correct: samples predicted correctly before they were learned.
+        curve: ``(n_seen, cumulative accuracy)`` every ``every`` samples.
+        losses: task loss of each learned batch (host floats, taken every ``every`` samples).
+    """
+
+    n_seen: int = 0
+    n_correct: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / self.n_seen if self.n_seen else float("nan")
+
+    def state_dict(self) -> dict:
+        return {"n_seen": self.n_seen, "n_correct": self.n_correct, "curve": list(self.curve),
+                "losses": list(self.losses)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "PrequentialResult":
+        return cls(state["n_seen"], state["n_correct"], [tuple(p) for p in state["curve"]],
+                   [tuple(p) for p in state["losses"]])
+
+
+def _batches(samples: Iterable, batch_size: int, learner: StreamingMixin) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    xs, ys = [], []
+    for x, y in samples:
+        xs.append(learner._as_sample(x))
+        ys.append(learner._as_label(y))
+        if len(xs) == batch_size:
+            yield torch.stack(xs), torch.stack(ys)
+            xs, ys = [], []
+    if xs:
+        yield torch.stack(xs), torch.stack(ys)
+
+
+def iter_prequential(samples: Iterable, learner, *, batch_size: int = 1, every: int = 100,
+                     result: PrequentialResult | None = None) -> Iterator[tuple[PrequentialResult, object]]:
+    """Test-then-train over ``samples`` (an iterable of ``(x, y)``), yielding after every batch.
+
+    Yields ``(result, step_info)``; the caller can log, checkpoint or stop at any point. Pass a
+    ``result`` from a checkpoint to continue its counts.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    result = result or PrequentialResult()
+    next_mark = (result.n_seen // every + 1) * every
+    for X, y in _batches(samples, int(batch_size), learner):
+        predicted = learner.predict(X).argmax(dim=-1)
+        correct = (predicted == y.to(predicted.device)).sum()
+        info = learner.learn(X, y)
+        result.n_seen += len(y)
+        result.n_correct += int(correct)
+        if result.n_seen >= next_mark:
+            result.curve.append((result.n_seen, result.accuracy))
+            result.losses.append((result.n_seen, float(info.loss)))
+            next_mark = (result.n_seen // every + 1) * every
+        yield result, info
+
+
+def prequential(samples: Iterable, learner, *, batch_size: int = 1, every: int = 100) -> PrequentialResult:
+    """Run :func:`iter_prequential` to the end and return the result."""
+    result = PrequentialResult()
+    for result, _ in iter_prequential(samples, learner, batch_size=batch_size, every=every, result=result):
+        pass
+    if not result.curve or result.curve[-1][0] != result.n_seen:
+        result.curve.append((result.n_seen, result.accuracy))
+    return result

@@ -13,10 +13,11 @@ weight ``(d_out, d_in)``, memories ``A (d_in, d_in)`` and ``Bm (d_out, d_in)``.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "proximity_anchor",
@@ -90,6 +91,118 @@ def nesterov_step_(c: torch.Tensor, buf: torch.Tensor | None, grad: torch.Tensor
     return buf
 
 
+# ------------------------------------------------------------- closed-form fast path for MLPs
+#: activations whose derivative is known in closed form; straight-through ones have derivative 1
+def _relu_grad(c: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    return (c > 0).to(c.dtype)
+
+
+def _leaky_grad(c: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    return torch.ones_like(c).masked_fill_(c <= 0, act.negative_slope)
+
+
+def _tanh_grad(c: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    return 1.0 - torch.tanh(c) ** 2
+
+
+def _sigmoid_grad(c: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    s = torch.sigmoid(c)
+    return s * (1.0 - s)
+
+
+_ACTIVATION_GRADS: dict[type, Callable] = {
+    nn.ReLU: _relu_grad,
+    nn.LeakyReLU: _leaky_grad,
+    nn.Tanh: _tanh_grad,
+    nn.Sigmoid: _sigmoid_grad,
+}
+
+
+class LinearBlockView(NamedTuple):
+    """A block ``linear(act(flatten(c)))`` whose gradients have a closed form."""
+
+    flatten: bool
+    act: nn.Module | None
+    act_grad: Callable[[torch.Tensor, nn.Module], torch.Tensor] | None  # None: derivative 1
+    linear: nn.Linear
+
+    def inputs(self, c: torch.Tensor) -> torch.Tensor:
+        """The Linear layer's input ``act(flatten(c))``."""
+        a = c.flatten(1) if self.flatten else c
+        return self.act(a) if self.act is not None else a
+
+
+def linear_view(block) -> LinearBlockView | None:
+    """``LinearBlockView`` of a block made of at most a Flatten, one known activation and one Linear;
+    None for anything else (Conv, BatchNorm, Dropout, custom modules), which autograd handles."""
+    from .blocks import Sign, Step, StraightThrough  # local: blocks imports nothing from here
+
+    pre, lin, post = list(block.pre), list(block.lin), list(block.post)
+    if post or len(lin) != 1 or type(lin[0]) is not nn.Linear:
+        return None
+    pre = [m for m in pre if not isinstance(m, nn.Identity)]
+    flattens = [m for m in pre if isinstance(m, nn.Flatten)]
+    if len(flattens) > 1 or any(f.start_dim != 1 or f.end_dim != -1 for f in flattens):
+        return None
+    acts = [m for m in pre if not isinstance(m, nn.Flatten)]
+    if len(acts) > 1:
+        return None
+    if not acts:
+        return LinearBlockView(bool(flattens), None, None, lin[0])
+    act = acts[0]
+    if isinstance(act, (Sign, Step, StraightThrough)):
+        return LinearBlockView(bool(flattens), act, None, lin[0])
+    grad = _ACTIVATION_GRADS.get(type(act))
+    return LinearBlockView(bool(flattens), act, grad, lin[0]) if grad is not None else None
+
+
+def _through_linear_block(view: LinearBlockView, c: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. ``c`` of a loss whose gradient w.r.t. ``linear(act(c))`` is ``g_out``."""
+    g = g_out @ view.linear.weight
+    if view.act_grad is not None:
+        g = g * view.act_grad(c, view.act)
+    return g.view_as(c) if view.flatten else g
+
+
+def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox) -> torch.Tensor:
+    """Closed-form gradient of :func:`code_objective` for Linear blocks (same value as autograd)."""
+    with torch.no_grad():
+        pred = F.linear(view_next.inputs(c), view_next.linear.weight, view_next.linear.bias)
+    if target is None:  # last code: the task loss may be anything, so autograd on the output only
+        g_out = task_loss_grad(pred, loss_fn)[1] / mu
+    else:
+        g_out = (2.0 / pred.numel()) * (pred - target)
+    with torch.no_grad():
+        grad = _through_linear_block(view_next, c, g_out)
+        if prox == "paper":
+            grad.add_(c - anchor, alpha=2.0 / c.numel())
+        if lambda_c:
+            grad.add_(torch.sign(c), alpha=lambda_c / (mu * c.numel()))
+    return grad
+
+
+def task_loss_grad(out: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d loss / d out)`` by autograd over the loss alone (the loss may be any function)."""
+    with torch.enable_grad():
+        out = out.detach().requires_grad_(True)
+        loss = loss_fn(out)
+        (grad,) = torch.autograd.grad(loss, out)
+    return loss.detach(), grad
+
+
+@torch.no_grad()
+def linear_weight_grads_(view: LinearBlockView, a: torch.Tensor, g_out: torch.Tensor, lambda_w: float = 0.0) -> None:
+    """Set ``.grad`` of a Linear layer for a loss with gradient ``g_out`` w.r.t. ``linear(a)``:
+    ``dW = g_out^T a (+ lambda_w sign(W) / |W|)``, ``db = sum_rows g_out``."""
+    weight, bias = view.linear.weight, view.linear.bias
+    grad_w = g_out.T @ a
+    if lambda_w:
+        grad_w.add_(torch.sign(weight), alpha=lambda_w / weight.numel())
+    weight.grad = grad_w
+    if bias is not None:
+        bias.grad = g_out.sum(0)
+
+
 def update_codes(
     codes: Sequence[torch.Tensor],
     blocks: Sequence[Callable[[torch.Tensor], torch.Tensor]],
@@ -102,6 +215,7 @@ def update_codes(
     momentum: float = 0.9,
     prox: str = "paper",
     lambda_c: float = 0.0,
+    fast: bool = True,
 ) -> list[torch.Tensor]:
     """Top-down code update (Choromanska et al., Alg. 1): last code first, then each lower code.
 
@@ -111,6 +225,9 @@ def update_codes(
         output_block: ``f_out`` mapping ``c_L`` to the network output.
         loss_fn: task loss of the network output.
         steps: Nesterov-momentum steps per code; ``lrs``: step size per code.
+        fast: use closed-form gradients where the next block is ``Linear(activation(c))``
+            (same values as autograd, several times fewer kernel launches); other blocks (Conv,
+            BatchNorm, custom activations) always use autograd.
 
     Returns:
         The updated codes (new tensors; ``codes`` is not modified).
@@ -118,9 +235,20 @@ def update_codes(
     n = len(codes)
     new_codes: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
     for i in reversed(range(n)):
+        target = None if i == n - 1 else new_codes[i + 1]
+        view = linear_view(output_block if target is None else blocks[i + 1]) if fast else None
+        if view is not None:
+            c = codes[i].detach().clone()
+            anchor = codes[i].detach()
+            buf = None
+            for _ in range(steps):
+                grad = _code_grad_fast(c, anchor, view, target, loss_fn, mu=mu,
+                                       lambda_c=lambda_c, prox=prox)
+                buf = nesterov_step_(c, buf, grad, lrs[i], momentum)
+            new_codes[i] = c
+            continue
         c = codes[i].detach().clone().requires_grad_(True)
         anchor = proximity_anchor(c, prox)
-        target = None if i == n - 1 else new_codes[i + 1]
         buf = None
         for _ in range(steps):
             with torch.enable_grad():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import BATCHNORM_TYPES, Block
-from ..functional import PROX_MODES, update_codes
+from ..functional import PROX_MODES, linear_view, linear_weight_grads_, task_loss_grad, update_codes
 from ..schedules import halving_factor, mu_at
 from .base import Learner, LossFn, StepInfo
 
@@ -50,6 +50,8 @@ class AltMinLearner(Learner):
             reference code's zero-gradient proximity term, to compare with its numbers).
         bn_stats: ``"forward"``: BatchNorm running statistics are updated only by the plain forward
             pass; ``"all"``: also by every code and weight step, as in the reference code (bug A8).
+        fast: closed-form gradients for blocks ``Linear(activation(c))`` (same values as autograd,
+            far fewer kernel launches); Conv/BatchNorm/custom blocks always use autograd.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class AltMinLearner(Learner):
         lambda_c: float = 0.0,
         prox: str = "paper",
         bn_stats: str = "forward",
+        fast: bool = True,
         device: str | torch.device = "auto",
         on_nonfinite: str = "warn",
         validate: bool = True,
@@ -95,7 +98,7 @@ class AltMinLearner(Learner):
         self.mu, self.d_mu, self.mu_max = float(mu), float(d_mu), mu_max
         self.code_steps, self.code_lrs, self.code_momentum = int(code_steps), code_lrs, float(code_momentum)
         self.lr_out, self.weight_steps, self.lr_halve_every = float(lr_out), int(weight_steps), lr_halve_every
-        self.lambda_c, self.prox, self.bn_stats = float(lambda_c), prox, bn_stats
+        self.lambda_c, self.prox, self.bn_stats, self.fast = float(lambda_c), prox, bn_stats, bool(fast)
         self._last_codes: list[torch.Tensor] = []
         groups = [
             {"params": b.parameters(), "lr": self._block_lr(b), "name": f"block{b.index}"}
@@ -104,7 +107,9 @@ class AltMinLearner(Learner):
         ]
         for g in groups:
             g["initial_lr"] = g["lr"]
-        self.optimizer = torch.optim.Adam(groups, betas=betas, eps=adam_eps)
+        self.optimizer = torch.optim.Adam(groups, betas=betas, eps=adam_eps, foreach=True)
+        views = [linear_view(b) for b in self._adam_blocks()]
+        self._views = views if self.fast and all(v is not None for v in views) else None
 
     # --------------------------------------------------------------------------- subclass hooks
     def _adam_blocks(self) -> list[Block]:
@@ -144,11 +149,14 @@ class AltMinLearner(Learner):
             new_codes = update_codes(
                 codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=mu,
                 steps=self.code_steps, lrs=code_lrs, momentum=self.code_momentum,
-                prox=self.prox, lambda_c=self.lambda_c,
+                prox=self.prox, lambda_c=self.lambda_c, fast=self.fast,
             ) if codes else []
             # (3) weights: every block on its own input/output codes
             inputs = [x, *new_codes]
-            local = self._fit_weights(inputs, new_codes, loss_fn)
+            if self._views is not None:
+                local = self._fit_weights_fast(inputs, new_codes, codes, loss_fn)
+            else:
+                local = self._fit_weights(inputs, new_codes, loss_fn)
 
         self._last_codes = new_codes
         displacement = tuple(
@@ -175,6 +183,33 @@ class AltMinLearner(Learner):
             total.backward()
             self.optimizer.step()
             local = [item.detach() for item in losses]
+        self.optimizer.zero_grad(set_to_none=True)
+        return local + self._fit_hidden_extra(inputs, targets)
+
+    @torch.no_grad()
+    def _fit_weights_fast(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                          forward_codes: list[torch.Tensor], loss_fn: LossFn) -> list:
+        """``_fit_weights`` with closed-form gradients for Linear blocks (the same Adam step)."""
+        n_hidden = len(self.blocks.hidden)
+        lambda_w = getattr(self, "lambda_w", 0.0) if n_hidden else 0.0
+        local: list[torch.Tensor] = []
+        for step in range(self.weight_steps):
+            local = []
+            for block, view in zip(self._adam_blocks(), self._views):
+                a = view.inputs(inputs[block.index])
+                if block is self.blocks.output:
+                    out = view.linear(a)
+                    g_out = task_loss_grad(out, loss_fn)[1]
+                    linear_weight_grads_(view, a, g_out)
+                    continue
+                # The first layer's input is x, which no code update changes: its prediction is
+                # the forward code, so the widest matmul is not recomputed.
+                pred = forward_codes[0] if block.index == 0 and step == 0 else view.linear(a)
+                residual = pred - targets[block.index]
+                loss = residual.square().mean()
+                local.append(loss + lambda_w * view.linear.weight.abs().mean() if lambda_w else loss)
+                linear_weight_grads_(view, a, residual.mul_(2.0 / residual.numel()), lambda_w)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return local + self._fit_hidden_extra(inputs, targets)
 

@@ -158,7 +158,9 @@ class Learner(StreamingMixin):
         Bad input raises :class:`~amstream.validation.InputError` (a ``ValueError``) and changes
         nothing. A step that yields non-finite weights, codes or loss is undone.
         """
-        x = self._prepare_inputs(x, training=True)
+        return self._guarded_step(self._prepare_inputs(x, training=True), loss_fn)
+
+    def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
         start = time.perf_counter()
         guarded = self._guarded_tensors()
         self._snapshot.take(guarded[0])
@@ -176,7 +178,7 @@ class Learner(StreamingMixin):
             )
             if self.on_nonfinite == "raise":
                 raise NonFiniteStepError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             return info._replace(rolled_back=True, seconds=time.perf_counter() - start)
         self.step_count += 1
         return info._replace(seconds=time.perf_counter() - start)
@@ -186,7 +188,7 @@ class Learner(StreamingMixin):
         x = self._prepare_inputs(x, training=True)
         y = self._prepare_targets(y, x)
         criterion = self.criterion
-        return self.step(x, lambda out: criterion(out, y))
+        return self._guarded_step(x, lambda out: criterion(out, y))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

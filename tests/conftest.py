@@ -1,0 +1,48 @@
+"""Shared fixtures: the real-data directory, seeds, and the GPU marker."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from amstream.data import data_dir
+
+REQUIRED_FILES = (
+    "mnist/train-images-idx3-ubyte.gz",
+    "mnist/t10k-images-idx3-ubyte.gz",
+    "fashion-mnist/train-images-idx3-ubyte.gz",
+    "elec2/elecNormNew.arff",
+)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The directory holding the real data sets (``AMSTREAM_DATA``).
+
+    In CI a missing file is a failure, never a skip: the accuracy tests must run there. Locally,
+    without the files, the tests that need them are skipped.
+    """
+    root = data_dir()
+    missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
+    if missing:
+        message = f"real data files missing under {root}: {missing} (set AMSTREAM_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -38,6 +38,8 @@ __all__ = [
 CODE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: activations with trainable parameters; they are trained with their block by AM-Adam
+PARAMETERIZED_ACTIVATIONS = (nn.PReLU,)
 
 
 class UnsupportedModelError(ValueError):
@@ -170,11 +172,9 @@ def _flatten(model: nn.Module) -> list[nn.Module]:
 
 
 def _check_layer(position: int, module: nn.Module) -> None:
-    if isinstance(module, CODE_LAYER_TYPES) or isinstance(module, StraightThrough):
+    if isinstance(module, (*CODE_LAYER_TYPES, *PARAMETERIZED_ACTIVATIONS, StraightThrough)):
         return
-    has_params = any(True for _ in module.parameters(recurse=True))
-    is_activation = type(module).__module__ == "torch.nn.modules.activation"
-    if has_params and not is_activation:
+    if any(True for _ in module.parameters(recurse=True)):
         supported = ", ".join(t.__name__ for t in CODE_LAYER_TYPES)
         raise UnsupportedModelError(
             f"unsupported layer at position {position}: {type(module).__name__} has trainable "

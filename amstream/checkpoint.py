@@ -8,6 +8,7 @@ crash at any moment leaves either the old checkpoint or the new one, never a tor
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -83,7 +84,15 @@ def load_checkpoint(path: str | os.PathLike, learner, *, restore_rng: bool = Tru
             f"checkpoint {path} was saved from {payload.get('learner_class')}, "
             f"not {type(learner).__name__}"
         )
-    learner.load_state_dict(payload["learner"])
+    backup = copy.deepcopy(learner.state_dict())
+    try:
+        learner.load_state_dict(payload["learner"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        learner.load_state_dict(backup)  # torch loads what matches before raising: undo it
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this learner's model: {first_line}"
+        ) from None
     if restore_rng:
         rng = payload["rng"]
         rng["torch"] = rng["torch"].cpu()

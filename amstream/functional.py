@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 PROX_MODES = ("paper", "official")
+REDUCTIONS = ("mean", "sum")
+
+
+def _sq(a: torch.Tensor, b: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.mse_loss(a, b, reduction=reduction)
 
 
 def proximity_anchor(c: torch.Tensor, mode: str) -> torch.Tensor:
@@ -59,17 +64,27 @@ def code_objective(
     mu: float,
     lambda_c: float = 0.0,
     is_last: bool,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Loss minimized over one code ``c`` (reference ``compute_codes_loss``).
 
-    Last code: ``(1/mu) * task_loss + MSE(c, c0) [+ (lambda_c/mu) mean|c|]``.
-    Hidden code: ``MSE(f_{l+1}(c), c_{l+1}) + MSE(c, c0) [+ (lambda_c/mu) mean|c|]``; the mu of the
-    objective cancels here (both terms carry it). ``downstream`` is the task loss or that MSE.
+    ``reduction="mean"`` (the reference code):
+      last code ``(1/mu) task_loss + MSE(c, c0) [+ (lambda_c/mu) mean|c|]``; hidden code
+      ``MSE(f_{l+1}(c), c_{l+1}) + MSE(c, c0) [+ (lambda_c/mu) mean|c|]`` (mu cancels: both terms
+      carry it). ``downstream`` is the task loss or that MSE (already reduced by the caller).
+    ``reduction="sum"`` (the objective summed over the batch's samples, divided by mu):
+      last code ``(B/mu) task_loss + ||c - c0||^2 [+ (lambda_c/mu) |c|_1]`` for a batch-mean task
+      loss; hidden code ``||f_{l+1}(c) - c_{l+1}||^2 + ||c - c0||^2 [+ ...]``. Each element's
+      gradient is then independent of the batch size and the layer widths, whereas with "mean"
+      a hidden code's steps are about 1/(B d) of the last code's (reference bug note A10).
     """
-    loss = downstream / mu if is_last else downstream
-    loss = loss + F.mse_loss(c, anchor)
+    if is_last:
+        loss = downstream * (c.shape[0] / mu if reduction == "sum" else 1.0 / mu)
+    else:
+        loss = downstream
+    loss = loss + _sq(c, anchor, reduction)
     if lambda_c:
-        loss = loss + (lambda_c / mu) * c.abs().mean()
+        loss = loss + (lambda_c / mu) * (c.abs().sum() if reduction == "sum" else c.abs().mean())
     return loss
 
 
@@ -160,24 +175,26 @@ def _through_linear_block(view: LinearBlockView, c: torch.Tensor, g_out: torch.T
     """Gradient w.r.t. ``c`` of a loss whose gradient w.r.t. ``linear(act(c))`` is ``g_out``."""
     g = g_out @ view.linear.weight
     if view.act_grad is not None:
-        g = g * view.act_grad(c, view.act)
+        g = g * view.act_grad(c.flatten(1) if view.flatten else c, view.act)
     return g.view_as(c) if view.flatten else g
 
 
-def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox) -> torch.Tensor:
+def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox, reduction) -> torch.Tensor:
     """Closed-form gradient of :func:`code_objective` for Linear blocks (same value as autograd)."""
+    per_element = reduction == "sum"
     with torch.no_grad():
         pred = F.linear(view_next.inputs(c), view_next.linear.weight, view_next.linear.bias)
     if target is None:  # last code: the task loss may be anything, so autograd on the output only
-        g_out = task_loss_grad(pred, loss_fn)[1] / mu
+        g_out = task_loss_grad(pred, loss_fn)[1] * ((c.shape[0] if per_element else 1.0) / mu)
     else:
-        g_out = (2.0 / pred.numel()) * (pred - target)
+        g_out = (2.0 if per_element else 2.0 / pred.numel()) * (pred - target)
     with torch.no_grad():
         grad = _through_linear_block(view_next, c, g_out)
+        scale = 1.0 if per_element else 1.0 / c.numel()
         if prox == "paper":
-            grad.add_(c - anchor, alpha=2.0 / c.numel())
+            grad.add_(c - anchor, alpha=2.0 * scale)
         if lambda_c:
-            grad.add_(torch.sign(c), alpha=lambda_c / (mu * c.numel()))
+            grad.add_(torch.sign(c), alpha=lambda_c / mu * scale)
     return grad
 
 
@@ -216,6 +233,7 @@ def update_codes(
     prox: str = "paper",
     lambda_c: float = 0.0,
     fast: bool = True,
+    reduction: str = "mean",
 ) -> list[torch.Tensor]:
     """Top-down code update (Choromanska et al., Alg. 1): last code first, then each lower code.
 
@@ -225,6 +243,7 @@ def update_codes(
         output_block: ``f_out`` mapping ``c_L`` to the network output.
         loss_fn: task loss of the network output.
         steps: Nesterov-momentum steps per code; ``lrs``: step size per code.
+        reduction: ``"mean"`` (reference) or ``"sum"``; see :func:`code_objective`.
         fast: use closed-form gradients where the next block is ``Linear(activation(c))``
             (same values as autograd, several times fewer kernel launches); other blocks (Conv,
             BatchNorm, custom activations) always use autograd.
@@ -243,7 +262,7 @@ def update_codes(
             buf = None
             for _ in range(steps):
                 grad = _code_grad_fast(c, anchor, view, target, loss_fn, mu=mu,
-                                       lambda_c=lambda_c, prox=prox)
+                                       lambda_c=lambda_c, prox=prox, reduction=reduction)
                 buf = nesterov_step_(c, buf, grad, lrs[i], momentum)
             new_codes[i] = c
             continue
@@ -255,8 +274,9 @@ def update_codes(
                 if target is None:
                     downstream = loss_fn(output_block(c))
                 else:
-                    downstream = F.mse_loss(blocks[i + 1](c), target)
-                loss = code_objective(c, anchor, downstream, mu=mu, lambda_c=lambda_c, is_last=target is None)
+                    downstream = _sq(blocks[i + 1](c), target, reduction)
+                loss = code_objective(c, anchor, downstream, mu=mu, lambda_c=lambda_c,
+                                      is_last=target is None, reduction=reduction)
                 (grad,) = torch.autograd.grad(loss, c)
             buf = nesterov_step_(c, buf, grad, lrs[i], momentum)
         new_codes[i] = c.detach()
@@ -341,6 +361,9 @@ def memory_solve(A: torch.Tensor, Bm: torch.Tensor, ridge: float = 1e-6) -> torc
     factor, info = torch.linalg.cholesky_ex(reg)
     if int(info) == 0:
         return torch.cholesky_solve(Bm.T, factor).T
+    if not bool(torch.isfinite(reg).all()):
+        # Non-finite memories: return NaN so the learner's finiteness check rolls the step back.
+        return torch.full_like(Bm, float("nan"))
     return torch.linalg.lstsq(reg, Bm.T).solution.T
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["InputError", "check_inputs", "check_targets", "is_classification_criterion"]
+__all__ = ["InputError", "check_inputs", "check_batchnorm_batch", "check_targets", "is_classification_criterion"]
 
 
 class InputError(ValueError):
@@ -19,8 +19,8 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_inputs(x: object, *, training: bool, has_batchnorm: bool) -> torch.Tensor:
-    """Validate a batch of inputs ``x`` of shape ``(B, *sample_shape)``."""
+def check_inputs(x: object) -> torch.Tensor:
+    """Validate a batch of inputs ``x`` of shape ``(B, *sample_shape)``: type, batch, dtype, values."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(x).__name__}")
     if x.dim() < 2:
@@ -32,14 +32,17 @@ def check_inputs(x: object, *, training: bool, has_batchnorm: bool) -> torch.Ten
         raise InputError("empty batch: inputs have 0 samples")
     if not x.is_floating_point():
         raise InputError(f"inputs must be floating point (e.g. torch.float32), got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("inputs contain NaN or Inf values")
+    return x
+
+
+def check_batchnorm_batch(x: torch.Tensor, *, training: bool, has_batchnorm: bool) -> None:
     if training and has_batchnorm and x.shape[0] == 1:
         raise InputError(
             "batch of one sample with BatchNorm in training mode: batch statistics need at least 2 "
             "samples; use a micro-batch (batch_size >= 2) or a model without BatchNorm"
         )
-    if not bool(torch.isfinite(x).all()):
-        raise InputError("inputs contain NaN or Inf values")
-    return x
 
 
 def is_classification_criterion(criterion: object) -> bool:

@@ -4,10 +4,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread: the tests' tensors are small, and on a 2-vCPU machine a second OpenMP
+# thread that gets descheduled stalls every parallel region (measured: the same test took 2 s or
+# 27 s from run to run with 2 threads, always 2 s with 1). Subprocesses inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from amstream.data import data_dir
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from amstream.data import data_dir  # noqa: E402
+
+torch.set_num_threads(1)
 
 REQUIRED_FILES = (
     "mnist/train-images-idx3-ubyte.gz",

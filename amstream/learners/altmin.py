@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import BATCHNORM_TYPES, Block
-from ..functional import PROX_MODES, linear_view, linear_weight_grads_, task_loss_grad, update_codes
+from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_grad, update_codes
 from ..schedules import halving_factor, mu_at
 from .base import Learner, LossFn, StepInfo
 
@@ -46,6 +46,10 @@ class AltMinLearner(Learner):
         weight_steps: Adam steps per batch on each local loss (reference 1).
         lr_halve_every: halve every learning rate each this many steps (reference: every 8 epochs).
         lambda_c: L1 weight on the codes (reference 0).
+        reduction: ``"mean"`` (reference: every code loss is a mean over its elements, so hidden
+            codes move about 1/(B d) as far as the last one) or ``"sum"`` (the objective summed over
+            the batch: per-element code steps independent of batch size and width). See
+            :func:`amstream.functional.code_objective`.
         prox: ``"paper"`` (detached proximity anchor, the paper's intent) or ``"official"`` (the
             reference code's zero-gradient proximity term, to compare with its numbers).
         bn_stats: ``"forward"``: BatchNorm running statistics are updated only by the plain forward
@@ -71,23 +75,27 @@ class AltMinLearner(Learner):
         adam_eps: float = 1e-8,
         lr_halve_every: int | None = None,
         lambda_c: float = 0.0,
+        reduction: str = "mean",
         prox: str = "paper",
         bn_stats: str = "forward",
         fast: bool = True,
         device: str | torch.device = "auto",
         on_nonfinite: str = "warn",
         validate: bool = True,
+        input_shape: tuple | None = None,
     ) -> None:
         _check_positive(mu=mu, code_lr=code_lr, lr_out=lr_out)
         _check_nonnegative(d_mu=d_mu, lambda_c=lambda_c, code_momentum=code_momentum)
         if int(code_steps) < 0 or int(weight_steps) < 1:
             raise ValueError(f"need code_steps >= 0 and weight_steps >= 1, got {code_steps}, {weight_steps}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if prox not in PROX_MODES:
             raise ValueError(f"prox must be one of {PROX_MODES}, got {prox!r}")
         if bn_stats not in ("forward", "all"):
             raise ValueError(f"bn_stats must be 'forward' or 'all', got {bn_stats!r}")
         super().__init__(model, criterion=criterion, device=device, on_nonfinite=on_nonfinite,
-                         validate=validate)
+                         validate=validate, input_shape=input_shape)
         n_codes = len(self.blocks.hidden)
         if isinstance(code_lr, (int, float)):
             code_lrs = [float(code_lr)] * n_codes
@@ -99,6 +107,7 @@ class AltMinLearner(Learner):
         self.code_steps, self.code_lrs, self.code_momentum = int(code_steps), code_lrs, float(code_momentum)
         self.lr_out, self.weight_steps, self.lr_halve_every = float(lr_out), int(weight_steps), lr_halve_every
         self.lambda_c, self.prox, self.bn_stats, self.fast = float(lambda_c), prox, bn_stats, bool(fast)
+        self.reduction = reduction
         self._last_codes: list[torch.Tensor] = []
         groups = [
             {"params": b.parameters(), "lr": self._block_lr(b), "name": f"block{b.index}"}
@@ -149,7 +158,7 @@ class AltMinLearner(Learner):
             new_codes = update_codes(
                 codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=mu,
                 steps=self.code_steps, lrs=code_lrs, momentum=self.code_momentum,
-                prox=self.prox, lambda_c=self.lambda_c, fast=self.fast,
+                prox=self.prox, lambda_c=self.lambda_c, fast=self.fast, reduction=self.reduction,
             ) if codes else []
             # (3) weights: every block on its own input/output codes
             inputs = [x, *new_codes]
@@ -237,7 +246,7 @@ class AltMinLearner(Learner):
             "mu": self.mu, "d_mu": self.d_mu, "mu_max": self.mu_max, "code_steps": self.code_steps,
             "code_lr": self.code_lrs, "code_momentum": self.code_momentum, "lr_out": self.lr_out,
             "weight_steps": self.weight_steps, "lr_halve_every": self.lr_halve_every,
-            "lambda_c": self.lambda_c, "prox": self.prox, "bn_stats": self.bn_stats,
+            "lambda_c": self.lambda_c, "reduction": self.reduction, "prox": self.prox, "bn_stats": self.bn_stats,
         }
 
 

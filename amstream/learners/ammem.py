@@ -42,6 +42,12 @@ class AMMem(AltMinLearner):
         prox_iterations: FISTA iterations per batch when ``lambda_w > 0``.
         ridge: relative ridge of the full solve; ``eps``: diagonal guard of the sweep.
         memory_dtype: dtype of A and B (float64 keeps long sums exact; default float32).
+        mu, code_lr: as in :class:`AltMinLearner`. AM-mem's own defaults are ``mu=1.0`` and
+            ``code_lr=0.1``, not the reference's 0.003 and 0.3: those were
+            tuned for AM-Adam, whose Adam steps bound every weight change, while an exact memory
+            solve follows the codes wherever they go. With ``1/mu = 333`` on the task loss the
+            last code moves several times its own norm on the first batches and the solved weights
+            diverge (measured on digits; see BENCHMARKS.md).
         **kwargs: code-update and output-layer options of :class:`AltMinLearner`.
     """
 
@@ -49,6 +55,8 @@ class AMMem(AltMinLearner):
         self,
         model: nn.Module,
         *,
+        mu: float = 1.0,
+        code_lr: float = 0.1,
         memory: str = "sum",
         forget: float = 0.0,
         solver: str = "sweep",
@@ -72,7 +80,7 @@ class AMMem(AltMinLearner):
         self.memory, self.forget, self.solver = memory, float(forget), solver
         self.sweeps, self.lambda_w, self.prox_iterations = int(sweeps), float(lambda_w), int(prox_iterations)
         self.ridge, self.eps, self.memory_dtype = float(ridge), float(eps), memory_dtype
-        super().__init__(model, **kwargs)
+        super().__init__(model, mu=mu, code_lr=code_lr, **kwargs)
         self._check_hidden_blocks()
         self._memories: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in self.blocks.hidden:

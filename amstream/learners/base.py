@@ -18,7 +18,13 @@ from torch import nn
 from ..blocks import Blocks, blocks_from_sequential
 from ..stream import StreamingMixin
 from ..utils import resolve_device
-from ..validation import InputError, check_inputs, check_targets, is_classification_criterion
+from ..validation import (
+    InputError,
+    check_batchnorm_batch,
+    check_inputs,
+    check_targets,
+    is_classification_criterion,
+)
 
 __all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn"]
 
@@ -105,6 +111,7 @@ class Learner(StreamingMixin):
         on_nonfinite: ``"warn"`` (roll back, warn, flag in StepInfo) or ``"raise"`` (roll back and
             raise :class:`NonFiniteStepError`).
         validate: check every batch at the boundary (shape, dtype, NaN/Inf, label range).
+        input_shape: the shape of one sample; if None it is fixed by the first batch.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class Learner(StreamingMixin):
         device: str | torch.device = "auto",
         on_nonfinite: str = "warn",
         validate: bool = True,
+        input_shape: tuple | None = None,
     ) -> None:
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
@@ -125,10 +133,14 @@ class Learner(StreamingMixin):
         self.on_nonfinite = on_nonfinite
         self.validate = validate
         self.step_count = 0
-        self._accepted_shapes: dict[tuple, int] = {}  # sample shape -> output width
+        self.input_shape: tuple | None = None  # per-sample shape, fixed by the first accepted batch
+        self.n_outputs: int | None = None
+        self._pending_shape: tuple | None = None  # (sample shape, outputs) of a batch being checked
         self._snapshot = _Snapshot()
         self._init_stream()
         self.model.train()
+        if input_shape is not None:
+            self._fix_input_shape(tuple(input_shape))
 
     # ----------------------------------------------------------------------------------- contract
     #: plain attributes a step may change, restored together with the tensors on rollback
@@ -161,6 +173,9 @@ class Learner(StreamingMixin):
         return self._guarded_step(self._prepare_inputs(x, training=True), loss_fn)
 
     def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+        if self._pending_shape is not None:  # the batch passed every check: its shape is now fixed
+            self.input_shape, self.n_outputs = self._pending_shape
+            self._pending_shape = None
         start = time.perf_counter()
         guarded = self._guarded_tensors()
         self._snapshot.take(guarded[0])
@@ -210,6 +225,7 @@ class Learner(StreamingMixin):
             "optimizers": [opt.state_dict() for opt in self.optimizers()],
             "step_count": self.step_count,
             "extra": self._extra_state(),
+            "input_shape": self.input_shape,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,35 +240,46 @@ class Learner(StreamingMixin):
             opt.load_state_dict(opt_state)
         self.step_count = int(state["step_count"])
         self._load_extra_state(state.get("extra", {}))
+        shape = state.get("input_shape")
+        self.input_shape, self.n_outputs = None, None
+        if shape is not None:
+            self._fix_input_shape(tuple(shape))
 
     # ---------------------------------------------------------------------------------- internals
-    @property
-    def n_outputs(self) -> int | None:
-        return next(iter(self._accepted_shapes.values()), None)
-
     def _prepare_inputs(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             x = x.to(self.device, non_blocking=True)
         if self.validate:
-            check_inputs(x, training=training, has_batchnorm=self.blocks.has_batchnorm)
-            self._probe_shape(tuple(x.shape[1:]), x.dtype)
+            check_inputs(x)
+            self._probe_shape(tuple(x.shape), x.dtype)
+            check_batchnorm_batch(x, training=training, has_batchnorm=self.blocks.has_batchnorm)
         return x
 
     def _prepare_targets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if isinstance(y, torch.Tensor):
             y = y.to(self.device, non_blocking=True)
         if self.validate:
-            n_out = self._accepted_shapes.get(tuple(x.shape[1:]))
+            n_outputs = self.n_outputs if self._pending_shape is None else self._pending_shape[1]
             check_targets(
-                y, batch_size=x.shape[0], n_outputs=n_out or 0,
+                y, batch_size=x.shape[0], n_outputs=n_outputs or 0,
                 classification=is_classification_criterion(self.criterion),
             )
         return y
 
     @torch.no_grad()
-    def _probe_shape(self, sample_shape: tuple, dtype: torch.dtype) -> None:
-        """Run one zero sample in eval mode (no state change) the first time a shape is seen."""
-        if sample_shape in self._accepted_shapes:
+    def _probe_shape(self, shape: tuple, dtype: torch.dtype) -> None:
+        """Fix the sample shape on first use: one zero sample through the model in eval mode (no
+        state change) checks that it fits; later batches must have the same sample shape."""
+        sample_shape = shape[1:]
+        self._pending_shape = None
+        if self.input_shape is not None:
+            if sample_shape != self.input_shape:
+                expected = ", ".join(["batch", *map(str, self.input_shape)])
+                raise InputError(
+                    f"wrong input shape: expected inputs of shape ({expected}), got {shape}; the "
+                    "sample shape is fixed by the first batch (or input_shape=) and a batch needs a "
+                    "leading batch dimension"
+                )
             return
         was_training = self.model.training
         self.model.eval()
@@ -264,7 +291,12 @@ class Learner(StreamingMixin):
             ) from None
         finally:
             self.model.train(was_training)
-        self._accepted_shapes[sample_shape] = out.shape[-1] if out.dim() > 1 else 1
+        self._pending_shape = (sample_shape, out.shape[-1] if out.dim() > 1 else 1)
+
+    def _fix_input_shape(self, sample_shape: tuple) -> None:
+        self._probe_shape((1, *sample_shape), next(self.model.parameters()).dtype)
+        self.input_shape, self.n_outputs = self._pending_shape
+        self._pending_shape = None
 
     def _guarded_tensors(self) -> tuple[list[torch.Tensor], list[tuple[torch.optim.Optimizer, set]]]:
         tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers()]
@@ -287,6 +319,10 @@ class Learner(StreamingMixin):
 
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
         return [*self.model.parameters(), *self._extra_tensors(), info.loss.reshape(1)]
+
+    def hparams(self) -> dict:
+        """The learner's hyperparameters (for logs and run tables)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(blocks={len(self.blocks)}, device={self.device}, steps={self.step_count})"

@@ -1,0 +1,186 @@
+"""Pieces shared by the scripts: the MLP, learners by name with user overrides, held-out accuracy.
+
+The learner classes stay the single source of hyperparameter defaults: scripts pass only the values
+the user set (``None`` means "the learner's own default"), and :func:`learner_default` reads a
+default from the class signature when a help text wants to show it.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from amstream import LEARNERS
+from amstream.data import Dataset
+
+__all__ = [
+    "LEARNER_NAMES", "HPARAM_OPTIONS", "build_mlp", "make_learner", "evaluate_accuracy",
+    "learner_default", "describe_defaults", "overrides_for", "parse_int_list", "parse_name_list",
+]
+
+LEARNER_NAMES: tuple[str, ...] = tuple(LEARNERS)
+AM_LEARNERS = ("am-adam", "am-mem")
+
+#: command-line hyperparameter -> (learners it applies to, constructor keyword of those learners)
+HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "mu": (AM_LEARNERS, "mu"),
+    "code_steps": (AM_LEARNERS, "code_steps"),
+    "code_lr": (AM_LEARNERS, "code_lr"),
+    "lr": (("am-adam",), "lr"),
+    "lr_out": (AM_LEARNERS, "lr_out"),
+    "prox": (AM_LEARNERS, "prox"),
+    "bp_lr": (("backprop",), "lr"),
+    "lr_halve_every": (LEARNER_NAMES, "lr_halve_every"),
+}
+
+
+def build_mlp(d_in: int | tuple, hidden: list[int], n_classes: int, batchnorm: bool = False) -> nn.Sequential:
+    """``Flatten -> [Linear -> (BatchNorm1d) -> ReLU] per hidden width -> Linear(n_classes)``.
+
+    ``d_in`` is the number of input features or a sample shape (its product is used).
+    """
+    if not isinstance(d_in, int):
+        d_in = math.prod(int(d) for d in d_in)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = d_in
+    for h in hidden:
+        layers.append(nn.Linear(width, h))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(nn.ReLU())
+        width = h
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def make_learner(name: str, model: nn.Module, device: str | torch.device = "auto", **overrides):
+    """Build the learner ``name`` (a key of :data:`amstream.LEARNERS`) on ``model``.
+
+    ``overrides`` are constructor keywords; ``None`` values are dropped so the class default holds.
+
+    Raises:
+        ValueError: unknown learner, an option the learner does not take, or an invalid value
+            (the learner's own check), also when the model does not suit it (AM-mem and BatchNorm).
+    """
+    if name not in LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; choose from {', '.join(LEARNER_NAMES)}")
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    cls = LEARNERS[name]
+    accepted = _accepted_keywords(cls)
+    if accepted is not None and (unknown := sorted(set(kwargs) - accepted)):
+        raise ValueError(f"learner {name!r} does not take option(s) {', '.join(unknown)}")
+    return cls(model, device=device, **kwargs)
+
+
+def overrides_for(name: str, options: dict) -> dict:
+    """The constructor keywords for learner ``name`` among the user-set ``options``.
+
+    ``options`` maps the names of :data:`HPARAM_OPTIONS` (e.g. ``vars(args)``) to values; ``None``
+    values and options that do not apply to ``name`` are left out.
+    """
+    out = {}
+    for option, (learners, keyword) in HPARAM_OPTIONS.items():
+        value = options.get(option)
+        if value is not None and name in learners:
+            out[keyword] = value
+    return out
+
+
+@torch.no_grad()
+def evaluate_accuracy(learner, dataset: Dataset, batch_size: int = 1000) -> float:
+    """Accuracy of ``learner.predict`` on ``dataset``, in batches (the learner is not changed)."""
+    n = len(dataset)
+    if n == 0:
+        return float("nan")
+    correct = 0
+    for start in range(0, n, batch_size):
+        out = learner.predict(dataset.x[start:start + batch_size])
+        correct += int((out.argmax(dim=-1).cpu() == dataset.y[start:start + batch_size]).sum())
+    return correct / n
+
+
+# ------------------------------------------------------------------------------------- defaults
+def _init_signatures(cls) -> Iterable[inspect.Signature]:
+    """``__init__`` signatures along the MRO, as far as each one forwards ``**kwargs``."""
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(vars(klass)["__init__"])
+        yield sig
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return
+
+
+def _accepted_keywords(cls) -> set[str] | None:
+    names: set[str] = set()
+    for sig in _init_signatures(cls):
+        names |= {n for n, p in sig.parameters.items()
+                  if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
+        last = sig
+    if any(p.kind is p.VAR_KEYWORD for p in last.parameters.values()):
+        return None  # forwards to something we cannot see: let the class complain
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _default_hparams(name: str) -> dict:
+    """``hparams()`` of learner ``name`` built with no options on a tiny model (global RNG untouched).
+
+    Reading an instance rather than the signature also sees defaults a subclass sets in its body
+    (AM-mem sets its own ``mu`` and ``code_lr`` that way).
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+        learner = LEARNERS[name](model, device="cpu")
+    return dict(getattr(learner, "hparams", dict)())
+
+
+def learner_default(name: str, keyword: str):
+    """The default of constructor keyword ``keyword`` of learner ``name`` (None if unknown).
+
+    Per-code lists (``code_lr``) are shown as one value when all entries are equal.
+    """
+    value = _default_hparams(name).get(keyword)
+    if value is None:
+        for sig in _init_signatures(LEARNERS[name]):
+            param = sig.parameters.get(keyword)
+            if param is not None and param.default is not inspect.Parameter.empty:
+                return param.default
+    if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+        return value[0]
+    return value
+
+
+def describe_defaults(option: str) -> str:
+    """``"am-adam 0.003, am-mem 0.003"``: the learners' own defaults behind a CLI option."""
+    learners, keyword = HPARAM_OPTIONS[option]
+    return ", ".join(f"{name} {learner_default(name, keyword)}" for name in learners)
+
+
+# -------------------------------------------------------------------------------------- parsing
+def parse_int_list(text: str) -> list[int]:
+    """``"100,100"`` -> ``[100, 100]``; ``""`` -> ``[]``. Raises ValueError on anything else."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"widths must be >= 1, got {text!r}")
+    return values
+
+
+def parse_name_list(text: str, known: Iterable[str], what: str = "name") -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (duplicates dropped), each checked against ``known``."""
+    known = tuple(known)
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise ValueError(f"no {what} given; choose from {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+    return names

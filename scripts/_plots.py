@@ -1,0 +1,62 @@
+"""Figures of the scripts, drawn with Matplotlib's Agg backend (no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+__all__ = ["plot_stream"]
+
+
+def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
+                test: dict[str, list[tuple[int, float]]] | None = None, title: str = "",
+                epoch_samples: int | None = None) -> Path:
+    """Prequential accuracy per learner, plus held-out accuracy per epoch when there is more than one.
+
+    Args:
+        curves: learner name -> ``[(samples seen, cumulative prequential accuracy), ...]``.
+        path: the PNG to write (its folder is created).
+        test: learner name -> ``[(epoch, held-out accuracy), ...]``; a second panel is drawn when
+            some learner has more than one point.
+        title: figure title.
+        epoch_samples: samples per epoch; draws a dotted line at each epoch boundary.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    second = bool(test) and any(len(points) > 1 for points in test.values())
+    fig, axes = plt.subplots(1, 2 if second else 1, figsize=(11 if second else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=name, linewidth=1.5)
+    if epoch_samples:
+        last = max((p[-1][0] for p in curves.values() if p), default=0)
+        for boundary in range(epoch_samples, last, epoch_samples):
+            ax.axvline(boundary, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("prequential accuracy (test-then-train)")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if second:
+        ax = axes[0, 1]
+        for name, points in test.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name, linewidth=1.5)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,573 @@
+"""Tests for amstream.functional against independent mathematical oracles.
+
+Oracles: explicit column loops and dense solves (torch.linalg.solve / pinv) for the memory solvers, a
+long coordinate-descent run and the KKT conditions for the L1 solve, torch.optim.SGD for the Nesterov
+step, and hand-written autograd computations for the code update (Choromanska et al. 2019, Alg. 1;
+reference equations in /work/shared/reference/algorithms.md, section 1).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
+from amstream.functional import (code_objective, gauss_seidel_sweep, gauss_seidel_sweep_reference,
+                                 linear_view, linear_weight_grads_, memory_solve, nesterov_step_,
+                                 proximal_sweep, proximity_anchor, soft_threshold, task_loss_grad,
+                                 update_codes, update_memory_)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """The matrices here are tiny: intra-op threads only add contention (on a loaded 2-core box
+    one 20x20 FISTA run took 50 s with 2 threads and 0.15 s with 1). Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------- helpers
+def relu_memory(batch: int, d_in: int, d_out: int, *, dtype=F64, zero_cols: int = 0,
+                normalize: bool = False, noise: float = 0.1):
+    """Memories ``A = a^T a``, ``Bm = c^T a`` from ReLU activations with a bias column of ones.
+
+    The first ``zero_cols`` input columns are all zero (inputs that never fire). ``c`` is a noisy
+    linear function of ``a``.
+    """
+    x = torch.relu(torch.randn(batch, d_in - 1, dtype=dtype))
+    x[:, :zero_cols] = 0.0
+    a = torch.cat([x, torch.ones(batch, 1, dtype=dtype)], dim=1)
+    w_true = torch.randn(d_out, d_in, dtype=dtype)
+    c = a @ w_true.T + noise * torch.randn(batch, d_out, dtype=dtype)
+    A, Bm = a.T @ a, c.T @ a
+    if normalize:
+        A, Bm = A / batch, Bm / batch
+    return A, Bm
+
+
+def column_loop_oracle(W, A, Bm, eps=1e-10):
+    """Plain Gauss-Seidel over columns: ``w_j += (b_j - W a_j) / (A_jj + eps)`` (no normalization)."""
+    W = W.clone()
+    for j in range(A.shape[0]):
+        W[:, j] = W[:, j] + (Bm[:, j] - W @ A[:, j]) / (A[j, j] + eps)
+    return W
+
+
+def l1_objective(W, A, Bm, lam):
+    return (0.5 * torch.trace(W @ A @ W.T) - torch.trace(W @ Bm.T)
+            + lam * (torch.diagonal(A) * W.abs().sum(dim=0)).sum())
+
+
+# ------------------------------------------------------------------- Gauss-Seidel sweep
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("d_in", [20, 100, 785])
+def test_gauss_seidel_sweep_equals_reference_loop(dtype, d_in):
+    A, Bm = relu_memory(256, d_in, 30, dtype=dtype, zero_cols=3)
+    assert torch.all(torch.diagonal(A)[:3] == 0)
+    W = 0.1 * torch.randn(30, d_in, dtype=dtype)
+    fast = gauss_seidel_sweep(W, A, Bm)
+    ref = gauss_seidel_sweep_reference(W, A, Bm)
+    assert fast.dtype == dtype and fast.shape == W.shape
+    assert torch.isfinite(fast).all()
+    # 1e-5 relative to the weights' scale (|W| reaches ~30 here; float32 rounding over 785 terms).
+    scale = max(1.0, ref.abs().max().item())
+    assert (fast - ref).abs().max().item() <= 1e-5 * scale
+    # Inputs that never fire leave their weight columns untouched (the fast version up to the
+    # rounding of (eps * w) / eps).
+    assert torch.equal(ref[:, :3], W[:, :3])
+    assert torch.allclose(fast[:, :3], W[:, :3], rtol=1e-6, atol=0)
+    # The sweep actually moved the other columns.
+    assert not torch.allclose(fast[:, 3:], W[:, 3:])
+
+
+@pytest.mark.parametrize("d_in", [20, 100])
+def test_reference_sweep_equals_plain_column_loop(d_in):
+    A, Bm = relu_memory(128, d_in, 7, zero_cols=2)
+    W = torch.randn(7, d_in, dtype=F64)
+    assert torch.allclose(gauss_seidel_sweep_reference(W, A, Bm), column_loop_oracle(W, A, Bm),
+                          rtol=1e-10, atol=1e-10)
+
+
+def test_gauss_seidel_sweep_does_not_modify_inputs():
+    A, Bm = relu_memory(64, 20, 5)
+    W = torch.randn(5, 20, dtype=F64)
+    W0, A0, B0 = W.clone(), A.clone(), Bm.clone()
+    gauss_seidel_sweep(W, A, Bm)
+    gauss_seidel_sweep_reference(W, A, Bm)
+    assert torch.equal(W, W0) and torch.equal(A, A0) and torch.equal(Bm, B0)
+
+
+def test_gauss_seidel_sweeps_converge_to_solution():
+    A, Bm = relu_memory(200, 20, 5, normalize=True)
+    assert torch.linalg.eigvalsh(A).min() > 1e-3  # positive definite
+    W = torch.zeros(5, 20, dtype=F64)
+    residuals = []
+    for _ in range(300):
+        W = gauss_seidel_sweep(W, A, Bm)
+        residuals.append((W @ A - Bm).norm().item())
+    exact = torch.linalg.solve(A, Bm.T).T
+    assert residuals[-1] < 1e-9 * Bm.norm().item()
+    assert torch.allclose(W, exact, rtol=1e-7, atol=1e-7)
+    # The energy 1/2 Tr(W A W^T) - Tr(W B^T) decreases monotonically along Gauss-Seidel sweeps.
+    W = torch.zeros(5, 20, dtype=F64)
+    energies = [l1_objective(W, A, Bm, 0.0).item()]
+    for _ in range(20):
+        W = gauss_seidel_sweep(W, A, Bm)
+        energies.append(l1_objective(W, A, Bm, 0.0).item())
+    assert all(e1 <= e0 + 1e-12 for e0, e1 in zip(energies, energies[1:]))
+
+
+# --------------------------------------------------------------------------- memory_solve
+@pytest.mark.parametrize("ridge", [0.0, 1e-12])
+def test_memory_solve_equals_dense_solve(ridge):
+    A, Bm = relu_memory(300, 40, 8)
+    W = memory_solve(A, Bm, ridge=ridge)
+    exact = torch.linalg.solve(A, Bm.T).T
+    assert W.shape == (8, 40)
+    assert torch.allclose(W, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_solve_singular_consistent_system():
+    """Duplicate input columns make A singular; B = C^T X lies in A's row space, so W A = B has
+    exact (non-unique) solutions."""
+    X = torch.randn(100, 10, dtype=F64)
+    X = torch.cat([X, X[:, :3]], dim=1)
+    A = X.T @ X
+    assert torch.linalg.matrix_rank(A) == 10
+    Bm = torch.randn(100, 4, dtype=F64).T @ X
+    for ridge in (0.0, 1e-6):
+        W = memory_solve(A, Bm, ridge=ridge)
+        assert torch.isfinite(W).all()
+        rel = ((W @ A - Bm).norm() / Bm.norm()).item()
+        assert rel < (1e-8 if ridge == 0.0 else 1e-4)
+    # ridge = 0 gives the minimum-norm solution, B A^+.
+    assert torch.allclose(memory_solve(A, Bm, ridge=0.0), Bm @ torch.linalg.pinv(A), atol=1e-8)
+
+
+def test_memory_solve_singular_inconsistent_system_is_least_squares():
+    X = torch.randn(100, 10, dtype=F64)
+    X = torch.cat([X, X[:, :3]], dim=1)
+    A = X.T @ X
+    Bm = torch.randn(4, 13, dtype=F64)  # not in A's row space: no exact solution
+    W = memory_solve(A, Bm, ridge=0.0)
+    assert torch.isfinite(W).all()
+    # Normal equations of min ||W A - B||_F: (W A - B) A = 0.
+    grad = (W @ A - Bm) @ A
+    assert grad.norm() < 1e-8 * Bm.norm() * A.norm()
+    assert (W @ A - Bm).norm() <= (Bm @ torch.linalg.pinv(A) @ A - Bm).norm() + 1e-8
+
+
+def test_memory_solve_ridge_is_scale_free():
+    A, Bm = relu_memory(100, 30, 4, zero_cols=2)  # zero rows/cols: singular without the ridge
+    W1 = memory_solve(A, Bm)
+    W2 = memory_solve(1000.0 * A, 1000.0 * Bm)
+    assert torch.isfinite(W1).all()
+    assert torch.allclose(W1, W2, rtol=1e-8, atol=1e-10)
+    # The ridge is relative to the mean diagonal: W (A + r mean(diag A) I) = B.
+    r = 1e-3
+    W = memory_solve(A, Bm, ridge=r)
+    reg = A + r * torch.diagonal(A).mean() * torch.eye(30, dtype=F64)
+    assert torch.allclose(W @ reg, Bm, rtol=1e-8, atol=1e-8)
+
+
+# ------------------------------------------------------------------------- L1 weight solve
+def test_soft_threshold():
+    w = torch.tensor([-3.0, -0.5, 0.0, 0.2, 2.0])
+    assert torch.equal(soft_threshold(w, 1.0), torch.tensor([-2.0, 0.0, 0.0, 0.0, 1.0]))
+
+
+def test_reference_sweep_and_proximal_sweep_decrease_l1_objective():
+    A, Bm = relu_memory(200, 20, 5, normalize=True)
+    lam = 0.05
+    W0 = torch.randn(5, 20, dtype=F64)
+    f0 = l1_objective(W0, A, Bm, lam).item()
+    # Reference BCD: exact coordinate minimization, so monotone over sweeps.
+    W = W0
+    values = [f0]
+    for _ in range(10):
+        W = gauss_seidel_sweep_reference(W, A, Bm, lambda_w=lam)
+        values.append(l1_objective(W, A, Bm, lam).item())
+    assert all(v1 <= v0 + 1e-10 for v0, v1 in zip(values, values[1:]))
+    assert values[-1] < f0
+    # FISTA (not monotone per step, but decreases overall).
+    for it in (1, 10, 50):
+        assert l1_objective(proximal_sweep(W0, A, Bm, lam, iterations=it), A, Bm, lam).item() < f0
+
+
+def test_proximal_sweep_reaches_minimum_and_kkt():
+    A, Bm = relu_memory(200, 20, 5, normalize=True)
+    lam = 0.05
+    W0 = torch.zeros(5, 20, dtype=F64)
+    W_bcd = W0
+    for _ in range(500):
+        W_bcd = gauss_seidel_sweep_reference(W_bcd, A, Bm, lambda_w=lam)
+    f_star = l1_objective(W_bcd, A, Bm, lam).item()
+    W = proximal_sweep(W0, A, Bm, lam, iterations=500)
+    f = l1_objective(W, A, Bm, lam).item()
+    assert abs(f - f_star) <= 1e-4 * abs(f_star)
+    assert f >= f_star - 1e-8 * abs(f_star)  # the long BCD run is (numerically) the minimum
+    # KKT conditions of the L1 problem at a well-converged FISTA solution.
+    W = proximal_sweep(W0, A, Bm, lam, iterations=3000)
+    G = W @ A - Bm
+    thr = (lam * torch.diagonal(A)).expand_as(W)
+    nz = W != 0
+    assert torch.allclose(G[nz], -thr[nz] * torch.sign(W[nz]), atol=1e-8)
+    assert torch.all(G[~nz].abs() <= thr[~nz] + 1e-8)
+
+
+def test_proximal_sweep_without_l1_converges_to_dense_solve():
+    A, Bm = relu_memory(200, 15, 4, normalize=True)
+    W = proximal_sweep(torch.zeros(4, 15, dtype=F64), A, Bm, 0.0, iterations=3000)
+    assert torch.allclose(W, torch.linalg.solve(A, Bm.T).T, rtol=1e-6, atol=1e-6)
+
+
+def test_proximal_sweep_large_lambda_gives_exact_zeros():
+    A, Bm = relu_memory(200, 20, 5, normalize=True)
+    W0 = torch.randn(5, 20, dtype=F64)
+    W = proximal_sweep(W0, A, Bm, 1.0, iterations=1000)
+    frac_zero = (W == 0).double().mean().item()
+    assert 0.2 < frac_zero < 1.0
+    # Larger lambda, more zeros; the reference BCD is sparse too.
+    W2 = proximal_sweep(W0, A, Bm, 2.0, iterations=1000)
+    assert (W2 == 0).sum() > (W == 0).sum()
+    W_ref = W0
+    for _ in range(50):
+        W_ref = gauss_seidel_sweep_reference(W_ref, A, Bm, lambda_w=1.0)
+    assert (W_ref == 0).sum() > 0
+    # Huge lambda: the minimizer is exactly zero.
+    assert torch.equal(proximal_sweep(W0, A, Bm, 1e6, iterations=5), torch.zeros_like(W0))
+
+
+# ---------------------------------------------------------------------------- memories
+def _batches(n=4, d_in=6, d_out=3):
+    sizes = [5, 3, 7, 2][:n]
+    return [(torch.randn(b, d_in, dtype=F64), torch.randn(b, d_out, dtype=F64)) for b in sizes]
+
+
+def test_update_memory_sum_mode():
+    batches = _batches()
+    A, Bm = torch.zeros(6, 6, dtype=F64), torch.zeros(3, 6, dtype=F64)
+    count = 0
+    for a, c in batches:
+        update_memory_(A, Bm, a, c, mode="sum", count=count)
+        count += a.shape[0]
+    a_all = torch.cat([a for a, _ in batches])
+    c_all = torch.cat([c for _, c in batches])
+    assert torch.allclose(A, a_all.T @ a_all, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(Bm, c_all.T @ a_all, rtol=1e-12, atol=1e-12)
+
+
+def test_update_memory_mean_mode():
+    batches = _batches()
+    A, Bm = torch.zeros(6, 6, dtype=F64), torch.zeros(3, 6, dtype=F64)
+    count = 0
+    for a, c in batches:
+        update_memory_(A, Bm, a, c, mode="mean", count=count)
+        count += a.shape[0]
+    a_all = torch.cat([a for a, _ in batches])
+    c_all = torch.cat([c for _, c in batches])
+    assert count == a_all.shape[0] == 17
+    assert torch.allclose(A, a_all.T @ a_all / count, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(Bm, c_all.T @ a_all / count, rtol=1e-12, atol=1e-12)
+    # Same solution as the sum mode.
+    assert torch.allclose(memory_solve(A, Bm, 0.0),
+                          memory_solve(a_all.T @ a_all, c_all.T @ a_all, 0.0), atol=1e-10)
+
+
+def test_update_memory_forget_mode():
+    batches = _batches()
+    eta = 0.3
+    A = torch.eye(6, dtype=F64)
+    Bm = torch.ones(3, 6, dtype=F64)
+    A_ref, B_ref = A.clone(), Bm.clone()
+    for k, (a, c) in enumerate(batches):
+        update_memory_(A, Bm, a, c, mode="forget", count=k, forget=eta)
+        A_ref = (1 - eta) * A_ref + eta * (a.T @ a)
+        B_ref = (1 - eta) * B_ref + eta * (c.T @ a)
+    assert torch.allclose(A, A_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(Bm, B_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_update_memory_bad_mode_raises_and_leaves_memory():
+    A, Bm = torch.zeros(6, 6, dtype=F64), torch.zeros(3, 6, dtype=F64)
+    a, c = _batches(1)[0]
+    with pytest.raises(ValueError, match="memory mode"):
+        update_memory_(A, Bm, a, c, mode="average", count=0)
+    assert torch.equal(A, torch.zeros(6, 6, dtype=F64))
+    assert torch.equal(Bm, torch.zeros(3, 6, dtype=F64))
+
+
+# ----------------------------------------------------------------------- proximity anchor
+def test_proximity_anchor_official_has_zero_gradient():
+    c = torch.randn(4, 5, requires_grad=True)
+    anchor = proximity_anchor(c, "official")
+    assert anchor.requires_grad  # graph-connected (bug A1 of the reference code)
+    with torch.no_grad():
+        c.add_(torch.randn(4, 5))
+    loss = F.mse_loss(c, anchor)
+    assert loss.item() > 0  # the term itself is non-zero ...
+    (g,) = torch.autograd.grad(loss, c)
+    assert torch.equal(g, torch.zeros_like(g))  # ... but its gradient is exactly zero
+
+
+def test_proximity_anchor_paper_gradient():
+    c = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    anchor = proximity_anchor(c, "paper")
+    c0 = c.detach().clone()
+    assert not anchor.requires_grad
+    with torch.no_grad():
+        c.add_(torch.randn(4, 5, dtype=F64))
+    assert torch.equal(anchor, c0)  # a copy, not a view of c
+    (g,) = torch.autograd.grad(F.mse_loss(c, anchor), c)
+    expected = 2 * (c.detach() - c0) / c.numel()
+    assert torch.allclose(g, expected, rtol=1e-12, atol=1e-14)
+    assert g.abs().max() > 0
+
+
+def test_proximity_anchor_unknown_mode():
+    with pytest.raises(ValueError, match="prox"):
+        proximity_anchor(torch.randn(3), "detached")
+
+
+# ------------------------------------------------------------------------------ Nesterov
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_nesterov_step_matches_torch_sgd(momentum):
+    Q = torch.tensor([[3.0, 0.5, 0.0], [0.5, 2.0, -0.3], [0.0, -0.3, 1.0]], dtype=F64)
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    start = torch.tensor([0.7, -1.2, 2.0], dtype=F64)
+    lr, n_steps = 0.1, 15
+
+    def grad_at(x):
+        return Q @ x - b
+
+    p = start.clone().requires_grad_(True)
+    opt = torch.optim.SGD([p], lr=lr, momentum=momentum, nesterov=momentum > 0)
+    c = start.clone()
+    buf = None
+    for _ in range(n_steps):
+        opt.zero_grad()
+        p.grad = grad_at(p.detach())
+        opt.step()
+        buf = nesterov_step_(c, buf, grad_at(c), lr, momentum)
+        assert torch.allclose(c, p.detach(), rtol=1e-14, atol=1e-14)
+    # The iterates approach the minimizer Q^{-1} b.
+    x_star = torch.linalg.solve(Q, b)
+    assert (c - x_star).norm() < (start - x_star).norm()
+
+
+def test_nesterov_first_step_and_buffer():
+    c = torch.tensor([1.0, 2.0], dtype=F64)
+    g = torch.tensor([0.5, -1.0], dtype=F64)
+    buf = nesterov_step_(c, None, g, lr=0.1, momentum=0.9)
+    assert torch.allclose(c, torch.tensor([1.0, 2.0], dtype=F64) - 0.1 * 1.9 * g)
+    assert torch.equal(buf, g) and buf is not g
+    g2 = torch.tensor([1.0, 1.0], dtype=F64)
+    c_before = c.clone()
+    buf = nesterov_step_(c, buf, g2, lr=0.1, momentum=0.9)
+    buf_expected = 0.9 * g + g2
+    assert torch.allclose(buf, buf_expected)
+    assert torch.allclose(c, c_before - 0.1 * (g2 + 0.9 * buf_expected))
+
+
+# -------------------------------------------------------------------------- code objective
+@pytest.mark.parametrize("lambda_c", [0.0, 0.2])
+def test_code_objective_last_and_hidden(lambda_c):
+    c = torch.randn(4, 6, dtype=F64)
+    c0 = torch.randn(4, 6, dtype=F64)
+    downstream = torch.tensor(1.7, dtype=F64)
+    mu = 0.003
+    mse = ((c - c0) ** 2).mean()
+    l1 = (lambda_c / mu) * c.abs().mean()
+    last = code_objective(c, c0, downstream, mu=mu, lambda_c=lambda_c, is_last=True)
+    hidden = code_objective(c, c0, downstream, mu=mu, lambda_c=lambda_c, is_last=False)
+    assert torch.allclose(last, downstream / mu + mse + l1, rtol=1e-12)
+    assert torch.allclose(hidden, downstream + mse + l1, rtol=1e-12)
+    assert not torch.allclose(last, hidden)
+
+
+# ------------------------------------------------------------------------------ update_codes
+def _tiny_problem(dtype=F64):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(dtype)
+    blocks = blocks_from_sequential(model)
+    x = torch.randn(4, 6, dtype=dtype)
+    y = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        codes, _ = blocks.forward_with_codes(x)
+
+    def loss_fn(out):
+        return F.cross_entropy(out, y)
+
+    return blocks, codes, loss_fn
+
+
+def test_update_codes_returns_new_tensors_and_keeps_inputs():
+    blocks, codes, loss_fn = _tiny_problem()
+    saved = [c.clone() for c in codes]
+    new = update_codes(codes, blocks.hidden, blocks.output, loss_fn, mu=0.5, steps=3, lrs=[0.1, 0.1])
+    assert len(new) == 2
+    for n, c, s in zip(new, codes, saved):
+        assert n is not c
+        assert n.data_ptr() != c.data_ptr()
+        assert torch.equal(c, s)
+        assert not n.requires_grad
+        assert n.shape == c.shape
+    assert not torch.equal(new[1], saved[1])
+    assert not torch.equal(new[0], saved[0])
+
+
+def test_update_codes_zero_steps_is_identity():
+    blocks, codes, loss_fn = _tiny_problem()
+    new = update_codes(codes, blocks.hidden, blocks.output, loss_fn, mu=0.5, steps=0, lrs=[0.1, 0.1])
+    assert all(torch.equal(n, c) for n, c in zip(new, codes))
+
+
+@pytest.mark.parametrize("prox", ["paper", "official"])
+def test_update_codes_decreases_objectives(prox):
+    blocks, codes, loss_fn = _tiny_problem()
+    mu = 0.5
+    new = update_codes(codes, blocks.hidden, blocks.output, loss_fn, mu=mu, steps=5,
+                       lrs=[0.05, 0.05], prox=prox)
+    with torch.no_grad():
+        j_last_old = loss_fn(blocks.output(codes[1])) / mu  # the proximity term is 0 at c0
+        j_last_new = loss_fn(blocks.output(new[1])) / mu + F.mse_loss(new[1], codes[1])
+        assert j_last_new < j_last_old
+        # The lower code's objective, with the updated top code as its target.
+        j_low_old = F.mse_loss(blocks.hidden[1](codes[0]), new[1])
+        j_low_new = F.mse_loss(blocks.hidden[1](new[0]), new[1]) + F.mse_loss(new[0], codes[0])
+        assert j_low_new < j_low_old
+
+
+def test_update_codes_paper_prox_stays_closer_than_official():
+    blocks, codes, loss_fn = _tiny_problem()
+    kwargs = dict(mu=1.0, steps=300, lrs=[0.1, 0.1], momentum=0.9)
+    paper = update_codes(codes, blocks.hidden, blocks.output, loss_fn, prox="paper", **kwargs)
+    official = update_codes(codes, blocks.hidden, blocks.output, loss_fn, prox="official", **kwargs)
+    for p, o, c in zip(paper, official, codes):
+        assert (p - c).norm() < 0.5 * (o - c).norm()
+
+
+def test_update_codes_is_top_down():
+    """One step: the top code moves on CE/mu; the lower code then moves towards the *new* top code.
+    With the old top code as target its gradient would be exactly zero (c_2 = f_2(c_1))."""
+    blocks, codes, loss_fn = _tiny_problem()
+    mu, lrs, m = 0.5, [0.2, 0.1], 0.9
+    new = update_codes(codes, blocks.hidden, blocks.output, loss_fn, mu=mu, steps=1, lrs=lrs,
+                       momentum=m, prox="paper")
+    # Manual top code: first Nesterov step is c - lr (1 + m) g; the prox gradient is 0 at c0.
+    c2 = codes[1].clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(loss_fn(blocks.output(c2)) / mu, c2)
+    top = codes[1] - lrs[1] * (1 + m) * g2
+    assert torch.allclose(new[1], top, rtol=1e-12, atol=1e-14)
+    # Manual lower code with the new top code as target.
+    c1 = codes[0].clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.mse_loss(blocks.hidden[1](c1), top), c1)
+    low = codes[0] - lrs[0] * (1 + m) * g1
+    assert torch.allclose(new[0], low, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(new[0], codes[0])
+    # Sanity of the claim in the docstring: the old target gives a zero gradient.
+    (g_old,) = torch.autograd.grad(F.mse_loss(blocks.hidden[1](c1), codes[1]), c1)
+    assert torch.equal(g_old, torch.zeros_like(g_old))
+
+
+def test_update_codes_lambda_c_shrinks_codes():
+    blocks, codes, loss_fn = _tiny_problem()
+    kwargs = dict(mu=1.0, steps=20, lrs=[0.1, 0.1], prox="paper")
+    plain = update_codes(codes, blocks.hidden, blocks.output, loss_fn, **kwargs)
+    sparse = update_codes(codes, blocks.hidden, blocks.output, loss_fn, lambda_c=2.0, **kwargs)
+    assert sparse[1].abs().sum() < plain[1].abs().sum()
+
+
+# ------------------------------------------------- closed-form fast path (fast=True) vs autograd
+def _fast_path_models():
+    return {
+        "relu": (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)),
+                 (4, 6)),
+        "tanh-sigmoid-leaky": (nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(),
+                                             nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 3)), (4, 6)),
+        "straight-through": (nn.Sequential(nn.Linear(6, 5), Sign(), nn.Linear(5, 4), Step(), nn.Linear(4, 4),
+                                           StraightThrough(nn.Hardtanh()), nn.Linear(4, 3)), (4, 6)),
+        "conv-flatten": (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 5),
+                                       nn.Sigmoid(), nn.Linear(5, 3)), (4, 1, 6, 6)),
+        "flatten-then-act": (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Tanh(), nn.Linear(32, 3)),
+                             (4, 1, 6, 6)),
+        "batchnorm-logsoftmax": (nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4),
+                                               nn.Hardtanh(), nn.Linear(4, 3), nn.LogSoftmax(dim=1)), (4, 6)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_fast_path_models()))
+@pytest.mark.parametrize("prox, lambda_c", [("paper", 0.0), ("official", 0.0), ("paper", 0.3)],
+                         ids=["paper", "official", "paper-l1"])
+def test_update_codes_fast_path_equals_autograd(name, prox, lambda_c):
+    model, x_shape = _fast_path_models()[name]
+    model = model.to(F64).eval()
+    blocks = blocks_from_sequential(model)
+    x = torch.randn(*x_shape, dtype=F64)
+    y = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        codes, out = blocks.forward_with_codes(x)
+    if name == "batchnorm-logsoftmax":
+        def loss_fn(o):
+            return F.nll_loss(o, y)
+    else:
+        def loss_fn(o):
+            return F.cross_entropy(o, y)
+    kwargs = dict(mu=0.7, steps=4, lrs=[0.2] * len(codes), momentum=0.9, prox=prox, lambda_c=lambda_c)
+    fast = update_codes(codes, blocks.hidden, blocks.output, loss_fn, fast=True, **kwargs)
+    slow = update_codes(codes, blocks.hidden, blocks.output, loss_fn, fast=False, **kwargs)
+    for f, s_, c in zip(fast, slow, codes):
+        assert f.shape == c.shape
+        assert torch.allclose(f, s_, rtol=1e-10, atol=1e-12)
+        assert not torch.equal(s_, c)
+
+
+def test_linear_view_selects_closed_form_blocks():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(),
+                          nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 4),
+                          nn.Flatten(), Sign(), nn.Linear(4, 2), nn.LogSoftmax(dim=1))
+    b = blocks_from_sequential(model)
+    views = [linear_view(block) for block in b]
+    assert views[0] is not None and views[0].act is None and views[0].linear is model[0]
+    assert views[1] is None  # BatchNorm in the code layer
+    assert views[2] is not None and isinstance(views[2].act, nn.ReLU) and views[2].linear is model[5]
+    assert views[3] is None  # Dropout
+    assert views[4] is None  # ELU: no closed form registered
+    assert views[5] is None  # output block with a post (LogSoftmax)
+    conv = blocks_from_sequential(nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten(), nn.Linear(4, 2)))
+    assert linear_view(conv[0]) is None
+    v = linear_view(conv[1])
+    assert v is not None and v.flatten and v.act is None
+    c = torch.randn(3, 1, 2, 2)
+    assert torch.equal(v.inputs(c), c.flatten(1))
+
+
+def test_task_loss_grad_equals_autograd():
+    out = torch.randn(5, 3, dtype=F64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    loss, g = task_loss_grad(out, lambda o: F.cross_entropy(o, y))
+    assert torch.allclose(loss, F.cross_entropy(out, y))
+    # Oracle: d CE / d logits = (softmax - onehot) / B.
+    expected = (torch.softmax(out, 1) - F.one_hot(y, 3).to(F64)) / 5
+    assert torch.allclose(g, expected, rtol=1e-12, atol=1e-14)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("bias, lambda_w", [(True, 0.0), (False, 0.0), (True, 0.05)])
+def test_linear_weight_grads_equal_autograd(bias, lambda_w):
+    lin = nn.Linear(6, 4, bias=bias).to(F64)
+    view = linear_view(blocks_from_sequential(nn.Sequential(lin))[0])
+    a = torch.randn(5, 6, dtype=F64)
+    target = torch.randn(5, 4, dtype=F64)
+    loss = F.mse_loss(lin(a), target) + lambda_w * lin.weight.abs().mean()
+    expected = torch.autograd.grad(loss, list(lin.parameters()))
+    with torch.no_grad():
+        g_out = 2.0 * (lin(a) - target) / target.numel()
+    linear_weight_grads_(view, a, g_out, lambda_w)
+    assert torch.allclose(lin.weight.grad, expected[0], rtol=1e-12, atol=1e-14)
+    if bias:
+        assert torch.allclose(lin.bias.grad, expected[1], rtol=1e-12, atol=1e-14)

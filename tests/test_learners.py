@@ -1,0 +1,381 @@
+"""Conformance suite: every learner obeys the same contract (DESIGN.md, "Tests").
+
+Each check runs over every learner configuration in ``CASES``: resume equivalence, determinism,
+learning on real data, graph-free prediction, bad input leaving the state unchanged, rollback of
+non-finite steps, batch size one, CPU/GPU agreement.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import amstream
+from amstream import AMAdam, AMMem, Backprop, InputError, NonFiniteStepError
+from amstream.data import load_digits
+
+
+def mlp(batchnorm: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, 32)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(32))
+    layers += [nn.ReLU(), nn.Linear(32, 32)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(32))
+    layers += [nn.ReLU(), nn.Linear(32, 10)]
+    return nn.Sequential(*layers)
+
+
+def small_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )
+
+
+# name -> (factory(model) -> learner, model factory, has BatchNorm). The reference defaults were
+# tuned for batches of 200; these small-batch settings come from sweeps on the digits data.
+CASES = {
+    "am-adam": (lambda m, **kw: AMAdam(m, **kw), mlp, False),
+    "am-adam-official": (lambda m, **kw: AMAdam(m, prox="official", **kw), mlp, False),
+    "am-adam-bn": (lambda m, **kw: AMAdam(m, **kw), lambda: mlp(batchnorm=True), True),
+    "am-adam-cnn": (lambda m, **kw: AMAdam(m, **kw), small_cnn, False),
+    "am-mem": (lambda m, **kw: AMMem(m, **kw), mlp, False),
+    "am-mem-solve": (lambda m, **kw: AMMem(m, solver="solve", memory="mean", **kw), mlp, False),
+    "backprop-adam": (lambda m, **kw: Backprop(m, **{"lr": 3e-3, **kw}), mlp, False),
+    "backprop-sgd": (lambda m, **kw: Backprop(m, optimizer="sgd", optimizer_kwargs={"momentum": 0.9},
+                                             **{"lr": 0.05, **kw}), mlp, False),
+}
+
+# Settings for a stream of single samples (batch size 1), from a sweep on the digits data.
+SINGLE_SAMPLE = {
+    "am-adam": {"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03},
+    "am-adam-official": {"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03},
+    "am-adam-cnn": {"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03},
+    "am-mem": {"mu": 1.0, "code_lr": 0.1},
+    "am-mem-solve": {"mu": 1.0, "code_lr": 0.1},
+    "backprop-adam": {"lr": 3e-3},
+    "backprop-sgd": {"lr": 0.01},
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits("train"), load_digits("test")
+
+
+def make(name: str, seed: int = 0, device: str = "cpu", **kw):
+    factory, model_factory, _ = CASES[name]
+    torch.manual_seed(seed)
+    return factory(model_factory(), device=device, **kw)
+
+
+def batches(data, size: int = 32, n: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g)
+    out = [(data.x[order[i:i + size]], data.y[order[i:i + size]]) for i in range(0, len(data) - size + 1, size)]
+    return out[:n] if n else out
+
+
+def snapshot(learner) -> dict:
+    """A deep copy of everything the learner would checkpoint."""
+    return copy.deepcopy(learner.state_dict())
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    def walk(x, y, path="state"):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and torch.equal(x, y), f"{path} differs"
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), f"{path} keys differ"
+            for k in x:
+                walk(x[k], y[k], f"{path}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), f"{path} lengths differ"
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{path}[{i}]")
+        else:
+            assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), f"{path}: {x} != {y}"
+    walk(a, b)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_resume_from_checkpoint_is_exact(name, digits, tmp_path):
+    train, _ = digits
+    data = batches(train, n=8)
+    straight = make(name)
+    for x, y in data:
+        straight.learn(x, y)
+
+    first = make(name)
+    for x, y in data[:4]:
+        first.learn(x, y)
+    amstream.save_checkpoint(tmp_path / "ck.pt", first)
+    resumed = make(name, seed=123)  # different initial weights: everything must come from the file
+    amstream.load_checkpoint(tmp_path / "ck.pt", resumed)
+    for x, y in data[4:]:
+        resumed.learn(x, y)
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_seed_same_trajectory(name, digits):
+    train, _ = digits
+    runs = []
+    for _ in range(2):
+        learner = make(name, seed=7)
+        losses = [learner.learn(x, y).loss for x, y in batches(train, n=5)]
+        runs.append((torch.stack(losses), snapshot(learner)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert_same_state(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_learns_real_data(name, digits):
+    """Two passes over the digits training split: held-out accuracy well above chance (10%)."""
+    train, test = digits
+    learner = make(name)
+    losses = []
+    for epoch in range(2):
+        for x, y in batches(train, seed=epoch):
+            losses.append(float(learner.learn(x, y).loss))
+    accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean().item()
+    assert accuracy > 0.55, f"{name}: held-out accuracy {accuracy:.3f}"
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_predict_builds_no_graph_and_keeps_mode(name, digits):
+    train, _ = digits
+    learner = make(name)
+    learner.learn(*batches(train, n=1)[0])
+    before = snapshot(learner)
+    out = learner.predict(train.x[:5])
+    assert out.shape == (5, 10)
+    grads = [None if p.grad is None else p.grad.clone() for p in learner.model.parameters()]
+    out = learner.predict(train.x[:5])
+    assert out.grad_fn is None and not out.requires_grad
+    assert learner.model.training
+    for g, p in zip(grads, learner.model.parameters()):
+        assert (g is None and p.grad is None) or torch.equal(g, p.grad)
+    assert_same_state(before, learner.state_dict())  # predicting never changes BatchNorm statistics
+
+
+BAD_INPUTS = {
+    "wrong shape": (lambda x, y: (x[:, :, :4, :4], y), r"expected inputs of shape \(batch, 1, 8, 8\)"),
+    "no batch dimension": (lambda x, y: (x[0], y[:1]), r"expected inputs of shape \(batch, 1, 8, 8\)"),
+    "other sample shape": (lambda x, y: (x.flatten(1), y), r"expected inputs of shape \(batch, 1, 8, 8\)"),
+    "integer dtype": (lambda x, y: ((x * 16).to(torch.int64), y), "floating point"),
+    "nan": (lambda x, y: (x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), y), "NaN or Inf"),
+    "inf": (lambda x, y: (torch.where(x > 0.5, float("inf"), x), y), "NaN or Inf"),
+    "label too large": (lambda x, y: (x, torch.full_like(y, 10)), "out of range"),
+    "negative label": (lambda x, y: (x, torch.full_like(y, -1)), "out of range"),
+    "float labels": (lambda x, y: (x, y.float()), "integer"),
+    "too few labels": (lambda x, y: (x, y[:-1]), "rows"),
+    "empty batch": (lambda x, y: (x[:0], y[:0]), "empty batch"),
+    "not a tensor": (lambda x, y: (x.numpy(), y), "torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_rejected_and_state_unchanged(name, bad, digits):
+    train, _ = digits
+    learner = make(name)
+    x, y = batches(train, n=2)[0]
+    learner.learn(x, y)
+    before = snapshot(learner)
+    corrupt, message = BAD_INPUTS[bad]
+    bx, by = corrupt(x, y)
+    with pytest.raises(ValueError, match=message):
+        learner.learn(bx, by)
+    assert_same_state(before, learner.state_dict())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_first_batch_that_does_not_fit_the_model_is_rejected(name, digits):
+    train, _ = digits
+    learner = make(name)
+    before = snapshot(learner)
+    with pytest.raises(InputError, match="do not fit the model"):
+        learner.learn(train.x[:8, :, :4, :4], train.y[:8])
+    assert_same_state(before, learner.state_dict())
+    assert learner.input_shape is None
+    learner.learn(train.x[:8], train.y[:8])  # the right shape is still accepted afterwards
+    assert learner.input_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[2]])
+def test_batch_of_one_with_batchnorm_is_rejected(name, digits):
+    train, _ = digits
+    learner = make(name)
+    before = snapshot(learner)
+    with pytest.raises(InputError, match="BatchNorm"):
+        learner.learn(train.x[:1], train.y[:1])
+    with pytest.raises(InputError, match="BatchNorm"):
+        learner.learn_one(train.x[0], int(train.y[0]))
+    assert_same_state(before, learner.state_dict())
+    assert learner.predict(train.x[:1]).shape == (1, 10)  # prediction of one sample is fine
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if not case[2]])
+def test_batch_size_one_stream(name, digits):
+    train, test = digits
+    learner = make(name, on_nonfinite="raise", **SINGLE_SAMPLE[name])
+    for i in range(400):
+        learner.learn_one(train.x[i], int(train.y[i]))
+    assert learner.step_count == 400
+    accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean().item()
+    assert accuracy > 0.45, f"{name}: accuracy {accuracy:.3f} after 400 single samples"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_nonfinite_step_is_rolled_back(name, digits):
+    train, _ = digits
+    x, y = batches(train, n=1)[0]
+    learner = make(name, on_nonfinite="raise")
+    learner.learn(x, y)
+    before = snapshot(learner)
+    exploding = lambda out: F.cross_entropy(out * float("inf"), y)  # noqa: E731
+    with pytest.raises(NonFiniteStepError):
+        learner.step(x, exploding)
+    assert_same_state(before, learner.state_dict())
+
+    warn_learner = make(name)
+    warn_learner.learn(x, y)
+    before = snapshot(warn_learner)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = warn_learner.step(x, exploding)
+    assert info.rolled_back
+    assert any("rolled back" in str(w.message) for w in caught)
+    assert_same_state(before, warn_learner.state_dict())
+    assert not warn_learner.learn(x, y).rolled_back  # the learner goes on normally
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_step_takes_a_custom_loss(name, digits):
+    """A per-call loss (here a masked regression on one output per sample, as DQN does)."""
+    train, _ = digits
+    # The reference mu = 0.003 weighs the task loss 333x against the code penalty: right for
+    # cross-entropy on logits, far too strong for a regression target (measured: the loss grows).
+    learner = make(name, **({"mu": 0.3} if name.startswith("am-adam") else {}))
+    x, _ = batches(train, n=1)[0]
+    actions = torch.randint(0, 10, (len(x),))
+    targets = torch.randn(len(x))
+
+    def td_loss(out):
+        return F.smooth_l1_loss(out.gather(1, actions[:, None]).squeeze(1), targets)
+
+    first = td_loss(learner.predict(x))
+    for _ in range(60):
+        learner.step(x, td_loss)
+    assert td_loss(learner.predict(x)) < 0.7 * first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_cpu_and_gpu_agree(name, digits):
+    train, _ = digits
+    cpu, gpu = make(name, device="cpu"), make(name, device="cuda")
+    for x, y in batches(train, n=5):
+        cpu.learn(x, y)
+        gpu.learn(x, y)
+    assert all(p.device.type == "cuda" for p in gpu.model.parameters())
+    for p, q in zip(cpu.model.parameters(), gpu.model.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ method specifics
+def test_fast_path_equals_autograd_path(digits):
+    train, _ = digits
+    for cls, kw in [(AMAdam, {}), (AMAdam, {"lambda_w": 1e-3, "weight_steps": 2, "lambda_c": 1e-3}), (AMMem, {})]:
+        torch.manual_seed(0)
+        fast_model = mlp().double()
+        slow_model = copy.deepcopy(fast_model)
+        fast = cls(fast_model, device="cpu", fast=True, **kw)
+        slow = cls(slow_model, device="cpu", fast=False, **kw)
+        assert fast._views is not None and slow._views is None
+        for x, y in batches(train, n=6):
+            fast.learn(x.double(), y)
+            slow.learn(x.double(), y)
+        for p, q in zip(fast_model.parameters(), slow_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_prox_flag_changes_the_trajectory(digits):
+    train, _ = digits
+    results = {}
+    for prox in ("paper", "official"):
+        learner = make("am-adam", prox=prox, code_steps=10)
+        info = None
+        for x, y in batches(train, n=3):
+            info = learner.learn(x, y)
+        results[prox] = torch.stack(info.code_displacement)
+    # The paper's proximity term pulls codes back towards their forward values.
+    assert (results["paper"] < results["official"]).all()
+
+
+def test_batchnorm_running_stats_follow_the_forward_pass_only(digits):
+    train, _ = digits
+    x, y = batches(train, n=1)[0]
+    for bn_stats, expect_equal in (("forward", True), ("all", False)):
+        learner = make("am-adam-bn", bn_stats=bn_stats)
+        reference = copy.deepcopy(learner.model)
+        with torch.no_grad():
+            reference(x)  # one plain forward pass in train mode
+        learner.learn(x, y)
+        bn, bn_ref = learner.model[2], reference[2]
+        assert torch.equal(bn.running_mean, bn_ref.running_mean) is expect_equal
+        # "forward": one update (the plain pass); "all": also one per code and weight step.
+        assert (int(bn.num_batches_tracked) == 1) is expect_equal
+
+
+def test_mu_ramp_and_learning_rate_halving(digits):
+    train, _ = digits
+    learner = make("am-adam", mu=0.01, d_mu=0.01, mu_max=0.03, lr_halve_every=2, lr=0.004, lr_out=0.002)
+    mus, lrs = [], []
+    for x, y in batches(train, n=5):
+        info = learner.learn(x, y)
+        mus.append(info.mu)
+        lrs.append(info.lrs)
+    assert mus == pytest.approx([0.01, 0.02, 0.03, 0.03, 0.03])
+    assert lrs[0] == pytest.approx((0.004, 0.004, 0.002))
+    assert lrs[2] == pytest.approx((0.002, 0.002, 0.001))
+    assert lrs[4] == pytest.approx((0.001, 0.001, 0.0005))
+    # The schedule lives in the learner's state: a restored learner continues it.
+    clone = make("am-adam", mu=0.01, d_mu=0.01, mu_max=0.03, lr_halve_every=2, lr=0.004, lr_out=0.002)
+    clone.load_state_dict(learner.state_dict())
+    assert clone.current_mu == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("model", [lambda: mlp(batchnorm=True), small_cnn])
+def test_am_mem_refuses_models_it_cannot_solve(model):
+    with pytest.raises(amstream.UnsupportedModelError, match="AM-mem needs"):
+        AMMem(model(), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"mu": 0}, {"mu": -1.0}, {"code_lr": 0}, {"lr": -0.1}, {"code_steps": -1},
+               {"prox": "both"}, {"bn_stats": "never"}, {"on_nonfinite": "ignore"}, {"code_lr": [0.1]}],
+)
+def test_invalid_hyperparameters_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        AMAdam(mlp(), device="cpu", **kwargs)
+
+
+def test_am_mem_memory_modes_give_the_same_solution(digits):
+    """Sums and running means are the same system up to scale; the exact solve sees no difference."""
+    train, _ = digits
+    weights = []
+    for memory in ("sum", "mean"):
+        learner = make("am-mem", solver="solve", memory=memory, memory_dtype=torch.float64)
+        for x, y in batches(train, n=4):
+            learner.learn(x, y)
+        weights.append(learner.model[1].weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-3, atol=1e-4)

@@ -1,0 +1,93 @@
+"""Smoke tests of scripts/stream.py, run as a user would: a subprocess from the repository root."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "stream.py"
+LEARNERS = ("am-adam", "am-mem", "backprop")
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def table(stdout: str) -> dict[str, dict[str, float]]:
+    """The final results table: learner -> prequential, held-out, seconds, rate, rolled back."""
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(am-adam|am-mem|backprop)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+(\d+)$", line)
+        if m:
+            rows[m[1]] = {"prequential": float(m[2]), "held_out": float(m[3]), "seconds": float(m[4]),
+                          "rolled_back": int(m[6])}
+    return rows
+
+
+def test_default_run(tmp_path):
+    proc = run("--max-samples", "200", "--logdir", str(tmp_path))
+    rows = table(proc.stdout)
+    assert set(rows) == set(LEARNERS), proc.stdout
+    for name, row in rows.items():
+        assert 0.0 <= row["prequential"] <= 1.0 and 0.0 <= row["held_out"] <= 1.0, (name, row)
+    assert rows["am-adam"]["held_out"] > 0.3  # 200 samples of 8x8 digits: far above chance (0.1)
+    png = tmp_path / "stream-digits.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in LEARNERS:
+        events = list(tmp_path.glob(f"digits-{name}-*/events.out.tfevents.*"))
+        assert len(events) == 1 and events[0].stat().st_size > 0, name
+    assert str(png) in proc.stdout and "TensorBoard" in proc.stdout
+
+
+@pytest.mark.data
+def test_mnist_real_data(tmp_path, data_root):
+    proc = run("--dataset", "mnist", "--data-dir", str(data_root), "--max-samples", "400", "--epochs", "1",
+               "--learner", "am-adam", "--logdir", str(tmp_path), "--quiet")
+    rows = table(proc.stdout)
+    assert set(rows) == {"am-adam"}
+    assert rows["am-adam"]["held_out"] > 0.4, proc.stdout  # 400 MNIST samples, 10k held out
+    assert (tmp_path / "stream-mnist.png").is_file()
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    common = ["--max-samples", "300", "--learner", "am-adam", "--checkpoint-every", "5", "--quiet",
+              "--logdir", str(tmp_path / "runs")]
+    straight = run(*common, "--checkpoint", str(tmp_path / "a" / "ck.pt"))
+
+    stopped = run(*common, "--checkpoint", str(tmp_path / "b" / "ck.pt"), "--stop-after-steps", "13")
+    assert "stopped after 13 steps" in stopped.stdout and not table(stopped.stdout)
+    ckpt_b = tmp_path / "b" / "ck-am-adam.pt"
+    assert torch.load(ckpt_b, weights_only=True)["extra"]["index"] == 130  # 13 batches of 10
+    resumed = run(*common, "--checkpoint", str(tmp_path / "b" / "ck.pt"), "--resume")
+    assert "resumed from" in resumed.stdout
+
+    assert table(resumed.stdout)["am-adam"]["prequential"] == table(straight.stdout)["am-adam"]["prequential"]
+    a = torch.load(tmp_path / "a" / "ck-am-adam.pt", weights_only=True)
+    b = torch.load(ckpt_b, weights_only=True)
+    assert a["extra"]["prequential"] == b["extra"]["prequential"]  # same counts and curve
+    assert a["extra"]["test_curve"] == b["extra"]["test_curve"]
+    for key, value in a["learner"]["model"].items():
+        assert torch.equal(value, b["learner"]["model"][key]), key
+
+
+def test_unknown_learner_is_a_clean_error(tmp_path):
+    proc = run("--learner", "am-adam,nope", "--logdir", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help():
+    proc = run("--help")
+    assert "--dataset" in proc.stdout and "--checkpoint" in proc.stdout

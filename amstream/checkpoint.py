@@ -58,6 +58,9 @@ def save_checkpoint(path: str | os.PathLike, learner, **extra) -> Path:
         "extra": extra,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -79,6 +82,10 @@ def load_checkpoint(path: str | os.PathLike, learner, *, restore_rng: bool = Tru
         payload = torch.load(path, map_location=learner.device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    required = ("format_version", "learner_class", "learner", "rng", "extra")
+    if not isinstance(payload, dict) or any(key not in payload for key in required):
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not an amstream checkpoint (expected keys {required}, found {found})")
     if payload.get("learner_class") != type(learner).__name__:
         raise CheckpointError(
             f"checkpoint {path} was saved from {payload.get('learner_class')}, "

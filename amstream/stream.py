@@ -35,8 +35,8 @@ class StreamingMixin:
 
     def set_micro_batch(self, size: int) -> None:
         """Learn from every ``size`` buffered samples (1: learn at every ``learn_one``)."""
-        if int(size) < 1:
-            raise ValueError(f"micro batch size must be >= 1, got {size}")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"micro batch size must be an integer >= 1, got {size!r}")
         self.flush()
         self.micro_batch = int(size)
 
@@ -53,12 +53,12 @@ class StreamingMixin:
             x = [x[k] for k in self._feature_names]
         if isinstance(x, (list, tuple)):
             try:
-                x = np.asarray(x, dtype=np.float32)
+                x = np.asarray(x)  # no dtype: strings must stay strings, to be refused below
             except (TypeError, ValueError) as err:
                 raise InputError(f"sample features must be numbers: {err}") from None
         if isinstance(x, np.ndarray):
-            if not np.issubdtype(x.dtype, np.number):
-                raise InputError(f"sample must be numeric, got numpy dtype {x.dtype}")
+            if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+                raise InputError(f"sample features must be real numbers, got numpy dtype {x.dtype}")
             x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if not isinstance(x, torch.Tensor):
             raise InputError(f"a sample must be a tensor, array, list or dict, got {type(x).__name__}")
@@ -77,7 +77,11 @@ class StreamingMixin:
 
     # ------------------------------------------------------------------------------------ verbs
     def learn_one(self, x: object, y: object) -> None:
-        """Learn from one sample (buffered when ``micro_batch > 1``). Returns None, like river."""
+        """Learn from one sample (buffered when ``micro_batch > 1``). Returns None, like river.
+
+        A buffered sample is checked when it arrives (shape, dtype, NaN/Inf, label), so a bad
+        sample is refused by its own call and never spoils the samples buffered before it.
+        """
         sample, label = self._as_sample(x), self._as_label(y)
         if self.micro_batch == 1:
             self.learn(sample.unsqueeze(0), label.unsqueeze(0))
@@ -87,18 +91,22 @@ class StreamingMixin:
                 f"sample shape {tuple(sample.shape)} differs from the buffered samples' "
                 f"{tuple(self._buffer_x[0].shape)}"
             )
+        one = self._prepare_inputs(sample.unsqueeze(0), training=False)
+        self._prepare_targets(label.unsqueeze(0), one)
         self._buffer_x.append(sample)
         self._buffer_y.append(label)
         if len(self._buffer_x) >= self.micro_batch:
             self.flush()
 
     def flush(self) -> None:
-        """Learn from the buffered samples now (a partial micro-batch); no-op when empty."""
+        """Learn from the buffered samples now (a partial micro-batch); no-op when empty.
+
+        The buffer is emptied only once the learner has accepted the batch.
+        """
         if not self._buffer_x:
             return
-        xs, ys = torch.stack(self._buffer_x), torch.stack(self._buffer_y)
+        self.learn(torch.stack(self._buffer_x), torch.stack(self._buffer_y))
         self._buffer_x, self._buffer_y = [], []
-        self.learn(xs, ys)
 
     def learn_many(self, X: object, y: object) -> None:
         """Learn from a batch given as a tensor/array of samples and their labels."""

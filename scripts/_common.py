@@ -33,6 +33,10 @@ HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "lr": (("am-adam",), "lr"),
     "lr_out": (AM_LEARNERS, "lr_out"),
     "prox": (AM_LEARNERS, "prox"),
+    "reduction": (AM_LEARNERS, "reduction"),
+    "memory": (("am-mem",), "memory"),
+    "forget": (("am-mem",), "forget"),
+    "solver": (("am-mem",), "solver"),
     "bp_lr": (("backprop",), "lr"),
     "lr_halve_every": (LEARNER_NAMES, "lr_halve_every"),
 }

@@ -86,6 +86,17 @@ class Args:
     prox: str | None = _opt(None, "AM proximity term: paper (detached anchor) or official (the "
                             f"reference code's, zero gradient) (default: {describe_defaults('prox')})",
                             type=str, choices=("paper", "official"))
+    reduction: str | None = _opt(None, "AM code-loss reduction: mean (the reference code: hidden codes "
+                                 "move ~1/(batch*width) as far as the last one) or sum (the objective "
+                                 f"summed over samples) (default: {describe_defaults('reduction')})",
+                                 type=str, choices=("mean", "sum"))
+    memory: str | None = _opt(None, "AM-mem co-activation memory: sum, mean or forget (exponential "
+                              f"forgetting by --forget) (default: {describe_defaults('memory')})",
+                              type=str, choices=("sum", "mean", "forget"))
+    forget: float | None = _opt(None, "AM-mem forgetting factor eta with --memory forget", type=float)
+    solver: str | None = _opt(None, "AM-mem weight solve: sweep (one Gauss-Seidel sweep per batch, as "
+                              f"the reference) or solve (Cholesky) (default: {describe_defaults('solver')})",
+                              type=str, choices=("sweep", "solve"))
     # --- evaluation and output
     eval_every: int | None = _opt(None, "samples between points of the prequential curve (default: "
                                   "about 100 points per run)", type=int)
@@ -308,6 +319,8 @@ def main(argv=None) -> None:
                 index = 0
                 test_acc = evaluate_accuracy(learner, test)
                 test_curve.append((epoch + 1, test_acc))
+                if args.epochs > 1:
+                    tqdm.write(f"{name}: epoch {epoch + 1}/{args.epochs} held-out accuracy {test_acc:.4f}")
                 writer.record("test/accuracy", test_acc, result.n_seen)
                 save(epoch + 1, 0)
             bar.set_postfix(acc=f"{result.accuracy:.3f}")
@@ -331,10 +344,12 @@ def main(argv=None) -> None:
         # ---- summary
         print()
         # wall s: time in test-then-train steps only (no held-out evaluation, logging or checkpoints)
-        print(f"{'learner':<10} {'prequential':>11} {'held-out':>9} {'wall s':>8} {'samples/s':>10} {'rolled back':>11}")
+        print(f"{'learner':<10} {'prequential':>11} {'held-out':>9} {'best (epoch)':>13} {'wall s':>8} "
+              f"{'samples/s':>10} {'rolled back':>11}")
         for name, r in results.items():
-            print(f"{name:<10} {r['prequential']:>11.4f} {r['held_out']:>9.4f} {r['seconds']:>8.2f} "
-                  f"{r['samples_per_s']:>10.0f} {r['rolled_back']:>11d}")
+            best_epoch, best = max(r["test_curve"], key=lambda p: p[1]) if r["test_curve"] else (0, r["held_out"])
+            print(f"{name:<10} {r['prequential']:>11.4f} {r['held_out']:>9.4f} {f'{best:.4f} ({best_epoch})':>13} "
+                  f"{r['seconds']:>8.2f} {r['samples_per_s']:>10.0f} {r['rolled_back']:>11d}")
         print()
         plot_path = Path(args.plot) if args.plot else Path(args.logdir) / f"stream-{args.dataset}.png"
         import _plots  # Matplotlib is imported only here, when there is something to draw

@@ -25,13 +25,14 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def table(stdout: str) -> dict[str, dict[str, float]]:
-    """The final results table: learner -> prequential, held-out, seconds, rate, rolled back."""
+    """The final results table: learner -> prequential, held-out, best, seconds, rolled back."""
     rows = {}
     for line in stdout.splitlines():
-        m = re.match(r"^(am-adam|am-mem|backprop)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+(\d+)$", line)
+        m = re.match(r"^(am-adam|am-mem|backprop)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+) \((\d+)\)"
+                     r"\s+([\d.]+)\s+(\S+)\s+(\d+)$", line)
         if m:
-            rows[m[1]] = {"prequential": float(m[2]), "held_out": float(m[3]), "seconds": float(m[4]),
-                          "rolled_back": int(m[6])}
+            rows[m[1]] = {"prequential": float(m[2]), "held_out": float(m[3]), "best": float(m[4]),
+                          "best_epoch": int(m[5]), "seconds": float(m[6]), "rolled_back": int(m[8])}
     return rows
 
 
@@ -91,3 +92,26 @@ def test_unknown_learner_is_a_clean_error(tmp_path):
 def test_help():
     proc = run("--help")
     assert "--dataset" in proc.stdout and "--checkpoint" in proc.stdout
+
+
+def test_bench_smoke(data_root):
+    """scripts/bench.py with a tiny budget: both tables, every learner row, a finite ratio."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(data_root), "--rounds", "2",
+         "--steps", "1", "--warmup", "1", "--solve-repeats", "1", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ratios = dict(re.findall(r"^\| ([a-z\- ()]+) \| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M))
+    assert set(ratios) == {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}, proc.stdout
+    assert float(ratios["backprop-adam"]) == 1.0
+    assert "sweep as one triangular solve" in proc.stdout and "device: CPU" in proc.stdout
+    agreement = re.search(r"max \|triangular - loop\| / max \|W\| \| \| ([\d.e+-]+) \|", proc.stdout)
+    assert agreement and float(agreement[1]) < 1e-4, proc.stdout
+
+
+def test_bench_missing_data_is_a_clean_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "bench.py: error:" in proc.stderr and "Traceback" not in proc.stderr

@@ -40,7 +40,9 @@ class AMMem(AltMinLearner):
         sweeps: Gauss-Seidel sweeps per batch with ``solver="sweep"``.
         lambda_w: L1 weight (in units of ``A_jj``, as the reference); > 0 switches to FISTA.
         prox_iterations: FISTA iterations per batch when ``lambda_w > 0``.
-        ridge: relative ridge of the full solve; ``eps``: diagonal guard of the sweep.
+        ridge: relative ridge of the full solve (1e-3: with single samples the memories stay
+            rank-deficient for a long time, and 1e-6 let the solve follow noise; measured on digits);
+            ``eps``: diagonal guard of the sweep.
         memory_dtype: dtype of A and B (float64 keeps long sums exact; default float32).
         mu, code_lr: as in :class:`AltMinLearner`. AM-mem's own defaults are ``mu=1.0`` and
             ``code_lr=0.1``, not the reference's 0.003 and 0.3: those were
@@ -63,7 +65,7 @@ class AMMem(AltMinLearner):
         sweeps: int = 1,
         lambda_w: float = 0.0,
         prox_iterations: int = 10,
-        ridge: float = 1e-6,
+        ridge: float = 1e-3,
         eps: float = 1e-10,
         memory_dtype: torch.dtype = torch.float32,
         **kwargs,

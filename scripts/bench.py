@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Speed benchmarks, measured side by side in one run and reported as ratios.
+
+1. Time per step of AM-Adam (and AM-mem) against backprop-Adam on the same network, batch, data
+   and device. The learners run in interleaved rounds (AM, backprop, AM, backprop, ...) so both see
+   the same machine conditions; the reported ratio is the median of the per-round ratios.
+2. AM-mem's weight solve: one Gauss-Seidel sweep as a triangular solve (and the full Cholesky solve)
+   against the reference code's column-by-column sweep, on co-activation memories of real MNIST
+   inputs at width 784 (+1 bias column).
+
+Real MNIST batches are used (``AMSTREAM_DATA`` / ``--data-dir``). Results are printed as a Markdown
+table ready for BENCHMARKS.md, with the device and the command line.
+
+    python scripts/bench.py                      # CPU (or CUDA when present)
+    python scripts/bench.py --device cuda --rounds 30
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from amstream import AMAdam, AMMem, Backprop  # noqa: E402
+from amstream.data import load_mnist  # noqa: E402
+from amstream.functional import gauss_seidel_sweep, gauss_seidel_sweep_reference, memory_solve, update_memory_  # noqa: E402
+from amstream.utils import resolve_device  # noqa: E402
+
+from _common import build_mlp, parse_int_list  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
+    p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP")
+    p.add_argument("--batch-size", type=int, default=200, help="samples per step")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per learner pair")
+    p.add_argument("--steps", type=int, default=10, help="steps per learner per round")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per learner before timing")
+    p.add_argument("--solve-repeats", type=int, default=5, help="repeats of each solver timing")
+    p.add_argument("--skip-solve", action="store_true", help="only the step-time benchmark")
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def step_times(args, device, x, y) -> list[dict]:
+    """Interleaved rounds: per-step milliseconds of each learner and its ratio to backprop."""
+    hidden = parse_int_list(args.hidden)
+
+    def fresh(cls, **kw):
+        torch.manual_seed(0)
+        return cls(build_mlp((1, 28, 28), hidden, 10), device=device, **kw)
+
+    learners = {
+        "backprop-adam": fresh(Backprop, lr=0.003),
+        "am-adam": fresh(AMAdam),
+        "am-adam (autograd path)": fresh(AMAdam, fast=False),
+        "am-mem": fresh(AMMem),
+    }
+    n_batches = x.shape[0] // args.batch_size
+    batches = [(x[i * args.batch_size:(i + 1) * args.batch_size], y[i * args.batch_size:(i + 1) * args.batch_size])
+               for i in range(n_batches)]
+    cursor = {name: 0 for name in learners}
+
+    def run(name: str, n: int) -> None:
+        learner = learners[name]
+        for _ in range(n):
+            bx, by = batches[cursor[name] % n_batches]
+            learner.learn(bx, by)
+            cursor[name] += 1
+
+    for name in learners:
+        run(name, args.warmup)
+    per_round: dict[str, list[float]] = {name: [] for name in learners}
+    for _ in range(args.rounds):
+        for name in learners:
+            per_round[name].append(_timed(lambda: run(name, args.steps), device) / args.steps * 1e3)
+    base = per_round["backprop-adam"]
+    rows = []
+    for name, times in per_round.items():
+        ratios = [t / b for t, b in zip(times, base)]
+        rows.append({"learner": name, "ms_per_step": statistics.median(times),
+                     "ratio": statistics.median(ratios), "ratio_q1": _quantile(ratios, 0.25),
+                     "ratio_q3": _quantile(ratios, 0.75)})
+    return rows
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def solver_times(args, device, x) -> list[dict]:
+    """Memories of a Linear(784, 100) layer over 20 real MNIST batches, then each solver timed."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(784, 100).to(device)
+    d = 785
+    A = torch.zeros(d, d, device=device)
+    Bm = torch.zeros(100, d, device=device)
+    for i in range(20):
+        a = x[i * 200:(i + 1) * 200].flatten(1)
+        a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+        with torch.no_grad():
+            c = torch.relu(a @ torch.cat([layer.weight, layer.bias[:, None]], 1).T) + 0.1 * torch.randn(200, 100, device=device)
+        update_memory_(A, Bm, a, c, mode="sum", count=0)
+    W = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+
+    solvers = {
+        "column-by-column sweep (reference loop)": lambda: gauss_seidel_sweep_reference(W, A, Bm),
+        "sweep as one triangular solve": lambda: gauss_seidel_sweep(W, A, Bm),
+        "full Cholesky solve": lambda: memory_solve(A, Bm),
+    }
+    reference = gauss_seidel_sweep_reference(W, A, Bm)
+    fast = gauss_seidel_sweep(W, A, Bm)
+    max_diff = float((reference - fast).abs().max() / reference.abs().max())
+    for fn in solvers.values():  # warm-up (cuSOLVER/cuBLAS handles, allocator)
+        fn()
+    rows = []
+    times = {name: min(_timed(fn, device) for _ in range(args.solve_repeats)) * 1e3 for name, fn in solvers.items()}
+    ref_ms = times["column-by-column sweep (reference loop)"]
+    for name, ms in times.items():
+        rows.append({"solver": name, "ms": ms, "speedup": ref_ms / ms})
+    rows.append({"solver": "max |triangular - loop| / max |W|", "ms": float("nan"), "speedup": max_diff})
+    return rows
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        train = load_mnist("train", root=args.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"bench.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    n = max(4000, args.batch_size * 20)
+    x, y = train.x[:n].to(device), train.y[:n].to(device)
+
+    print(f"device: {describe_device(device)}; torch {torch.__version__}")
+    print(f"command: python scripts/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print()
+    print(f"Step time, MNIST 784-{args.hidden.replace(',', '-')}-10 ReLU MLP, batch {args.batch_size}, "
+          f"{args.rounds} interleaved rounds x {args.steps} steps (median; ratio IQR in brackets)")
+    print()
+    print("| learner | ms/step | ratio to backprop-Adam |")
+    print("|---|---:|---:|")
+    for row in step_times(args, device, x, y):
+        print(f"| {row['learner']} | {row['ms_per_step']:.2f} | {row['ratio']:.2f}x "
+              f"[{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}] |")
+    if not args.skip_solve:
+        print()
+        print("AM-mem weight solve, memories of 4,000 MNIST inputs, width 784 + bias, 100 outputs (best of "
+              f"{args.solve_repeats})")
+        print()
+        print("| solver | ms | speed-up over the loop |")
+        print("|---|---:|---:|")
+        for row in solver_times(args, device, x):
+            if row["solver"].startswith("max"):
+                print(f"| {row['solver']} | | {row['speedup']:.1e} |")
+            else:
+                print(f"| {row['solver']} | {row['ms']:.2f} | {row['speedup']:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

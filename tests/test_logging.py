@@ -1,0 +1,172 @@
+"""Run folders and loggers: TensorBoard event files read back with TensorBoard's own reader."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from amstream import AMAdam, Backprop
+from amstream.data import load_digits
+from amstream.logging import NullLogger, TensorBoardLogger, make_run_dir
+
+
+def mlp(n_hidden: int = 1) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, 32)]
+    for _ in range(n_hidden - 1):
+        layers += [nn.ReLU(), nn.Linear(32, 32)]
+    layers += [nn.ReLU(), nn.Linear(32, 10)]
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    data = load_digits("train")
+    return data.x[:32], data.y[:32]
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def event_files(log_dir: Path) -> list[Path]:
+    return sorted(log_dir.glob("events.out.tfevents.*"))
+
+
+def approx(value: float):
+    return pytest.approx(value, rel=1e-6, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- run folders
+def test_make_run_dir_creates_unique_folders(tmp_path):
+    root = tmp_path / "runs"  # does not exist yet
+    first = make_run_dir(root, "digits-am-adam")
+    second = make_run_dir(root, "digits-am-adam")
+    third = make_run_dir(root, "digits-am-adam")
+    for folder in (first, second, third):
+        assert folder.is_dir()
+        assert folder.parent == root
+        assert folder.name.startswith("digits-am-adam")
+        assert list(folder.iterdir()) == []
+    assert len({first, second, third}) == 3
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in (first, second, third))
+
+
+def test_make_run_dir_in_the_same_second(tmp_path, monkeypatch):
+    """Pin the clock: every call sees the same timestamp and still gets its own folder."""
+    frozen = time.localtime()
+    monkeypatch.setattr(time, "localtime", lambda *args: frozen)
+    folders = [make_run_dir(tmp_path, "run") for _ in range(4)]
+    assert len(set(folders)) == 4
+    assert all(f.is_dir() and f.name.startswith("run") for f in folders)
+    stamp = time.strftime("%Y%m%d-%H%M%S", frozen)
+    assert folders[0].name == f"run-{stamp}"
+
+
+def test_make_run_dir_names_do_not_collide_across_names(tmp_path):
+    a = make_run_dir(tmp_path, "mnist")
+    b = make_run_dir(tmp_path, "mnist-bp")
+    assert a != b and a.name.startswith("mnist") and b.name.startswith("mnist-bp")
+
+
+# --------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_logger_writes_am_step_info(batch, tmp_path):
+    x, y = batch
+    torch.manual_seed(0)
+    learner = AMAdam(mlp(n_hidden=2), device="cpu", lr=3e-3, lr_out=3e-3, code_lr=0.1, mu=0.03)
+    learner.learn(x[:16], y[:16])
+    info = learner.learn(x[16:], y[16:])
+    assert len(info.local_losses) == 2 and len(info.code_displacement) == 2 and len(info.lrs) == 3
+    names = [g["name"] for g in learner.optimizer.param_groups]
+
+    log_dir = tmp_path / "run"
+    logger = TensorBoardLogger(log_dir)
+    logger.log_step(info, 5, names)
+    logger.log_step(info, 6)  # default group names
+    logger.record("prequential/accuracy", 0.5, 7)
+    logger.record("prequential/accuracy", torch.tensor(0.625), 8)
+    logger.log_text("config", "AMAdam mu=0.03 code_lr=0.1")
+    logger.close()
+
+    assert len(event_files(log_dir)) == 1
+    scalars = read_scalars(log_dir)
+    expected = {
+        "train/task_loss": float(info.loss),
+        "am/mu": float(info.mu),
+        "am/local_loss/0": float(info.local_losses[0]),
+        "am/local_loss/1": float(info.local_losses[1]),
+        "am/code_displacement/0": float(info.code_displacement[0]),
+        "am/code_displacement/1": float(info.code_displacement[1]),
+    }
+    for tag, value in expected.items():
+        assert [s for s, _ in scalars[tag]] == [5, 6], tag
+        assert all(v == approx(value) for _, v in scalars[tag]), tag
+    for i, name in enumerate(names):
+        assert scalars[f"lr/{name}"] == [(5, approx(info.lrs[i]))]
+        assert scalars[f"lr/group{i}"] == [(6, approx(info.lrs[i]))]
+    assert scalars["am/mu"][0][1] == approx(0.03)
+    assert scalars["prequential/accuracy"] == [(7, 0.5), (8, 0.625)]
+    assert set(scalars) == {*expected, *(f"lr/{n}" for n in names),
+                            *(f"lr/group{i}" for i in range(len(names))), "prequential/accuracy"}
+
+
+def test_tensorboard_logger_text_round_trips(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_text("config", "dataset: digits")
+    logger.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert "config/text_summary" in acc.Tags()["tensors"]
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "dataset: digits" in text
+
+
+def test_tensorboard_logger_backprop_step_has_no_am_tags(batch, tmp_path):
+    x, y = batch
+    torch.manual_seed(0)
+    learner = Backprop(mlp(), device="cpu", lr=3e-3)
+    info = learner.learn(x, y)
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_step(info, 3)
+    logger.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars["train/task_loss"] == [(3, approx(float(info.loss)))]
+    assert not [tag for tag in scalars if tag.startswith("am/")]
+    assert scalars["lr/group0"] == [(3, approx(3e-3))]
+    assert scalars["lr/group1"] == [(3, approx(3e-3))]
+    assert set(scalars) == {"train/task_loss", "lr/group0", "lr/group1"}
+
+
+def test_tensorboard_logger_into_a_run_dir(tmp_path):
+    run_dir = make_run_dir(tmp_path, "digits-backprop")
+    logger = TensorBoardLogger(run_dir)
+    for step in range(1, 4):
+        logger.record("prequential/accuracy", step / 4, step * 100)
+    logger.close()
+    assert read_scalars(run_dir) == {"prequential/accuracy": [(100, 0.25), (200, 0.5), (300, 0.75)]}
+
+
+# ----------------------------------------------------------------------------------- null
+def test_null_logger_accepts_everything_and_writes_nothing(batch, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    x, y = batch
+    torch.manual_seed(0)
+    learner = AMAdam(mlp(), device="cpu")
+    info = learner.learn(x, y)
+    logger = NullLogger()
+    assert logger.log_step(info, 1) is None
+    assert logger.log_step(info, 2, ["block0", "block1"]) is None
+    assert logger.record("prequential/accuracy", 0.5, 7) is None
+    assert logger.record("prequential/accuracy", torch.tensor(0.5), 8) is None
+    assert logger.log_text("config", "text") is None
+    assert logger.close() is None
+    assert list(tmp_path.iterdir()) == []
+    assert issubclass(TensorBoardLogger, NullLogger)  # the same interface

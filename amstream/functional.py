@@ -1,19 +1,18 @@
 """The update rules of online alternating minimization as small pure functions.
 
-References: A. Choromanska et al., "Beyond Backprop: Online Alternating Minimization with Auxiliary
-Variables", ICML 2019 (arXiv:1806.09077), and J. Mairal et al., "Online dictionary learning for
-sparse coding", ICML 2009 (the co-activation memories and block-coordinate solve of AM-mem).
+Reference: A. Choromanska et al., "Beyond Backprop: Online Alternating Minimization with Auxiliary
+Variables", ICML 2019 (arXiv:1806.09077).
 
 Objective over codes ``c_1..c_L`` and weights, for one batch:
 
     L(f_out(c_L), y) + mu * sum_l ||c_l - f_l(c_{l-1})||^2
 
-Shapes: ``a`` is a layer input flattened to ``(B, d_in)``, ``c`` a code ``(B, d_out)``, ``W`` a
-weight ``(d_out, d_in)``, memories ``A (d_in, d_in)`` and ``Bm (d_out, d_in)``.
+The co-activation memories and solves of AM-mem are in :mod:`amstream.memory`.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +23,6 @@ __all__ = [
     "code_objective",
     "nesterov_step_",
     "update_codes",
-    "update_memory_",
-    "gauss_seidel_sweep",
-    "gauss_seidel_sweep_reference",
-    "memory_solve",
-    "proximal_sweep",
-    "soft_threshold",
 ]
 
 PROX_MODES = ("paper", "official")
@@ -281,117 +274,3 @@ def update_codes(
             buf = nesterov_step_(c, buf, grad, lrs[i], momentum)
         new_codes[i] = c.detach()
     return new_codes
-
-
-# ------------------------------------------------------------------------------ AM-mem (Mairal)
-@torch.no_grad()
-def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor, *,
-                   mode: str, count: int, forget: float = 0.0) -> None:
-    """Accumulate co-activations ``A <- a^T a``, ``Bm <- c^T a`` in place.
-
-    Modes: ``"sum"`` running sums (the reference default, eta = 0); ``"mean"`` running means over the
-    ``count`` samples seen before this batch (same solution, bounded magnitudes); ``"forget"``
-    exponential forgetting ``A <- (1 - eta) A + eta a^T a`` (reference eta > 0).
-    """
-    aa = a.T @ a
-    ca = c.T @ a
-    if mode == "sum":
-        A.add_(aa)
-        Bm.add_(ca)
-    elif mode == "mean":
-        total = count + a.shape[0]
-        A.mul_(count / total).add_(aa, alpha=1.0 / total)
-        Bm.mul_(count / total).add_(ca, alpha=1.0 / total)
-    elif mode == "forget":
-        A.mul_(1.0 - forget).add_(aa, alpha=forget)
-        Bm.mul_(1.0 - forget).add_(ca, alpha=forget)
-    else:
-        raise ValueError(f"memory mode must be 'sum', 'mean' or 'forget', got {mode!r}")
-
-
-def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """One block-coordinate (Gauss-Seidel) sweep over the columns of ``W`` for ``W A = Bm``, as one
-    triangular solve.
-
-    The column loop ``w_j += (b_j - W a_j) / (A_jj + eps)``, j = 1..d, with the already-updated
-    columns used for k < j, is exactly ``W_new (D + eps I + U) = Bm - W_old L + eps W_old`` with
-    ``A = L + D + U`` (strictly lower, diagonal, strictly upper), i.e.
-
-        W_new = W_old + (Bm - W_old A) (D + eps I + U)^{-1}
-
-    one GEMM for the residual and one right-sided triangular solve (which reads only the upper
-    triangle of its matrix) instead of d sequential column updates.
-    """
-    residual = torch.addmm(Bm, W, A, alpha=-1.0)
-    upper = A.clone()
-    upper.diagonal().add_(eps)
-    return W + torch.linalg.solve_triangular(upper, residual, upper=True, left=False)
-
-
-def soft_threshold(w: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    return torch.sign(w) * torch.clamp(w.abs() - threshold, min=0.0)
-
-
-@torch.no_grad()
-def gauss_seidel_sweep_reference(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
-                                 eps: float = 1e-10, lambda_w: float = 0.0) -> torch.Tensor:
-    """The reference code's column-by-column BCD sweep (``altmin.BCD``, one iteration).
-
-    A Python loop over columns, kept as the oracle for :func:`gauss_seidel_sweep` and as the
-    baseline in ``scripts/bench.py``. Like the reference, it accumulates the update size for its
-    stopping test with one ``.item()`` per column. With ``lambda_w > 0`` each column is
-    soft-thresholded.
-    """
-    W = W.clone()
-    d = torch.diagonal(A) + eps
-    A_n = A / d
-    B_n = Bm / d
-    error = 0.0
-    for j in range(A.shape[0]):
-        delta = B_n[:, j] - W @ A_n[:, j]
-        W[:, j] += delta
-        if lambda_w > 0:
-            W[:, j] = soft_threshold(W[:, j], lambda_w)
-        error += delta.abs().mean().item()
-    return W
-
-
-def memory_solve(A: torch.Tensor, Bm: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """The converged BCD fixed point: ``W = Bm (A + r I)^{-1}`` by a Cholesky solve.
-
-    ``ridge`` is relative to the mean diagonal of ``A`` (so it is scale-free) and keeps the system
-    positive definite when some inputs never vary. Falls back to a least-squares solve if the
-    Cholesky factorization fails.
-    """
-    d = A.shape[0]
-    scale = torch.diagonal(A).mean().clamp_min(torch.finfo(A.dtype).tiny)
-    reg = A + (ridge * scale) * torch.eye(d, dtype=A.dtype, device=A.device)
-    factor, info = torch.linalg.cholesky_ex(reg)
-    if int(info) == 0:
-        return torch.cholesky_solve(Bm.T, factor).T
-    if not bool(torch.isfinite(reg).all()):
-        # Non-finite memories: return NaN so the learner's finiteness check rolls the step back.
-        return torch.full_like(Bm, float("nan"))
-    return torch.linalg.lstsq(reg, Bm.T).solution.T
-
-
-def proximal_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, lambda_w: float,
-                   iterations: int = 10) -> torch.Tensor:
-    """L1-regularized memory solve by FISTA, warm-started from ``W``.
-
-    Minimizes ``1/2 Tr(W A W^T) - Tr(W Bm^T) + lambda_w * sum_j A_jj ||w_j||_1`` (the reference BCD's
-    objective, whose soft threshold is ``lambda_w`` in units of ``A_jj``). The step is ``1/Lip`` with
-    Lip a Gershgorin bound on the largest eigenvalue of ``A`` (safe, no eigen-decomposition).
-    """
-    lip = A.abs().sum(dim=1).max().clamp_min(torch.finfo(A.dtype).tiny)
-    step = 1.0 / lip
-    threshold = lambda_w * torch.diagonal(A) * step  # per column j
-    x_prev = W
-    z = W
-    t = 1.0
-    for _ in range(iterations):
-        x = soft_threshold(z - step * (z @ A - Bm), threshold)
-        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
-        z = x + ((t - 1.0) / t_next) * (x - x_prev)
-        x_prev, t = x, t_next
-    return x_prev

@@ -12,7 +12,7 @@ want more than one sample); ``flush()`` learns from a partial one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ class PrequentialResult:
                 "losses": list(self.losses)}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "PrequentialResult":
+    def from_state_dict(cls, state: dict) -> PrequentialResult:
         return cls(state["n_seen"], state["n_correct"], [tuple(p) for p in state["curve"]],
                    [tuple(p) for p in state["losses"]])
 

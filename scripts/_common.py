@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "lr_out": (AM_LEARNERS, "lr_out"),
     "prox": (AM_LEARNERS, "prox"),
     "reduction": (AM_LEARNERS, "reduction"),
+    "bn_stats": (AM_LEARNERS, "bn_stats"),
     "memory": (("am-mem",), "memory"),
     "forget": (("am-mem",), "forget"),
     "solver": (("am-mem",), "solver"),
@@ -130,7 +131,7 @@ def _accepted_keywords(cls) -> set[str] | None:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_hparams(name: str) -> dict:
     """``hparams()`` of learner ``name`` built with no options on a tiny model (global RNG untouched).
 

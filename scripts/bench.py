@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from amstream import AMAdam, AMMem, Backprop  # noqa: E402
 from amstream.data import load_mnist  # noqa: E402
-from amstream.functional import gauss_seidel_sweep, gauss_seidel_sweep_reference, memory_solve, update_memory_  # noqa: E402
+from amstream.memory import gauss_seidel_sweep, gauss_seidel_sweep_reference, memory_solve, update_memory_  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 from _common import build_mlp, parse_int_list  # noqa: E402

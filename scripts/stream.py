@@ -90,6 +90,10 @@ class Args:
                                  "move ~1/(batch*width) as far as the last one) or sum (the objective "
                                  f"summed over samples) (default: {describe_defaults('reduction')})",
                                  type=str, choices=("mean", "sum"))
+    bn_stats: str | None = _opt(None, "AM BatchNorm running statistics: forward (from the plain forward "
+                                "pass only) or all (also every code and weight step, as the reference "
+                                f"code) (default: {describe_defaults('bn_stats')})", type=str,
+                                choices=("forward", "all"))
     memory: str | None = _opt(None, "AM-mem co-activation memory: sum, mean or forget (exponential "
                               f"forgetting by --forget) (default: {describe_defaults('memory')})",
                               type=str, choices=("sum", "mean", "forget"))

@@ -1,8 +1,6 @@
 """Checkpoints: exact round trips, RNG states, atomic writes, and refusals that change nothing."""
 from __future__ import annotations
 
-import copy
-import math
 import os
 import random
 
@@ -10,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from state_utils import assert_same_state, snapshot
 
 from amstream import AMAdam, AMMem, Backprop, CheckpointError, load_checkpoint, save_checkpoint
 from amstream.data import load_digits
@@ -43,25 +43,6 @@ def trained(name: str, digits, seed: int = 0, hidden: int = 32, n_batches: int =
     return learner
 
 
-def snapshot(learner) -> dict:
-    return copy.deepcopy(learner.state_dict())
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    def walk(x, y, path="state"):
-        if isinstance(x, torch.Tensor):
-            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), f"{path} differs"
-        elif isinstance(x, dict):
-            assert x.keys() == y.keys(), f"{path} keys differ"
-            for k in x:
-                walk(x[k], y[k], f"{path}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), f"{path} lengths differ"
-            for i, (u, v) in enumerate(zip(x, y)):
-                walk(u, v, f"{path}[{i}]")
-        else:
-            assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), f"{path}: {x} != {y}"
-    walk(a, b)
 
 
 # ------------------------------------------------------------------------------- round trip

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
-from amstream.functional import (code_objective, gauss_seidel_sweep, gauss_seidel_sweep_reference,
-                                 linear_view, linear_weight_grads_, memory_solve, nesterov_step_,
-                                 proximal_sweep, proximity_anchor, soft_threshold, task_loss_grad,
-                                 update_codes, update_memory_)
+from amstream.functional import (code_objective, linear_view, linear_weight_grads_, nesterov_step_,
+                                 proximity_anchor, task_loss_grad, update_codes)
+from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_reference, memory_solve, proximal_sweep,
+                             soft_threshold, update_memory_)
 
 F64 = torch.float64
 

@@ -7,7 +7,6 @@ non-finite steps, batch size one, CPU/GPU agreement.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
@@ -16,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import amstream
+from state_utils import assert_same_state, snapshot
+
 from amstream import AMAdam, AMMem, Backprop, InputError, NonFiniteStepError
 from amstream.data import load_digits
 
@@ -83,26 +84,6 @@ def batches(data, size: int = 32, n: int | None = None, seed: int = 0):
     return out[:n] if n else out
 
 
-def snapshot(learner) -> dict:
-    """A deep copy of everything the learner would checkpoint."""
-    return copy.deepcopy(learner.state_dict())
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    def walk(x, y, path="state"):
-        if isinstance(x, torch.Tensor):
-            assert isinstance(y, torch.Tensor) and torch.equal(x, y), f"{path} differs"
-        elif isinstance(x, dict):
-            assert x.keys() == y.keys(), f"{path} keys differ"
-            for k in x:
-                walk(x[k], y[k], f"{path}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), f"{path} lengths differ"
-            for i, (u, v) in enumerate(zip(x, y)):
-                walk(u, v, f"{path}[{i}]")
-        else:
-            assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), f"{path}: {x} != {y}"
-    walk(a, b)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from state_utils import assert_same_state, snapshot
+
 from amstream import (
     AMAdam,
     AMMem,
@@ -59,25 +61,6 @@ def flat(train):
     return train.x[:32].reshape(32, 64).clone(), train.y[:32].clone()
 
 
-def snapshot(learner) -> dict:
-    return copy.deepcopy(learner.state_dict())
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    def walk(x, y, path="state"):
-        if isinstance(x, torch.Tensor):
-            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), f"{path} differs"
-        elif isinstance(x, dict):
-            assert x.keys() == y.keys(), f"{path} keys differ"
-            for k in x:
-                walk(x[k], y[k], f"{path}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), f"{path} lengths differ"
-            for i, (u, v) in enumerate(zip(x, y)):
-                walk(u, v, f"{path}[{i}]")
-        else:
-            assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), f"{path}: {x} != {y}"
-    walk(a, b)
 
 
 def states_differ(a: dict, b: dict) -> bool:

@@ -15,7 +15,7 @@ layer's weights are fitted to its own input and output codes, independently of t
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, UnsupportedModelError
-from ..functional import gauss_seidel_sweep, memory_solve, proximal_sweep, update_memory_
+from ..memory import gauss_seidel_sweep, memory_solve, proximal_sweep, update_memory_
 from .altmin import AltMinLearner, _check_nonnegative
 
 __all__ = ["AMMem"]

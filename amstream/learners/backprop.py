@@ -5,7 +5,7 @@ forward pass, one backward pass of the task loss through the whole network, one 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 from torch import nn

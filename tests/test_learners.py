@@ -363,3 +363,16 @@ def test_am_mem_memory_modes_give_the_same_solution(digits):
             learner.learn(x, y)
         weights.append(learner.model[1].weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-3, atol=1e-4)
+
+
+def test_auto_device_follows_cuda_availability(monkeypatch):
+    from amstream.utils import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match="invalid device"):
+        resolve_device("gpu0")

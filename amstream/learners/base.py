@@ -8,6 +8,7 @@ is ``step`` with the learner's criterion. Learners never print or log: they retu
 """
 from __future__ import annotations
 
+import abc
 import time
 import warnings
 from typing import NamedTuple
@@ -102,7 +103,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
 
 
-class Learner(StreamingMixin):
+class Learner(StreamingMixin, abc.ABC):
     """Base class. Subclasses implement ``_step`` and list their optimizers and extra state.
 
     Args:
@@ -147,8 +148,9 @@ class Learner(StreamingMixin):
     #: plain attributes a step may change, restored together with the tensors on rollback
     _counters: tuple[str, ...] = ("step_count",)
 
+    @abc.abstractmethod
     def _step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
-        raise NotImplementedError
+        """One update on a validated batch (the method's own rule); returns its StepInfo."""
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every torch optimizer the learner steps (their state is guarded and checkpointed)."""

@@ -376,3 +376,31 @@ def test_auto_device_follows_cuda_availability(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(ValueError, match="invalid device"):
         resolve_device("gpu0")
+
+
+@pytest.mark.parametrize("damping", [0.0, 1.0])
+def test_am_mem_damped_solve_satisfies_its_system(damping, digits):
+    """With solver="solve", the first hidden layer's new weights solve W (A + lam I) = B + lam W_old,
+    lam = damping * mean(diag A) (up to the solve's small relative ridge)."""
+    train, _ = digits
+    learner = make("am-mem", solver="solve", damping=damping, ridge=1e-9, memory="sum",
+                   memory_dtype=torch.float64)
+    batches_ = batches(train, n=3)
+    for x, y in batches_[:2]:
+        learner.learn(x, y)
+    layer = learner.model[1]
+    w_old = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().double()
+    state_before = snapshot(learner)
+    learner.learn(*batches_[2])
+    w_new = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().double()
+    A, Bm = learner._memories[0]
+    lam = damping * A.diagonal().mean()
+    lhs = w_new @ (A + lam * torch.eye(A.shape[0], dtype=A.dtype))
+    rhs = Bm + lam * w_old
+    assert float((lhs - rhs).abs().max() / rhs.abs().max()) < 1e-3
+    if damping:  # from the same state, the proximal term keeps the weights closer to where they were
+        undamped = make("am-mem", solver="solve", damping=0.0, ridge=1e-9, memory="sum", memory_dtype=torch.float64)
+        undamped.load_state_dict(state_before)
+        undamped.learn(*batches_[2])
+        w_undamped = torch.cat([undamped.model[1].weight, undamped.model[1].bias[:, None]], 1).detach().double()
+        assert (w_new - w_old).norm() < (w_undamped - w_old).norm()

@@ -29,23 +29,22 @@ def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.
     ``count`` samples seen before this batch (same solution, bounded magnitudes); ``"forget"``
     exponential forgetting ``A <- (1 - eta) A + eta a^T a`` (reference eta > 0).
     """
-    aa = a.T @ a
-    ca = c.T @ a
     if mode == "sum":
-        A.add_(aa)
-        Bm.add_(ca)
+        keep, new = 1.0, 1.0
     elif mode == "mean":
         total = count + a.shape[0]
-        A.mul_(count / total).add_(aa, alpha=1.0 / total)
-        Bm.mul_(count / total).add_(ca, alpha=1.0 / total)
+        keep, new = count / total, 1.0 / total
     elif mode == "forget":
-        A.mul_(1.0 - forget).add_(aa, alpha=forget)
-        Bm.mul_(1.0 - forget).add_(ca, alpha=forget)
+        keep, new = 1.0 - forget, forget
     else:
         raise ValueError(f"memory mode must be 'sum', 'mean' or 'forget', got {mode!r}")
+    # One fused scale-and-accumulate GEMM each, no temporaries.
+    A.addmm_(a.T, a, beta=keep, alpha=new)
+    Bm.addmm_(c.T, a, beta=keep, alpha=new)
 
 
-def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10,
+                       shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """One block-coordinate (Gauss-Seidel) sweep over the columns of ``W`` for ``W A = Bm``, as one
     triangular solve.
 
@@ -57,10 +56,16 @@ def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: 
 
     one GEMM for the residual and one right-sided triangular solve (which reads only the upper
     triangle of its matrix) instead of d sequential column updates.
+
+    With ``shift`` = lam > 0 it is the same sweep for the damped system ``W (A + lam I) = Bm + lam
+    anchor`` (``anchor`` defaults to ``W``, whose proximal term then adds nothing to the residual):
+    only the diagonal of the triangular factor moves, so damping costs nothing extra.
     """
     residual = torch.addmm(Bm, W, A, alpha=-1.0)
+    if anchor is not None:
+        residual.add_(shift * (anchor - W))
     upper = A.clone()
-    upper.diagonal().add_(eps)
+    upper.diagonal().add_(eps + shift)
     return W + torch.linalg.solve_triangular(upper, residual, upper=True, left=False)
 
 

@@ -571,3 +571,20 @@ def test_linear_weight_grads_equal_autograd(bias, lambda_w):
     assert torch.allclose(lin.weight.grad, expected[0], rtol=1e-12, atol=1e-14)
     if bias:
         assert torch.allclose(lin.bias.grad, expected[1], rtol=1e-12, atol=1e-14)
+
+
+def test_damped_sweep_equals_the_column_loop_on_the_damped_system():
+    """gauss_seidel_sweep(shift=lam, anchor=W0) is a Gauss-Seidel sweep on W (A + lam I) = B + lam W0,
+    also over several sweeps with the anchor held fixed."""
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(300, 50, dtype=F64))
+    a[:, 7] = 0.0  # an input that never fires
+    A, Bm = a.T @ a, torch.randn(300, 7, dtype=F64).T @ a
+    W0 = torch.randn(7, 50, dtype=F64)
+    lam = 2.0
+    fast, loop = W0.clone(), W0.clone()
+    for _ in range(3):
+        fast = gauss_seidel_sweep(fast, A, Bm, 1e-10, shift=lam, anchor=W0)
+        loop = gauss_seidel_sweep_reference(loop, A + lam * torch.eye(50, dtype=F64), Bm + lam * W0, 1e-10)
+    torch.testing.assert_close(fast, loop, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(fast, gauss_seidel_sweep(W0, A, Bm))  # the damping did change the sweep

@@ -144,17 +144,18 @@ class AMMem(AltMinLearner):
         return local
 
     def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
-        if self.damping:
-            # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.
-            lam = self.damping * torch.diagonal(A).mean()
-            A = A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-            Bm = Bm + lam * W
-        if self.lambda_w > 0:
-            return proximal_sweep(W, A, Bm, self.lambda_w, self.prox_iterations)
-        if self.solver == "solve":
+        # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.
+        lam = self.damping * torch.diagonal(A).mean() if self.damping else 0.0
+        if self.lambda_w > 0 or self.solver == "solve":
+            if self.damping:
+                A = A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                Bm = Bm + lam * W
+            if self.lambda_w > 0:
+                return proximal_sweep(W, A, Bm, self.lambda_w, self.prox_iterations)
             return memory_solve(A, Bm, self.ridge)
-        for _ in range(self.sweeps):
-            W = gauss_seidel_sweep(W, A, Bm, self.eps)
+        anchor = W
+        for _ in range(self.sweeps):  # the sweep takes the damping as a shift of its diagonal
+            W = gauss_seidel_sweep(W, A, Bm, self.eps, shift=lam, anchor=anchor if self.damping else None)
         return W
 
     def _extra_tensors(self) -> list[torch.Tensor]:

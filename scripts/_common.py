@@ -135,8 +135,8 @@ def _accepted_keywords(cls) -> set[str] | None:
 def _default_hparams(name: str) -> dict:
     """``hparams()`` of learner ``name`` built with no options on a tiny model (global RNG untouched).
 
-    Reading an instance rather than the signature also sees defaults a subclass sets in its body
-    (AM-mem sets its own ``mu`` and ``code_lr`` that way).
+    Reading an instance rather than the signature also sees values the constructor derives (such
+    as the per-code list of ``code_lr``).
     """
     with torch.random.fork_rng(devices=[]):
         model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))

@@ -259,10 +259,7 @@ def main(argv=None) -> None:
                     diff = {k: v for k, v in saved.items() if stream_config.get(k) != v} or saved
                     raise ValueError(f"checkpoint {ck_path} was made with other settings {diff}; "
                                      f"this run has { {k: stream_config.get(k) for k in diff} }")
-                try:
-                    extra = load_checkpoint(ck_path, learner)
-                except RuntimeError as err:  # e.g. another model: torch's load_state_dict error
-                    raise ValueError(f"checkpoint {ck_path} does not fit this learner: {err}") from None
+                extra = load_checkpoint(ck_path, learner)  # CheckpointError (a ValueError) if it does not fit
                 epoch, index, batches = extra["epoch"], extra["index"], extra["batches"]
                 elapsed, rolled_back = extra["elapsed"], extra["rolled_back"]
                 result = PrequentialResult.from_state_dict(extra["prequential"])

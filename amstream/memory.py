@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "update_memory_",
     "gauss_seidel_sweep",
+    "gauss_seidel_sweep_",
     "gauss_seidel_sweep_reference",
     "memory_solve",
     "proximal_sweep",
@@ -43,10 +44,11 @@ def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.
     Bm.addmm_(c.T, a, beta=keep, alpha=new)
 
 
-def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10,
-                       shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
+def gauss_seidel_sweep_(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10,
+                        shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None,
+                        workspace: dict | None = None) -> torch.Tensor:
     """One block-coordinate (Gauss-Seidel) sweep over the columns of ``W`` for ``W A = Bm``, as one
-    triangular solve.
+    triangular solve, updating ``W`` in place (and returning it).
 
     The column loop ``w_j += (b_j - W a_j) / (A_jj + eps)``, j = 1..d, with the already-updated
     columns used for k < j, is exactly ``W_new (D + eps I + U) = Bm - W_old L + eps W_old`` with
@@ -60,13 +62,28 @@ def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: 
     With ``shift`` = lam > 0 it is the same sweep for the damped system ``W (A + lam I) = Bm + lam
     anchor`` (``anchor`` defaults to ``W``, whose proximal term then adds nothing to the residual):
     only the diagonal of the triangular factor moves, so damping costs nothing extra.
+
+    ``workspace``: a dict the caller keeps between calls; its buffers are reused, so a sweep
+    allocates nothing (on a CPU every fresh multi-megabyte temporary costs page faults).
     """
-    residual = torch.addmm(Bm, W, A, alpha=-1.0)
-    if anchor is not None:
+    ws = workspace if workspace is not None else {}
+    if ws.get("upper") is None or ws["upper"].shape != A.shape or ws["upper"].dtype != A.dtype:
+        ws["upper"] = torch.empty_like(A)
+        ws["residual"] = torch.empty_like(Bm)
+        ws["step"] = torch.empty_like(Bm)
+    residual = torch.addmm(Bm, W, A, alpha=-1.0, out=ws["residual"])
+    if anchor is not None and anchor is not W:
         residual.add_(shift * (anchor - W))
-    upper = A.clone()
+    upper = ws["upper"].copy_(A)
     upper.diagonal().add_(eps + shift)
-    return W + torch.linalg.solve_triangular(upper, residual, upper=True, left=False)
+    step = torch.linalg.solve_triangular(upper, residual, upper=True, left=False, out=ws["step"])
+    return W.add_(step)
+
+
+def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10,
+                       shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`gauss_seidel_sweep_` on a copy: returns the swept weights, ``W`` is unchanged."""
+    return gauss_seidel_sweep_(W.clone(), A, Bm, eps, shift, anchor=W if anchor is None else anchor)
 
 
 def soft_threshold(w: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -79,14 +96,15 @@ def gauss_seidel_sweep_reference(W: torch.Tensor, A: torch.Tensor, Bm: torch.Ten
     """The reference code's column-by-column BCD sweep (``altmin.BCD``, one iteration).
 
     A Python loop over columns, kept as the oracle for :func:`gauss_seidel_sweep` and as the
-    baseline in ``scripts/bench.py``. Like the reference, it accumulates the update size for its
-    stopping test with one ``.item()`` per column. With ``lambda_w > 0`` each column is
-    soft-thresholded.
+    baseline in ``scripts/bench.py``. Like the reference, it accumulates the update size with one
+    ``.item()`` per column and tests convergence after the sweep. With ``lambda_w > 0`` each column
+    is soft-thresholded.
     """
     W = W.clone()
     d = torch.diagonal(A) + eps
     A_n = A / d
     B_n = Bm / d
+    W_before = W.clone()
     error = 0.0
     for j in range(A.shape[0]):
         delta = B_n[:, j] - W @ A_n[:, j]
@@ -94,6 +112,7 @@ def gauss_seidel_sweep_reference(W: torch.Tensor, A: torch.Tensor, Bm: torch.Ten
         if lambda_w > 0:
             W[:, j] = soft_threshold(W[:, j], lambda_w)
         error += delta.abs().mean().item()
+    (W - W_before).abs().max().item()  # the reference's convergence test after each sweep
     return W
 
 

@@ -29,7 +29,9 @@ import torch  # noqa: E402
 
 from amstream import AMAdam, AMMem, Backprop  # noqa: E402
 from amstream.data import load_mnist  # noqa: E402
-from amstream.memory import gauss_seidel_sweep, gauss_seidel_sweep_reference, memory_solve, update_memory_  # noqa: E402
+from amstream.memory import (  # noqa: E402
+    gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve, update_memory_,
+)
 from amstream.utils import resolve_device  # noqa: E402
 
 from _common import build_mlp, parse_int_list  # noqa: E402
@@ -126,9 +128,11 @@ def solver_times(args, device, x) -> list[dict]:
         update_memory_(A, Bm, a, c, mode="sum", count=0)
     W = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
 
-    solvers = {
+    workspace: dict = {}
+    W_work = W.clone()
+    solvers = {  # the fast sweep as AM-mem runs it: in place, reusing its buffers
         "column-by-column sweep (reference loop)": lambda: gauss_seidel_sweep_reference(W, A, Bm),
-        "sweep as one triangular solve": lambda: gauss_seidel_sweep(W, A, Bm),
+        "sweep as one triangular solve": lambda: gauss_seidel_sweep_(W_work.copy_(W), A, Bm, workspace=workspace),
         "full Cholesky solve": lambda: memory_solve(A, Bm),
     }
     reference = gauss_seidel_sweep_reference(W, A, Bm)

@@ -15,8 +15,8 @@ from torch import nn
 from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
 from amstream.functional import (code_objective, linear_view, linear_weight_grads_, nesterov_step_,
                                  proximity_anchor, task_loss_grad, update_codes)
-from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_reference, memory_solve, proximal_sweep,
-                             soft_threshold, update_memory_)
+from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve,
+                             proximal_sweep, soft_threshold, update_memory_)
 
 F64 = torch.float64
 
@@ -588,3 +588,22 @@ def test_damped_sweep_equals_the_column_loop_on_the_damped_system():
         loop = gauss_seidel_sweep_reference(loop, A + lam * torch.eye(50, dtype=F64), Bm + lam * W0, 1e-10)
     torch.testing.assert_close(fast, loop, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(fast, gauss_seidel_sweep(W0, A, Bm))  # the damping did change the sweep
+
+
+def test_in_place_sweep_reuses_its_workspace():
+    torch.manual_seed(0)
+    workspace: dict = {}
+    buffers = None
+    for d_in, d_out in [(30, 5), (30, 5), (12, 4)]:
+        a = torch.relu(torch.randn(80, d_in, dtype=F64))
+        A, Bm = a.T @ a, torch.randn(80, d_out, dtype=F64).T @ a
+        W = torch.randn(d_out, d_in, dtype=F64)
+        expected = gauss_seidel_sweep_reference(W, A, Bm)
+        result = gauss_seidel_sweep_(W, A, Bm, workspace=workspace)
+        assert result is W  # updated in place
+        torch.testing.assert_close(W, expected, rtol=1e-10, atol=1e-10)
+        current = tuple(id(workspace[k]) for k in ("upper", "residual", "step"))
+        if buffers is not None and d_in == 30:
+            assert current == buffers  # same shapes: the buffers were reused, nothing allocated
+        buffers = current
+    assert workspace["upper"].shape == (12, 12)  # a new shape got new buffers

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, UnsupportedModelError
-from ..memory import gauss_seidel_sweep, memory_solve, proximal_sweep, update_memory_
+from ..memory import gauss_seidel_sweep_, memory_solve, proximal_sweep, update_memory_
 from .altmin import AltMinLearner, _check_nonnegative
 
 __all__ = ["AMMem"]
@@ -101,6 +101,7 @@ class AMMem(AltMinLearner):
             kw = {"dtype": memory_dtype, "device": self.device}
             self._memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
         self.samples_seen = 0
+        self._workspaces = [{} for _ in self.blocks.hidden]  # reusable solver buffers (not state)
 
     _counters = (*AltMinLearner._counters, "samples_seen")
 
@@ -132,10 +133,12 @@ class AMMem(AltMinLearner):
                 c = targets[block.index].flatten(1)
                 update_memory_(A, Bm, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
                                count=self.samples_seen, forget=self.forget)
-                W = layer.weight
+                # A fresh [W | b] copy in the memory dtype: the sweep updates it in place.
                 if layer.bias is not None:
-                    W = torch.cat([W, layer.bias[:, None]], dim=1)
-                W = self._solve(W.to(A.dtype), A, Bm).to(layer.weight.dtype)
+                    W = torch.cat([layer.weight, layer.bias[:, None]], dim=1).to(A.dtype)
+                else:
+                    W = layer.weight.detach().to(A.dtype, copy=True)
+                W = self._solve(W, A, Bm, self._workspaces[block.index]).to(layer.weight.dtype)
                 layer.weight.copy_(W[:, : layer.in_features])
                 if layer.bias is not None:
                     layer.bias.copy_(W[:, -1])
@@ -143,7 +146,7 @@ class AMMem(AltMinLearner):
         self.samples_seen += inputs[0].shape[0]
         return local
 
-    def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
+    def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, workspace: dict) -> torch.Tensor:
         # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.
         lam = self.damping * torch.diagonal(A).mean() if self.damping else 0.0
         if self.lambda_w > 0 or self.solver == "solve":
@@ -153,9 +156,9 @@ class AMMem(AltMinLearner):
             if self.lambda_w > 0:
                 return proximal_sweep(W, A, Bm, self.lambda_w, self.prox_iterations)
             return memory_solve(A, Bm, self.ridge)
-        anchor = W
-        for _ in range(self.sweeps):  # the sweep takes the damping as a shift of its diagonal
-            W = gauss_seidel_sweep(W, A, Bm, self.eps, shift=lam, anchor=anchor if self.damping else None)
+        anchor = W.clone() if self.sweeps > 1 else W  # the proximal anchor: the weights before the step
+        for _ in range(self.sweeps):  # in place; the damping is a shift of the sweep's diagonal
+            gauss_seidel_sweep_(W, A, Bm, self.eps, shift=lam, anchor=anchor, workspace=workspace)
         return W
 
     def _extra_tensors(self) -> list[torch.Tensor]:

@@ -44,46 +44,53 @@ def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.
     Bm.addmm_(c.T, a, beta=keep, alpha=new)
 
 
+def _sweep_blocks(d: int) -> int:
+    """Column blocks of a sweep: one below 512 columns, then one per 256 (at most 8)."""
+    return max(1, min(8, d // 256))
+
+
 def gauss_seidel_sweep_(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10,
                         shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None,
-                        workspace: dict | None = None) -> torch.Tensor:
-    """One block-coordinate (Gauss-Seidel) sweep over the columns of ``W`` for ``W A = Bm``, as one
-    triangular solve, updating ``W`` in place (and returning it).
+                        blocks: int | None = None) -> torch.Tensor:
+    """One block-coordinate (Gauss-Seidel) sweep over the columns of ``W`` for ``W A = Bm``, in
+    place, as a few GEMMs and triangular solves instead of a loop over columns.
 
-    The column loop ``w_j += (b_j - W a_j) / (A_jj + eps)``, j = 1..d, with the already-updated
-    columns used for k < j, is exactly ``W_new (D + eps I + U) = Bm - W_old L + eps W_old`` with
-    ``A = L + D + U`` (strictly lower, diagonal, strictly upper), i.e.
+    The reference column loop is ``w_j += (b_j - W a_j) / (A_jj + eps)`` for j = 1..d, where ``W``
+    already holds the updated columns k < j. Split the columns into blocks; for block ``J``, with
+    ``W`` holding the updated blocks before ``J`` and the old ones from ``J`` on, the loop over
+    the columns of ``J`` is exactly
 
-        W_new = W_old + (Bm - W_old A) (D + eps I + U)^{-1}
+        W_J <- W_J + (Bm_J - W A_{:,J}) (D_J + eps I + U_JJ)^{-1}
 
-    one GEMM for the residual and one right-sided triangular solve (which reads only the upper
-    triangle of its matrix) instead of d sequential column updates.
+    (``A_JJ = L_JJ + D_J + U_JJ``): one GEMM for the residual and one right-sided triangular
+    solve on the diagonal block. With one block this is ``W_new (D + eps I + U) = Bm - W_old L +
+    eps W_old``. Blocks cut the flops from 3 m d^2 (a dense GEMM and a full triangular solve) to
+    (2 + 1/K) m d^2 for K blocks.
 
     With ``shift`` = lam > 0 it is the same sweep for the damped system ``W (A + lam I) = Bm + lam
     anchor`` (``anchor`` defaults to ``W``, whose proximal term then adds nothing to the residual):
-    only the diagonal of the triangular factor moves, so damping costs nothing extra.
-
-    ``workspace``: a dict the caller keeps between calls; its buffers are reused, so a sweep
-    allocates nothing (on a CPU every fresh multi-megabyte temporary costs page faults).
+    only the diagonal of the triangular blocks moves, so damping costs nothing extra.
     """
-    ws = workspace if workspace is not None else {}
-    if ws.get("upper") is None or ws["upper"].shape != A.shape or ws["upper"].dtype != A.dtype:
-        ws["upper"] = torch.empty_like(A)
-        ws["residual"] = torch.empty_like(Bm)
-        ws["step"] = torch.empty_like(Bm)
-    residual = torch.addmm(Bm, W, A, alpha=-1.0, out=ws["residual"])
-    if anchor is not None and anchor is not W:
-        residual.add_(shift * (anchor - W))
-    upper = ws["upper"].copy_(A)
-    upper.diagonal().add_(eps + shift)
-    step = torch.linalg.solve_triangular(upper, residual, upper=True, left=False, out=ws["step"])
-    return W.add_(step)
+    d = A.shape[0]
+    k = blocks or _sweep_blocks(d)
+    size = -(-d // k)
+    for start in range(0, d, size):
+        stop = min(start + size, d)
+        residual = torch.addmm(Bm[:, start:stop], W, A[:, start:stop], alpha=-1.0)
+        if anchor is not None and anchor is not W:
+            residual.add_(shift * (anchor[:, start:stop] - W[:, start:stop]))
+        diagonal_block = A[start:stop, start:stop].clone()
+        diagonal_block.diagonal().add_(eps + shift)
+        W[:, start:stop] += torch.linalg.solve_triangular(diagonal_block, residual, upper=True, left=False)
+    return W
 
 
 def gauss_seidel_sweep(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps: float = 1e-10,
-                       shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
+                       shift: torch.Tensor | float = 0.0, anchor: torch.Tensor | None = None,
+                       blocks: int | None = None) -> torch.Tensor:
     """:func:`gauss_seidel_sweep_` on a copy: returns the swept weights, ``W`` is unchanged."""
-    return gauss_seidel_sweep_(W.clone(), A, Bm, eps, shift, anchor=W if anchor is None else anchor)
+    return gauss_seidel_sweep_(W.clone(), A, Bm, eps, shift, anchor=W if anchor is None else anchor,
+                               blocks=blocks)
 
 
 def soft_threshold(w: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

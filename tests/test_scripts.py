@@ -98,15 +98,15 @@ def test_bench_smoke(data_root):
     """scripts/bench.py with a tiny budget: both tables, every learner row, a finite ratio."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(data_root), "--rounds", "2",
-         "--steps", "1", "--warmup", "1", "--solve-repeats", "1", "--threads", "1"],
+         "--steps", "1", "--warmup", "1", "--solve-rounds", "1", "--solve-repeats", "1", "--threads", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     ratios = dict(re.findall(r"^\| ((?:am|backprop)[a-z\- ()]*) \| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M))
     assert set(ratios) == {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}, proc.stdout
     assert float(ratios["backprop-adam"]) == 1.0
-    assert "sweep as one triangular solve" in proc.stdout and "device: CPU" in proc.stdout
-    agreement = re.search(r"max \|triangular - loop\| / max \|W\| \| \| ([\d.e+-]+) \|", proc.stdout)
+    assert "sweep as blocked triangular solves" in proc.stdout and "device: CPU" in proc.stdout
+    agreement = re.search(r"max \|blocked - loop\| / max \|W\| \| \| ([\d.e+-]+) \|", proc.stdout)
     assert agreement and float(agreement[1]) < 1e-4, proc.stdout
 
 

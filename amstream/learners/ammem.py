@@ -8,7 +8,7 @@ layer with input ``a = sigma(c_{l-1})`` (plus a constant 1 column for the bias) 
 
 i.e. ``W A = B``, the least-squares fit of the layer to every (input, code) pair seen so far. The
 reference code solves it with one Gauss-Seidel sweep over the columns of W per batch, warm-started
-(a Python loop, one host sync per column). Here that sweep is one exact triangular solve; a full
+(a Python loop, one host sync per column). Here that sweep is a few GEMMs and triangular solves (exact); a full
 Cholesky solve and an L1 proximal (FISTA) variant are options. The output layer is trained with
 Adam on the task loss, as in the paper.
 """
@@ -101,7 +101,6 @@ class AMMem(AltMinLearner):
             kw = {"dtype": memory_dtype, "device": self.device}
             self._memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
         self.samples_seen = 0
-        self._workspaces = [{} for _ in self.blocks.hidden]  # reusable solver buffers (not state)
 
     _counters = (*AltMinLearner._counters, "samples_seen")
 
@@ -138,7 +137,7 @@ class AMMem(AltMinLearner):
                     W = torch.cat([layer.weight, layer.bias[:, None]], dim=1).to(A.dtype)
                 else:
                     W = layer.weight.detach().to(A.dtype, copy=True)
-                W = self._solve(W, A, Bm, self._workspaces[block.index]).to(layer.weight.dtype)
+                W = self._solve(W, A, Bm).to(layer.weight.dtype)
                 layer.weight.copy_(W[:, : layer.in_features])
                 if layer.bias is not None:
                     layer.bias.copy_(W[:, -1])
@@ -146,7 +145,7 @@ class AMMem(AltMinLearner):
         self.samples_seen += inputs[0].shape[0]
         return local
 
-    def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, workspace: dict) -> torch.Tensor:
+    def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
         # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.
         lam = self.damping * torch.diagonal(A).mean() if self.damping else 0.0
         if self.lambda_w > 0 or self.solver == "solve":
@@ -158,7 +157,7 @@ class AMMem(AltMinLearner):
             return memory_solve(A, Bm, self.ridge)
         anchor = W.clone() if self.sweeps > 1 else W  # the proximal anchor: the weights before the step
         for _ in range(self.sweeps):  # in place; the damping is a shift of the sweep's diagonal
-            gauss_seidel_sweep_(W, A, Bm, self.eps, shift=lam, anchor=anchor, workspace=workspace)
+            gauss_seidel_sweep_(W, A, Bm, self.eps, shift=lam, anchor=anchor)
         return W
 
     def _extra_tensors(self) -> list[torch.Tensor]:

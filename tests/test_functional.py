@@ -249,32 +249,23 @@ def _batches(n=4, d_in=6, d_out=3):
     return [(torch.randn(b, d_in, dtype=F64), torch.randn(b, d_out, dtype=F64)) for b in sizes]
 
 
-def test_update_memory_sum_mode():
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_update_memory_accumulates_every_batch(mode):
+    """Sum mode holds the sums of a^T a and c^T a over all samples; mean mode the same divided by
+    the number of samples, whatever the batch sizes."""
     batches = _batches()
     A, Bm = torch.zeros(6, 6, dtype=F64), torch.zeros(3, 6, dtype=F64)
     count = 0
     for a, c in batches:
-        update_memory_(A, Bm, a, c, mode="sum", count=count)
+        update_memory_(A, Bm, a, c, mode=mode, count=count)
         count += a.shape[0]
     a_all = torch.cat([a for a, _ in batches])
     c_all = torch.cat([c for _, c in batches])
-    assert torch.allclose(A, a_all.T @ a_all, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(Bm, c_all.T @ a_all, rtol=1e-12, atol=1e-12)
-
-
-def test_update_memory_mean_mode():
-    batches = _batches()
-    A, Bm = torch.zeros(6, 6, dtype=F64), torch.zeros(3, 6, dtype=F64)
-    count = 0
-    for a, c in batches:
-        update_memory_(A, Bm, a, c, mode="mean", count=count)
-        count += a.shape[0]
-    a_all = torch.cat([a for a, _ in batches])
-    c_all = torch.cat([c for _, c in batches])
+    scale = 1.0 if mode == "sum" else 1.0 / count
     assert count == a_all.shape[0] == 17
-    assert torch.allclose(A, a_all.T @ a_all / count, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(Bm, c_all.T @ a_all / count, rtol=1e-12, atol=1e-12)
-    # Same solution as the sum mode.
+    assert torch.allclose(A, scale * a_all.T @ a_all, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(Bm, scale * c_all.T @ a_all, rtol=1e-12, atol=1e-12)
+    # Both modes give the same solution.
     assert torch.allclose(memory_solve(A, Bm, 0.0),
                           memory_solve(a_all.T @ a_all, c_all.T @ a_all, 0.0), atol=1e-10)
 

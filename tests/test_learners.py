@@ -404,3 +404,50 @@ def test_am_mem_damped_solve_satisfies_its_system(damping, digits):
         undamped.learn(*batches_[2])
         w_undamped = torch.cat([undamped.model[1].weight, undamped.model[1].bias[:, None]], 1).detach().double()
         assert (w_new - w_old).norm() < (w_undamped - w_old).norm()
+
+
+PENALTY_CASES = ["am-adam", "am-adam-bn", "am-adam-cnn", "am-mem", "backprop-adam"]
+
+
+@pytest.mark.parametrize("form", ["callable", "tensor"])
+@pytest.mark.parametrize("name", PENALTY_CASES)
+def test_penalty_gradient_reaches_each_trained_layer_exactly(name, form, digits):
+    """A penalty of the parameters (here an L2 pull towards reference weights, like EWC's) adds its
+    gradient to each layer's own update: after one Adam step from the same state, the first moments
+    differ by exactly (1 - beta1) * d penalty / d p. AM-mem's hidden layers are memory solves and
+    do not take it; they come out identical."""
+    train, _ = digits
+    x, y = batches(train, n=1)[0]
+    plain, penalized = make(name), make(name)
+    torch.manual_seed(1)
+    reference = [p.detach() + 0.05 * torch.randn_like(p) for p in penalized.model.parameters()]
+    initial = [p.detach().clone() for p in penalized.model.parameters()]
+    strength = 0.5
+
+    def penalty():
+        return strength * sum(((p - r) ** 2).sum() for p, r in zip(penalized.model.parameters(), reference))
+
+    plain.learn(x, y)
+    penalized.learn(x, y, penalty=penalty if form == "callable" else penalty())
+    adam_params = {id(p) for g in penalized.optimizer.param_groups for p in g["params"]}
+    beta1 = penalized.optimizer.param_groups[0]["betas"][0]
+    checked = 0
+    for p_plain, p_pen, start, ref in zip(plain.model.parameters(), penalized.model.parameters(), initial, reference):
+        if id(p_pen) not in adam_params:  # AM-mem's memory-solved hidden layers
+            torch.testing.assert_close(p_pen, p_plain, rtol=0, atol=0)
+            continue
+        moment_difference = penalized.optimizer.state[p_pen]["exp_avg"] - plain.optimizer.state[p_plain]["exp_avg"]
+        torch.testing.assert_close(moment_difference, (1 - beta1) * 2 * strength * (start - ref), rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked >= 1
+
+
+def test_penalty_must_be_a_scalar(digits):
+    train, _ = digits
+    x, y = batches(train, n=1)[0]
+    learner = make("am-adam")
+    learner.learn(x, y)
+    before = snapshot(learner)
+    with pytest.raises(ValueError, match="penalty must be a scalar"):
+        learner.learn(x, y, penalty=lambda: torch.ones(3, requires_grad=True))
+    assert_same_state(before, learner.state_dict())

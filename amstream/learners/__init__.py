@@ -2,6 +2,6 @@
 from .altmin import AltMinLearner, AMAdam
 from .ammem import AMMem
 from .backprop import Backprop
-from .base import Learner, NonFiniteStepError, StepInfo
+from .base import Learner, NonFiniteStepError, Penalty, StepInfo
 
-__all__ = ["Learner", "StepInfo", "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop"]
+__all__ = ["Learner", "Penalty", "StepInfo", "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop"]

@@ -24,7 +24,7 @@ from torch import nn
 from ..blocks import BATCHNORM_TYPES, Block
 from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_grad, update_codes
 from ..schedules import halving_factor, mu_at
-from .base import Learner, LossFn, StepInfo
+from .base import Learner, LossFn, Penalty, StepInfo, add_penalty_grads_
 
 __all__ = ["AltMinLearner", "AMAdam"]
 
@@ -142,7 +142,7 @@ class AltMinLearner(Learner):
     def current_mu(self) -> float:
         return mu_at(self.step_count, self.mu, self.d_mu, self.mu_max)
 
-    def _step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+    def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         mu = self.current_mu
         factor = halving_factor(self.step_count, self.lr_halve_every)
         for g in self.optimizer.param_groups:
@@ -163,9 +163,9 @@ class AltMinLearner(Learner):
             # (3) weights: every block on its own input/output codes
             inputs = [x, *new_codes]
             if self._views is not None:
-                local = self._fit_weights_fast(inputs, new_codes, codes, loss_fn)
+                local = self._fit_weights_fast(inputs, new_codes, codes, loss_fn, penalty)
             else:
-                local = self._fit_weights(inputs, new_codes, loss_fn)
+                local = self._fit_weights(inputs, new_codes, loss_fn, penalty)
 
         self._last_codes = new_codes
         displacement = tuple(
@@ -177,7 +177,11 @@ class AltMinLearner(Learner):
             lrs=tuple(g["lr"] for g in self.optimizer.param_groups), batch_size=x.shape[0],
         )
 
-    def _fit_weights(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], loss_fn: LossFn) -> list:
+    def _adam_params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _fit_weights(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], loss_fn: LossFn,
+                     penalty: Penalty = None) -> list:
         hidden = self.blocks.hidden
         adam_hidden = [b for b in self._adam_blocks() if b is not self.blocks.output]
         local: list[torch.Tensor] = []
@@ -190,6 +194,7 @@ class AltMinLearner(Learner):
             for item in losses:
                 total = total + item
             total.backward()
+            add_penalty_grads_(penalty, self._adam_params())
             self.optimizer.step()
             local = [item.detach() for item in losses]
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,7 +202,7 @@ class AltMinLearner(Learner):
 
     @torch.no_grad()
     def _fit_weights_fast(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                          forward_codes: list[torch.Tensor], loss_fn: LossFn) -> list:
+                          forward_codes: list[torch.Tensor], loss_fn: LossFn, penalty: Penalty = None) -> list:
         """``_fit_weights`` with closed-form gradients for Linear blocks (the same Adam step)."""
         n_hidden = len(self.blocks.hidden)
         lambda_w = getattr(self, "lambda_w", 0.0) if n_hidden else 0.0
@@ -218,6 +223,7 @@ class AltMinLearner(Learner):
                 loss = residual.square().mean()
                 local.append(loss + lambda_w * view.linear.weight.abs().mean() if lambda_w else loss)
                 linear_weight_grads_(view, a, residual.mul_(2.0 / residual.numel()), lambda_w)
+            add_penalty_grads_(penalty, self._adam_params())
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return local + self._fit_hidden_extra(inputs, targets)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..schedules import halving_factor
-from .base import Learner, LossFn, StepInfo
+from .base import Learner, LossFn, Penalty, StepInfo
 
 __all__ = ["Backprop"]
 
@@ -74,13 +74,17 @@ class Backprop(Learner):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
-    def _step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+    def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         factor = halving_factor(self.step_count, self.lr_halve_every)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(self.model(x))
-        loss.backward()
+        total = loss
+        if penalty is not None:
+            value = penalty() if callable(penalty) else penalty
+            total = loss + value
+        total.backward()
         self.optimizer.step()
         return StepInfo(loss=loss.detach(), lrs=tuple(g["lr"] for g in self.optimizer.param_groups),
                         batch_size=x.shape[0])

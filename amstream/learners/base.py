@@ -11,8 +11,8 @@ from __future__ import annotations
 import abc
 import time
 import warnings
-from typing import NamedTuple
 from collections.abc import Callable
+from typing import NamedTuple, Union
 
 import torch
 from torch import nn
@@ -28,9 +28,38 @@ from ..validation import (
     is_classification_criterion,
 )
 
-__all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn"]
+__all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn", "Penalty", "add_penalty_grads_"]
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+#: a scalar function of the model's parameters added to the objective (EWC, SI, L2 to a reference):
+#: a callable returning the penalty, recomputed at every weight step, or a tensor with its graph
+Penalty = Union[Callable[[], torch.Tensor], torch.Tensor, None]
+
+
+def add_penalty_grads_(penalty: Penalty, params: list[torch.nn.Parameter]) -> None:
+    """Add ``d penalty / d p`` to ``p.grad`` for each parameter (no-op for None).
+
+    A penalty that depends on parameters only is separable across layers, so each layer can take
+    its own part in its local update; no gradient travels through the network.
+    """
+    if penalty is None:
+        return
+    with torch.enable_grad():
+        value = penalty() if callable(penalty) else penalty
+        if not (isinstance(value, torch.Tensor) and value.dim() == 0):
+            raise ValueError(f"penalty must be a scalar tensor, got {type(value).__name__} "
+                             f"of shape {getattr(value, 'shape', None)}")
+        if not value.requires_grad:
+            return  # a constant: no gradient
+        grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=not callable(penalty))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g)
 
 
 class NonFiniteStepError(RuntimeError):
@@ -149,7 +178,7 @@ class Learner(StreamingMixin, abc.ABC):
     _counters: tuple[str, ...] = ("step_count",)
 
     @abc.abstractmethod
-    def _step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+    def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         """One update on a validated batch (the method's own rule); returns its StepInfo."""
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -167,15 +196,19 @@ class Learner(StreamingMixin, abc.ABC):
         pass
 
     # ---------------------------------------------------------------------------------- the verbs
-    def step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+    def step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         """One update on a batch ``x`` of shape ``(B, *sample_shape)`` for the loss ``loss_fn(output)``.
+
+        ``penalty``: an optional scalar function of the parameters (a callable, or a tensor with its
+        graph) minimized together with the loss, e.g. a continual-learning regularizer. Each layer
+        adds its gradient to its own update (AM-mem: only its Adam-trained output layer).
 
         Bad input raises :class:`~amstream.validation.InputError` (a ``ValueError``) and changes
         nothing. A step that yields non-finite weights, codes or loss is undone.
         """
-        return self._guarded_step(self._prepare_inputs(x, training=True), loss_fn)
+        return self._guarded_step(self._prepare_inputs(x, training=True), loss_fn, penalty)
 
-    def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn) -> StepInfo:
+    def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         if self._pending_shape is not None:  # the batch passed every check: its shape is now fixed
             self.input_shape, self.n_outputs = self._pending_shape
             self._pending_shape = None
@@ -184,7 +217,7 @@ class Learner(StreamingMixin, abc.ABC):
         self._snapshot.take(guarded[0])
         counters = {name: getattr(self, name) for name in self._counters}
         try:
-            info = self._step(x, loss_fn)
+            info = self._step(x, loss_fn, penalty)
         except BaseException:
             self._rollback(guarded[1], counters)
             raise
@@ -201,12 +234,12 @@ class Learner(StreamingMixin, abc.ABC):
         self.step_count += 1
         return info._replace(seconds=time.perf_counter() - start)
 
-    def learn(self, x: torch.Tensor, y: torch.Tensor) -> StepInfo:
-        """``step(x, lambda out: criterion(out, y))`` after checking the targets."""
+    def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
+        """``step(x, lambda out: criterion(out, y), penalty)`` after checking the targets."""
         x = self._prepare_inputs(x, training=True)
         y = self._prepare_targets(y, x)
         criterion = self.criterion
-        return self._guarded_step(x, lambda out: criterion(out, y))
+        return self._guarded_step(x, lambda out: criterion(out, y), penalty)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ naming the layer, because it has no place in the block structure.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "StraightThrough",
     "UnsupportedModelError",
     "blocks_from_sequential",
+    "frozen_batchnorm_stats",
 ]
 
 CODE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -162,6 +164,19 @@ class Blocks(list):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_codes(x)[1]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module):
+    """In training mode, BatchNorm layers use batch statistics but do not update running ones."""
+    bns = [m for m in model.modules() if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
 
 
 def _flatten(model: nn.Module) -> list[nn.Module]:

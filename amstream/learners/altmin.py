@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import BATCHNORM_TYPES, Block
+from ..blocks import Block, frozen_batchnorm_stats
 from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_grad, update_codes
 from ..schedules import halving_factor, mu_at
 from .base import Learner, LossFn, Penalty, StepInfo, add_penalty_grads_
@@ -197,7 +197,7 @@ class AltMinLearner(Learner):
             add_penalty_grads_(penalty, self._adam_params())
             self.optimizer.step()
             local = [item.detach() for item in losses]
-        self.optimizer.zero_grad(set_to_none=True)
+        # p.grad keeps the last local gradient, as after a backprop step (Synaptic Intelligence reads it).
         return local + self._fit_hidden_extra(inputs, targets)
 
     @torch.no_grad()
@@ -225,24 +225,14 @@ class AltMinLearner(Learner):
                 linear_weight_grads_(view, a, residual.mul_(2.0 / residual.numel()), lambda_w)
             add_penalty_grads_(penalty, self._adam_params())
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if step + 1 < self.weight_steps:
+                self.optimizer.zero_grad(set_to_none=True)
         return local + self._fit_hidden_extra(inputs, targets)
 
     # ------------------------------------------------------------------------------- internals
-    @contextlib.contextmanager
     def _frozen_bn_stats(self):
         """Use batch statistics without updating running ones (unless bn_stats == "all")."""
-        bns = [m for m in self.model.modules() if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats]
-        if self.bn_stats == "all" or not bns:
-            yield
-            return
-        for m in bns:
-            m.track_running_stats = False
-        try:
-            yield
-        finally:
-            for m in bns:
-                m.track_running_stats = True
+        return contextlib.nullcontext() if self.bn_stats == "all" else frozen_batchnorm_stats(self.model)
 
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
         return super()._check_tensors(info) + list(self._last_codes)

@@ -1,0 +1,173 @@
+"""``AMStrategy``: any amstream learner inside an Avalanche experiment, plugins and metrics included.
+
+Avalanche's ``SupervisedTemplate`` trains by one backward pass of ``strategy.loss`` and one
+``optimizer.step()``. Here each training iteration fires the same callbacks in the same order (the
+order of ``SGDUpdate.training_epoch`` in avalanche-lib 0.6.0) and delegates the update to the
+learner:
+
+    before_training_iteration -> zero_grad -> before_forward -> forward -> after_forward
+    -> loss += criterion -> before_backward (plugins add penalties) -> after_backward
+    -> before_update -> learner.step(x, task loss, penalty) -> after_update
+    -> after_training_iteration
+
+- ``mb_output`` stays the logits, so accuracy and loss metrics work unchanged. In training, the
+  hidden part of that forward pass runs without a graph and only the output block keeps one, so a
+  distillation penalty on the outputs (LwF) acts on the output layer only.
+- Whatever plugins add to ``strategy.loss`` in ``before_backward`` (EWC, SI, MAS, RWalk, LwF) is
+  handed to the learner as its ``penalty``: every layer adds the penalty's gradient to its own
+  update (AM-mem: its output layer only; its hidden layers are exact memory solves).
+- The optimizer slot holds the learner's own torch optimizer (one parameter group per layer), so
+  plugins and schedulers that call ``zero_grad`` or read ``param_groups`` work. ``make_optimizer``
+  never regroups parameters: the learner owns them.
+"""
+from __future__ import annotations
+
+import torch
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+
+from amstream.blocks import frozen_batchnorm_stats
+from amstream.learners import Learner
+
+__all__ = ["AMStrategy", "UNSUPPORTED_PLUGINS"]
+
+#: plugins that assume one global backprop gradient, and why each cannot work with local updates
+UNSUPPORTED_PLUGINS = {
+    "GEMPlugin": "it projects one global gradient vector against stored gradients before a single step",
+    "AGEMPlugin": "it projects one global gradient vector against a reference gradient before a single step",
+    "MIRPlugin": "it takes a virtual SGD step on the global gradient to pick replay samples",
+    "BiCPlugin": "it trains a bias-correction layer by end-to-end backprop (and is broken on torch 2.14)",
+    "FromScratchTrainingPlugin": "it re-creates a single-group optimizer, which would drop the per-layer groups",
+}
+
+
+class AMStrategy(SupervisedTemplate):
+    """Train an amstream learner (AM-Adam, AM-mem, backprop, ...) as an Avalanche strategy.
+
+    Args:
+        learner: the amstream learner; its model is the strategy's model.
+        criterion: the task loss (default: the learner's criterion).
+        train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every,
+            peval_mode: as in Avalanche's ``SupervisedTemplate`` (``device`` defaults to the
+            learner's).
+
+    Raises:
+        ValueError: a plugin that needs one global backprop gradient (``UNSUPPORTED_PLUGINS``),
+            or a learner that is not an amstream learner.
+    """
+
+    def __init__(
+        self,
+        *,
+        learner: Learner,
+        criterion=None,
+        train_mb_size: int = 1,
+        train_epochs: int = 1,
+        eval_mb_size: int | None = 1,
+        device=None,
+        plugins=None,
+        evaluator=default_evaluator,
+        eval_every: int = -1,
+        peval_mode: str = "epoch",
+    ) -> None:
+        if not isinstance(learner, Learner):
+            raise ValueError(f"learner must be an amstream learner, got {type(learner).__name__}")
+        for plugin in plugins or []:
+            reason = UNSUPPORTED_PLUGINS.get(type(plugin).__name__)
+            if reason is not None:
+                raise ValueError(
+                    f"{type(plugin).__name__} cannot be used with AMStrategy: {reason}; amstream "
+                    "learners update each layer from its own local loss"
+                )
+        self.learner = learner
+        self.last_step_info = None
+        super().__init__(
+            model=learner.model,
+            optimizer=learner.optimizers()[0],
+            criterion=criterion if criterion is not None else learner.criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device if device is not None else learner.device,
+            plugins=plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+            peval_mode=peval_mode,
+        )
+
+    # --------------------------------------------------------------------------------- optimizer
+    def make_optimizer(self, reset_optimizer_state: bool = False, **kwargs) -> None:
+        """The learner owns its per-layer optimizer: never regroup it. Recording the parameter ids
+        keeps ``check_model_and_optimizer`` from calling this again within an experience.
+
+        A plugin may have replaced ``strategy.model`` by another module (GDumb restarts from a copy
+        of the initial model each experience): its weights are loaded into the learner's model,
+        which stays the one that is trained and evaluated.
+        """
+        if self.model is not self.learner.model:
+            self.learner.model.load_state_dict(self.model.state_dict())
+            self.model = self.learner.model
+        self.optimizer = self.learner.optimizers()[0]
+        self.optimized_param_id = {name: p for name, p in self.model.named_parameters()}
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self):
+        if not self.is_training:
+            return super().forward()
+        # Logits for the metrics and the plugins: the hidden part without a graph (and without
+        # touching BatchNorm running statistics, which the learner's own forward pass updates).
+        blocks = self.learner.blocks
+        with frozen_batchnorm_stats(self.model):
+            with torch.no_grad():
+                codes, _ = blocks.forward_with_codes(self.mb_x)
+            last = codes[-1].detach() if codes else self.mb_x
+            return blocks.output(last)
+
+    # ------------------------------------------------------------------------------ the update
+    def training_epoch(self, **kwargs) -> None:
+        """One pass over the dataloader, firing ``SGDUpdate.training_epoch``'s callbacks in order."""
+        for self.mbatch in self.dataloader:
+            if self._stop_training:
+                break
+            self._unpack_minibatch()
+            self._before_training_iteration(**kwargs)
+
+            self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+
+            self._before_forward(**kwargs)
+            self.mb_output = self.forward()
+            self._after_forward(**kwargs)
+
+            self.loss += self.criterion()
+            # Plugins add their penalties to self.loss, often in place: keep a graph-connected copy
+            # so that the difference is exactly what they added, with its graph. A loss that was
+            # neither replaced nor modified in place (same tensor, same version) got no penalty.
+            loss_tensor, loss_version = self.loss, self.loss._version
+            loss_before_plugins = self.loss.clone()
+
+            self._before_backward(**kwargs)
+            touched = self.loss is not loss_tensor or self.loss._version != loss_version
+            penalty = self.loss - loss_before_plugins if touched else None
+            self._after_backward(**kwargs)
+
+            self._before_update(**kwargs)
+            self.optimizer_step(penalty=penalty)
+            self._after_update(**kwargs)
+
+            self._after_training_iteration(**kwargs)
+
+    def backward(self) -> None:
+        """No global backward pass: the learner's step computes every layer's local gradient."""
+
+    def optimizer_step(self, penalty=None) -> None:
+        x, y, criterion = self.mb_x, self.mb_y, self._criterion
+        has_penalty = isinstance(penalty, torch.Tensor) and penalty.requires_grad
+        self.last_step_info = self.learner.step(
+            x, lambda out: criterion(out, y), penalty=penalty.squeeze() if has_penalty else None
+        )
+        # Plugins such as Synaptic Intelligence read p.grad after every iteration; layers that the
+        # learner solves without gradients (AM-mem's hidden layers) report zero.
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)

@@ -1,0 +1,239 @@
+"""AMStrategy inside Avalanche: callback order, plugins, penalties, metrics (CI-sized, real data)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+avalanche = pytest.importorskip("avalanche")  # a declared dependency: present wherever the suite runs
+
+from avalanche.core import SupervisedPlugin  # noqa: E402
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics  # noqa: E402
+from avalanche.logging import InteractiveLogger, TensorboardLogger  # noqa: E402
+from avalanche.training.plugins import (  # noqa: E402
+    AGEMPlugin,
+    EarlyStoppingPlugin,
+    EvaluationPlugin,
+    EWCPlugin,
+    GDumbPlugin,
+    GEMPlugin,
+    LRSchedulerPlugin,
+    LwFPlugin,
+    MASPlugin,
+    MIRPlugin,
+    ReplayPlugin,
+    RWalkPlugin,
+    SynapticIntelligencePlugin,
+)
+from avalanche.training.storage_policy import ClassBalancedBuffer, ReservoirSamplingBuffer  # noqa: E402
+from avalanche.training.templates import SupervisedTemplate  # noqa: E402
+
+from amstream import AMAdam, AMMem, Backprop  # noqa: E402
+from scenarios.benchmarks import split_digits  # noqa: E402
+from scenarios.strategy import UNSUPPORTED_PLUGINS, AMStrategy  # noqa: E402
+
+LEARNERS = {"am-adam": AMAdam, "am-mem": AMMem, "backprop": Backprop}
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return split_digits(5, seed=0)
+
+
+def quiet_evaluator(*metrics):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No loggers specified"
+        return EvaluationPlugin(*metrics, loggers=[])
+
+
+def make_strategy(name="am-adam", plugins=None, evaluator=None, **kwargs):
+    learner = LEARNERS[name](mlp(), device="cpu")
+    evaluator = evaluator or quiet_evaluator(accuracy_metrics(experience=True, stream=True),
+                                             forgetting_metrics(experience=True, stream=True))
+    kwargs = {"train_mb_size": 16, "train_epochs": 1, "eval_mb_size": 128, **kwargs}
+    return AMStrategy(learner=learner, plugins=plugins, evaluator=evaluator, **kwargs)
+
+
+class EventRecorder(SupervisedPlugin):
+    """Records every callback Avalanche fires, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+
+for _event in [name for name in dir(SupervisedPlugin) if name.startswith(("before_", "after_"))]:
+    setattr(EventRecorder, _event,
+            (lambda event: lambda self, strategy, *args, **kwargs: self.events.append(event))(_event))
+
+
+def test_callbacks_fire_in_supervised_template_order(benchmark):
+    reference_recorder, am_recorder = EventRecorder(), EventRecorder()
+    model = mlp()
+    reference = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                                   criterion=nn.CrossEntropyLoss(), train_mb_size=16, eval_mb_size=128,
+                                   plugins=[reference_recorder], evaluator=quiet_evaluator(), device="cpu")
+    strategy = make_strategy(plugins=[am_recorder], evaluator=quiet_evaluator())
+    for s in (reference, strategy):
+        s.train(benchmark.train_stream[0])
+        s.eval(benchmark.test_stream[:1])
+    assert am_recorder.events == reference_recorder.events
+    assert am_recorder.events.count("before_update") == len(benchmark.train_stream[0].dataset) // 16 + 1
+    assert strategy.clock.train_iterations == reference.clock.train_iterations
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_trains_and_evaluates_split_digits(name, benchmark):
+    strategy = make_strategy(name, train_epochs=3)
+    strategy.train(benchmark.train_stream[0])
+    first = strategy.eval(benchmark.test_stream)["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"]
+    for experience in benchmark.train_stream[1:]:
+        strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream)
+    assert first > 0.9  # the first experience is learned
+    assert strategy.learner.step_count == strategy.clock.train_iterations > 0
+    # class-incremental without replay: the earlier classes are forgotten, and the metric sees it
+    assert results["StreamForgetting/eval_phase/test_stream"] > 0.3
+    assert results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"] < first - 0.3
+
+
+def test_backprop_learner_reproduces_avalanche_naive_exactly(benchmark):
+    """The same model, optimizer and data through SupervisedTemplate and through AMStrategy with a
+    Backprop learner: identical weights and metrics, so the strategy adds no change of its own."""
+    model = mlp()
+    naive = SupervisedTemplate(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                               criterion=nn.CrossEntropyLoss(), train_mb_size=16, eval_mb_size=128,
+                               evaluator=quiet_evaluator(accuracy_metrics(stream=True)), device="cpu")
+    strategy = make_strategy("backprop", evaluator=quiet_evaluator(accuracy_metrics(stream=True)))
+    for experience in benchmark.train_stream[:3]:
+        torch.manual_seed(1)  # the same shuffling in both data loaders
+        naive.train(experience)
+        torch.manual_seed(1)
+        strategy.train(experience)
+    for p, q in zip(naive.model.parameters(), strategy.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert naive.eval(benchmark.test_stream) == strategy.eval(benchmark.test_stream)
+
+
+def test_mb_output_is_the_logits(benchmark):
+    captured = {}
+
+    class Capture(SupervisedPlugin):
+        def after_forward(self, strategy, **kwargs):
+            captured["out"], captured["x"] = strategy.mb_output.detach().clone(), strategy.mb_x.clone()
+
+    strategy = make_strategy(plugins=[Capture()])
+    strategy.train(benchmark.train_stream[0])
+    assert captured["out"].shape == (captured["x"].shape[0], 10)
+    # The last batch's logits were taken before its update; predicting again shows the update moved them.
+    assert not torch.allclose(strategy.learner.predict(captured["x"]), captured["out"])
+
+
+SUPPORTED = {
+    "replay-reservoir": lambda: [ReplayPlugin(mem_size=300, storage_policy=ReservoirSamplingBuffer(300))],
+    "replay-class-balanced": lambda: [ReplayPlugin(mem_size=300, storage_policy=ClassBalancedBuffer(300))],
+    "gdumb": lambda: [GDumbPlugin(mem_size=300)],
+    "ewc": lambda: [EWCPlugin(ewc_lambda=10.0)],
+    "si": lambda: [SynapticIntelligencePlugin(si_lambda=1.0)],
+    "mas": lambda: [MASPlugin(lambda_reg=1.0)],
+    "rwalk": lambda: [RWalkPlugin(ewc_lambda=0.1)],
+    "lwf": lambda: [LwFPlugin(alpha=1.0, temperature=2.0)],
+}
+
+
+@pytest.mark.parametrize("plugin", SUPPORTED)
+@pytest.mark.parametrize("name", ["am-adam", "am-mem"])
+def test_supported_plugins_train_and_evaluate(name, plugin, benchmark):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ReplayPlugin's storage_policy.update
+        strategy = make_strategy(name, plugins=SUPPORTED[plugin]())
+        for experience in benchmark.train_stream[:3]:
+            strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream[:3])
+    assert strategy.learner.step_count > 0
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+    assert results["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.2  # chance on 3 tasks' classes: 1/6
+
+
+def test_replay_forgets_less_than_naive(benchmark):
+    accuracies = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for label, plugins in (("naive", None), ("replay", [ReplayPlugin(mem_size=300)])):
+            strategy = make_strategy("am-mem", plugins=plugins)
+            for experience in benchmark.train_stream:
+                strategy.train(experience)
+            accuracies[label] = strategy.eval(benchmark.test_stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert accuracies["replay"] > accuracies["naive"] + 0.2
+
+
+def test_penalty_plugins_reach_the_learner(benchmark, monkeypatch):
+    """EWC adds its penalty from the second experience on; AMStrategy hands exactly that term to
+    learner.step, and it changes the update."""
+    penalties = []
+    strategy = make_strategy("am-adam", plugins=[EWCPlugin(ewc_lambda=100.0)])
+    naive = make_strategy("am-adam")
+    step = strategy.learner.step
+
+    def spy(x, loss_fn, penalty=None):
+        penalties.append(None if penalty is None else float(penalty))
+        return step(x, loss_fn, penalty=penalty)
+
+    monkeypatch.setattr(strategy.learner, "step", spy)
+    for s in (strategy, naive):
+        s.train(benchmark.train_stream[0])
+    first = len(penalties)
+    assert first > 0 and all(p is None for p in penalties)  # no penalty during the first experience
+    for s in (strategy, naive):
+        s.train(benchmark.train_stream[1])
+    assert all(p is not None for p in penalties[first:])
+    assert penalties[first] == 0.0  # the weights still equal EWC's anchor
+    assert all(p > 0 for p in penalties[first + 1:])
+    differs = [not torch.equal(p, q) for p, q in zip(strategy.model.parameters(), naive.model.parameters())]
+    assert all(differs)  # the penalty reached every layer's update
+
+
+def test_model_replaced_by_a_plugin_stays_the_trained_one(benchmark):
+    """GDumb restarts from a copy of the initial model at every experience: the learner trains it."""
+    strategy = make_strategy("am-adam", plugins=[GDumbPlugin(mem_size=300)])
+    for experience in benchmark.train_stream[:2]:
+        strategy.train(experience)
+        assert strategy.model is strategy.learner.model
+    results = strategy.eval(benchmark.test_stream[:2])
+    assert results["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.4  # both experiences, from the buffer
+
+
+def test_loggers_early_stopping_and_lr_scheduler(benchmark, tmp_path):
+    learner = AMAdam(mlp(), device="cpu")
+    scheduler = torch.optim.lr_scheduler.StepLR(learner.optimizer, step_size=1, gamma=0.5)
+    evaluator = EvaluationPlugin(accuracy_metrics(epoch=True, experience=True), loss_metrics(epoch=True),
+                                 loggers=[TensorboardLogger(tb_log_dir=str(tmp_path)), InteractiveLogger()])
+    strategy = AMStrategy(learner=learner, train_mb_size=16, train_epochs=3, eval_mb_size=128,
+                          plugins=[LRSchedulerPlugin(scheduler, reset_lr=False, reset_scheduler=False),
+                                   EarlyStoppingPlugin(patience=1, val_stream_name="test_stream")],
+                          evaluator=evaluator, eval_every=1)
+    strategy.train(benchmark.train_stream[0], eval_streams=[benchmark.test_stream[0]])
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert learner.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.008)
+
+
+@pytest.mark.parametrize("plugin_name", sorted(UNSUPPORTED_PLUGINS))
+def test_unsupported_plugins_are_refused(plugin_name):
+    factories = {
+        "GEMPlugin": lambda: GEMPlugin(patterns_per_experience=10, memory_strength=0.5),
+        "AGEMPlugin": lambda: AGEMPlugin(patterns_per_experience=10, sample_size=10),
+        "MIRPlugin": lambda: MIRPlugin(batch_size_mem=10, mem_size=100, subsample=20),
+    }
+    if plugin_name not in factories:
+        plugin = type(plugin_name, (SupervisedPlugin,), {})()  # a stand-in with the refused class name
+    else:
+        plugin = factories[plugin_name]()
+    with pytest.raises(ValueError, match=plugin_name):
+        make_strategy(plugins=[plugin])

@@ -50,7 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per learner before timing")
     p.add_argument("--solve-rounds", type=int, default=7, help="interleaved timing rounds of the solvers")
     p.add_argument("--solve-repeats", type=int, default=3, help="repeats per solver and round (the best counts)")
-    p.add_argument("--skip-solve", action="store_true", help="only the step-time benchmark")
+    p.add_argument("--skip-solve", action="store_true", help="skip the AM-mem solver benchmark")
+    p.add_argument("--skip-strategy", action="store_true",
+                   help="skip the Avalanche AMStrategy overhead benchmark (it imports avalanche: ~8 s)")
+    p.add_argument("--strategy-rounds", type=int, default=5, help="interleaved epochs per side")
+    p.add_argument("--strategy-samples", type=int, default=6000,
+                   help="training samples of the Split-MNIST experience used for the overhead epochs")
     return p.parse_args(argv)
 
 
@@ -156,6 +161,49 @@ def solver_times(args, device, x) -> list[dict]:
     return rows
 
 
+def strategy_overhead(args, device) -> list[dict]:
+    """One epoch of AM-Adam through AMStrategy against the same learner's plain loop over the same
+    data (the first Split-MNIST experience, batch ``--batch-size``), in interleaved rounds."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from avalanche.training.plugins import EvaluationPlugin
+        from scenarios.benchmarks import split_mnist
+        from scenarios.strategy import AMStrategy
+
+        benchmark = split_mnist(5, seed=0, root=args.data_dir, subset=5 * args.strategy_samples)
+        evaluator = EvaluationPlugin(loggers=[])
+    experience = benchmark.train_stream[0]
+    torch.manual_seed(0)
+    plain = AMAdam(build_mlp((1, 28, 28), parse_int_list(args.hidden), 10), device=device)
+    torch.manual_seed(0)
+    via_strategy = AMAdam(build_mlp((1, 28, 28), parse_int_list(args.hidden), 10), device=device)
+    strategy = AMStrategy(learner=via_strategy, train_mb_size=args.batch_size, train_epochs=1,
+                          eval_mb_size=1000, evaluator=evaluator, device=device)
+    loader = torch.utils.data.DataLoader(experience.dataset, batch_size=args.batch_size, shuffle=True)
+
+    def plain_epoch():
+        for x, y, _ in loader:
+            plain.learn(x.to(device), y.to(device))
+
+    def strategy_epoch():
+        strategy.train(experience)
+
+    plain_epoch(), strategy_epoch()  # warm-up
+    ratios, times = [], {"plain": [], "strategy": []}
+    for _ in range(args.strategy_rounds):
+        t_plain = _timed(plain_epoch, device)
+        t_strategy = _timed(strategy_epoch, device)
+        times["plain"].append(t_plain)
+        times["strategy"].append(t_strategy)
+        ratios.append(t_strategy / t_plain)
+    n = len(experience.dataset)
+    return [{"what": f"plain loop: learner.learn over {n} samples", "s": statistics.median(times["plain"]), "ratio": 1.0},
+            {"what": "AMStrategy.train (all callbacks, default evaluator off)", "s": statistics.median(times["strategy"]),
+             "ratio": statistics.median(ratios), "q1": _quantile(ratios, 0.25), "q3": _quantile(ratios, 0.75)}]
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -198,6 +246,16 @@ def main(argv=None) -> None:
                 print(f"| {row['solver']} | | {row['speedup']:.1e} |")
             else:
                 print(f"| {row['solver']} | {row['ms']:.2f} | {row['speedup']:.1f}x [{row['q1']:.1f}, {row['q3']:.1f}] |")
+    if not args.skip_strategy:
+        print()
+        print(f"Avalanche overhead: one epoch of AM-Adam, first Split-MNIST experience, batch {args.batch_size}, "
+              f"{args.strategy_rounds} interleaved rounds (median; ratio IQR in brackets)")
+        print()
+        print("| epoch | seconds | ratio to the plain loop |")
+        print("|---|---:|---:|")
+        for row in strategy_overhead(args, device):
+            spread = f" [{row['q1']:.2f}, {row['q3']:.2f}]" if "q1" in row else ""
+            print(f"| {row['what']} | {row['s']:.2f} | {row['ratio']:.2f}x{spread} |")
 
 
 if __name__ == "__main__":

@@ -237,3 +237,30 @@ def test_unsupported_plugins_are_refused(plugin_name):
         plugin = factories[plugin_name]()
     with pytest.raises(ValueError, match=plugin_name):
         make_strategy(plugins=[plugin])
+
+
+@pytest.mark.parametrize("name", ["am-adam", "am-mem"])
+def test_resume_mid_stream_from_a_checkpoint_equals_an_uninterrupted_run(name, benchmark, tmp_path):
+    """Stop after two experiences, save amstream's checkpoint (learner + RNG states), rebuild the
+    learner and the strategy from scratch, load, continue: the same weights and accuracies as a run
+    that never stopped (the data loaders' shuffling comes from the restored RNG)."""
+    from amstream import load_checkpoint, save_checkpoint
+
+    def run(stop_after=None):
+        torch.manual_seed(0)
+        strategy = make_strategy(name)
+        for i, experience in enumerate(benchmark.train_stream):
+            if i == stop_after:
+                save_checkpoint(tmp_path / "ck.pt", strategy.learner, experience=i)
+                strategy = make_strategy(name)  # a new process would start like this
+                strategy.learner.model[1].weight.data.normal_()  # nothing may come from this start
+                extra = load_checkpoint(tmp_path / "ck.pt", strategy.learner)
+                assert extra["experience"] == i
+            strategy.train(experience)
+        return strategy, strategy.eval(benchmark.test_stream)
+
+    straight, straight_results = run()
+    resumed, resumed_results = run(stop_after=2)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert resumed_results == straight_results

@@ -98,7 +98,8 @@ def test_bench_smoke(data_root):
     """scripts/bench.py with a tiny budget: both tables, every learner row, a finite ratio."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(data_root), "--rounds", "2",
-         "--steps", "1", "--warmup", "1", "--solve-rounds", "1", "--solve-repeats", "1", "--threads", "1"],
+         "--steps", "1", "--warmup", "1", "--solve-rounds", "1", "--solve-repeats", "1", "--threads", "1",
+         "--strategy-rounds", "1", "--strategy-samples", "400"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -108,6 +109,8 @@ def test_bench_smoke(data_root):
     assert "sweep as blocked triangular solves" in proc.stdout and "device: CPU" in proc.stdout
     agreement = re.search(r"max \|blocked - loop\| / max \|W\| \| \| ([\d.e+-]+) \|", proc.stdout)
     assert agreement and float(agreement[1]) < 1e-4, proc.stdout
+    overhead = re.search(r"^\| AMStrategy\.train [^|]*\| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M)
+    assert overhead and float(overhead[1]) > 0, proc.stdout
 
 
 def test_bench_missing_data_is_a_clean_error(tmp_path):

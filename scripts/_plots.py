@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_stream"]
+__all__ = ["plot_stream", "plot_accuracy_matrices"]
 
 
 def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
@@ -58,5 +58,32 @@ def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_matrices(matrices: dict[str, list[list[float]]], path: str | Path, *, title: str = "") -> Path:
+    """One heat map per learner: row i = after training experience i, column j = test experience j."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.8, 4.0), squeeze=False)
+    image = None
+    for ax, (name, matrix) in zip(axes[0], matrices.items()):
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.6 else "black")
+        ax.set_title(name)
+        ax.set_xlabel("test experience")
+        ax.set_ylabel("after training experience")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Run a continual-learning scenario with amstream learners inside Avalanche and compare them.
+
+Each learner trains on the benchmark's experiences in order, through ``scenarios.AMStrategy`` with
+the chosen Avalanche plugins, and is evaluated on the whole test stream after every experience.
+That gives the accuracy matrix R (row i: after training experience i; column j: test experience j),
+from which the script reports the average accuracy (mean of the last row), forgetting and backward
+transfer, prints them as tables, writes Avalanche's TensorBoard logs (one folder per learner) and a
+PNG heat map of the matrices.
+
+    python scripts/continual.py --benchmark split-mnist --learner am-adam,am-mem,backprop --plugins replay
+    python scripts/continual.py --benchmark permuted-mnist --online 10 --plugins ewc --ewc-lambda 100
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, scripts/_plots.py
+
+import torch  # noqa: E402
+
+from amstream import set_seed  # noqa: E402
+from amstream.logging import make_run_dir  # noqa: E402
+from amstream.utils import resolve_device  # noqa: E402
+
+import _common  # noqa: E402
+from _common import LEARNER_NAMES, build_mlp, make_learner  # noqa: E402
+
+BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
+PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
+_ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream(?:/Task\d+)?/Exp(\d+)$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benchmark", default="split-digits", choices=BENCHMARK_NAMES,
+                   help="scenario built from the local data files (split-digits needs none)")
+    p.add_argument("--learner", default="am-adam,am-mem,backprop",
+                   help=f"comma-separated learners to compare, from {', '.join(LEARNER_NAMES)}")
+    p.add_argument("--plugins", default="", help=f"comma-separated Avalanche plugins, from {', '.join(PLUGIN_NAMES)}")
+    p.add_argument("--experiences", type=int, default=None, help="number of experiences (default: the benchmark's)")
+    p.add_argument("--task-incremental", action="store_true", help="one task label per experience")
+    p.add_argument("--online", type=int, default=None, metavar="SIZE",
+                   help="train each experience as an online stream of sub-experiences of SIZE samples")
+    p.add_argument("--epochs", type=int, default=1, help="passes over each (sub-)experience")
+    p.add_argument("--batch-size", type=int, default=16, help="training mini-batch size")
+    p.add_argument("--hidden", default="100,100", help="hidden widths of the ReLU MLP")
+    p.add_argument("--subset", type=int, default=None, help="MNIST-family benchmarks: keep the first N training samples")
+    p.add_argument("--mem-size", type=int, default=500, help="replay / GDumb buffer size")
+    p.add_argument("--ewc-lambda", type=float, default=10.0, help="EWC and RWalk penalty weight")
+    p.add_argument("--si-lambda", type=float, default=1.0, help="SI penalty weight")
+    p.add_argument("--mas-lambda", type=float, default=1.0, help="MAS penalty weight")
+    p.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight (acts on the output layer)")
+    p.add_argument("--bp-optimizer", default="adam", choices=("adam", "sgd"), help="optimizer of the backprop learner")
+    p.add_argument("--bp-lr", type=float, default=None, help="learning rate of the backprop learner (default: its own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the class order, the weights and the data order")
+    p.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
+    p.add_argument("--data-dir", default=None, help="root of the data files (default: AMSTREAM_DATA)")
+    p.add_argument("--logdir", default="runs", help="TensorBoard root: one folder per learner")
+    p.add_argument("--plot", default=None, help="PNG heat map of the accuracy matrices (default: <logdir>/continual-<benchmark>.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress output from Avalanche")
+    return p
+
+
+def make_plugins(names: list[str], args):
+    from avalanche.training.plugins import (
+        EWCPlugin, GDumbPlugin, LwFPlugin, MASPlugin, ReplayPlugin, RWalkPlugin, SynapticIntelligencePlugin,
+    )
+    from avalanche.training.storage_policy import ClassBalancedBuffer
+
+    factories = {
+        "replay": lambda: ReplayPlugin(mem_size=args.mem_size),
+        "replay-balanced": lambda: ReplayPlugin(mem_size=args.mem_size, storage_policy=ClassBalancedBuffer(args.mem_size)),
+        "gdumb": lambda: GDumbPlugin(mem_size=args.mem_size),
+        "ewc": lambda: EWCPlugin(ewc_lambda=args.ewc_lambda),
+        "si": lambda: SynapticIntelligencePlugin(si_lambda=args.si_lambda),
+        "mas": lambda: MASPlugin(lambda_reg=args.mas_lambda),
+        "rwalk": lambda: RWalkPlugin(ewc_lambda=args.ewc_lambda),
+        "lwf": lambda: LwFPlugin(alpha=args.lwf_alpha),
+    }
+    return [factories[name]() for name in names]
+
+
+def summarize(matrix: list[list[float]]) -> dict[str, float]:
+    """Average accuracy (last row), forgetting and backward transfer (Lopez-Paz & Ranzato, 2017;
+    Chaudhry et al., 2018) of an accuracy matrix with one row per trained experience."""
+    last = matrix[-1]
+    earlier = range(len(matrix) - 1)
+    summary = {"average_accuracy": sum(last) / len(last)}
+    if len(matrix) > 1:
+        summary["forgetting"] = sum(max(matrix[i][j] for i in range(len(matrix) - 1)) - last[j] for j in earlier) / len(earlier)
+        summary["bwt"] = sum(last[j] - matrix[j][j] for j in earlier) / len(earlier)
+    return summary
+
+
+def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes):
+    from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+    from avalanche.logging import InteractiveLogger, TensorboardLogger
+    from avalanche.training.plugins import EvaluationPlugin
+    from scenarios.benchmarks import online
+    from scenarios.strategy import AMStrategy
+
+    set_seed(args.seed)
+    overrides = {"optimizer": args.bp_optimizer, "lr": args.bp_lr} if name == "backprop" else {}
+    learner = make_learner(name, build_mlp(input_shape, _common.parse_int_list(args.hidden), n_classes), device, **overrides)
+    run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}")
+    loggers = [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()])
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(stream=True), loggers=loggers)
+    strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=512,
+                          plugins=make_plugins(plugin_names, args), evaluator=evaluator, eval_every=-1)
+    matrix, start = [], time.perf_counter()
+    for i, experience in enumerate(benchmark.train_stream):
+        if args.online:
+            strategy.train(online(experience, args.online, seed=args.seed), eval_streams=[])
+        else:
+            strategy.train(experience, eval_streams=[])
+        results = strategy.eval(benchmark.test_stream)
+        row = {int(m[1]): value for key, value in results.items() if (m := _ACCURACY_KEY.match(key))}
+        matrix.append([row[j] for j in range(len(benchmark.test_stream))])
+        if not args.quiet:
+            print(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in matrix[-1]))
+    seconds = time.perf_counter() - start
+    for p in evaluator.loggers:
+        if hasattr(p, "writer"):
+            p.writer.close()
+    return {"matrix": matrix, "seconds": seconds, "run_dir": run_dir, "steps": learner.step_count, **summarize(matrix)}
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        learners = _common.parse_name_list(args.learner, LEARNER_NAMES, "learner")
+        plugin_names = _common.parse_name_list(args.plugins, PLUGIN_NAMES, "plugin") if args.plugins else []
+        _common.parse_int_list(args.hidden)
+        device = resolve_device(args.device)
+        if args.threads or device.type == "cpu":
+            torch.set_num_threads(args.threads or 1)
+        from scenarios.benchmarks import make_benchmark
+
+        kwargs = {"seed": args.seed}
+        if args.experiences:
+            kwargs["n_experiences"] = args.experiences
+        if args.task_incremental:
+            kwargs["task_incremental"] = True
+        if args.benchmark not in ("split-digits",):
+            kwargs["root"] = args.data_dir
+        if args.subset and args.benchmark in ("split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist"):
+            kwargs["subset"] = args.subset
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            benchmark = make_benchmark(args.benchmark, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(" ".join(str(err).split()))
+
+    first = benchmark.train_stream[0]
+    input_shape = tuple(first.dataset[0][0].shape)
+    n_classes = getattr(benchmark, "n_classes", None) or 1 + max(
+        c for e in benchmark.train_stream for c in e.classes_in_this_experience)
+    print(f"{args.benchmark}: {len(benchmark.train_stream)} experiences, input {list(input_shape)}, {n_classes} classes, "
+          f"plugins: {', '.join(plugin_names) or 'none'}" + (f", online sub-experiences of {args.online}" if args.online else ""))
+
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ReplayPlugin's storage_policy.update (Avalanche 0.6)
+        for name in learners:
+            try:
+                results[name] = run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes)
+            except ValueError as err:  # a model the learner cannot decompose, an unsupported option
+                parser.error(f"{name}: {' '.join(str(err).split())}")
+
+    for name, r in results.items():
+        print(f"\naccuracy matrix, {name} (row: after training experience i; column: test experience j)")
+        for i, row in enumerate(r["matrix"]):
+            print(f"  {i:>2} | " + " ".join(f"{a:.3f}" for a in row))
+    print(f"\n{'learner':<10} {'avg acc':>8} {'forgetting':>10} {'BWT':>8} {'steps':>7} {'seconds':>8}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['average_accuracy']:>8.4f} {r.get('forgetting', 0.0):>10.4f} {r.get('bwt', 0.0):>8.4f} "
+              f"{r['steps']:>7d} {r['seconds']:>8.1f}")
+    import _plots
+
+    plot = Path(args.plot) if args.plot else Path(args.logdir) / f"continual-{args.benchmark}.png"
+    _plots.plot_accuracy_matrices({n: r["matrix"] for n, r in results.items()}, plot,
+                                  title=f"{args.benchmark}" + (f" + {', '.join(plugin_names)}" if plugin_names else ""))
+    print(f"\nTensorBoard logs: {', '.join(str(r['run_dir']) for r in results.values())}  (tensorboard --logdir {args.logdir})")
+    print(f"Plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()

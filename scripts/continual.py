@@ -5,7 +5,8 @@ Each learner trains on the benchmark's experiences in order, through ``scenarios
 the chosen Avalanche plugins, and is evaluated on the whole test stream after every experience.
 That gives the accuracy matrix R (row i: after training experience i; column j: test experience j),
 from which the script reports the average accuracy (mean of the last row), forgetting and backward
-transfer, prints them as tables, writes Avalanche's TensorBoard logs (one folder per learner) and a
+transfer (``scenarios.metrics``; on online streams too, where Avalanche's own forgetting metrics stay
+empty, upstream issue #1343), prints them as tables, writes Avalanche's TensorBoard logs (one folder per learner) and a
 PNG heat map of the matrices.
 
     python scripts/continual.py --benchmark split-mnist --learner am-adam,am-mem,backprop --plugins replay
@@ -14,7 +15,6 @@ PNG heat map of the matrices.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
@@ -33,7 +33,6 @@ from _common import LEARNER_NAMES, build_mlp, make_learner  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
 PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
-_ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream(?:/Task\d+)?/Exp(\d+)$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=None, help="MNIST-family benchmarks: keep the first N training samples")
     p.add_argument("--mem-size", type=int, default=500, help="replay / GDumb buffer size")
     p.add_argument("--ewc-lambda", type=float, default=10.0, help="EWC and RWalk penalty weight")
+    p.add_argument("--ewc-mode", default=None, choices=("separate", "online"),
+                   help="EWC importance bookkeeping (default: separate; online with --online, since Avalanche "
+                        "counts every sub-experience as an experience and separate mode would keep one copy each)")
+    p.add_argument("--ewc-decay", type=float, default=0.9, help="decay factor of EWC's online mode")
     p.add_argument("--si-lambda", type=float, default=1.0, help="SI penalty weight")
     p.add_argument("--mas-lambda", type=float, default=1.0, help="MAS penalty weight")
     p.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight (acts on the output layer)")
@@ -79,7 +82,7 @@ def make_plugins(names: list[str], args):
         "replay": lambda: ReplayPlugin(mem_size=args.mem_size),
         "replay-balanced": lambda: ReplayPlugin(mem_size=args.mem_size, storage_policy=ClassBalancedBuffer(args.mem_size)),
         "gdumb": lambda: GDumbPlugin(mem_size=args.mem_size),
-        "ewc": lambda: EWCPlugin(ewc_lambda=args.ewc_lambda),
+        "ewc": lambda: EWCPlugin(ewc_lambda=args.ewc_lambda, **_ewc_mode(args)),
         "si": lambda: SynapticIntelligencePlugin(si_lambda=args.si_lambda),
         "mas": lambda: MASPlugin(lambda_reg=args.mas_lambda),
         "rwalk": lambda: RWalkPlugin(ewc_lambda=args.ewc_lambda),
@@ -88,23 +91,23 @@ def make_plugins(names: list[str], args):
     return [factories[name]() for name in names]
 
 
+def _ewc_mode(args) -> dict:
+    mode = args.ewc_mode or ("online" if args.online else "separate")
+    return {"mode": mode, "decay_factor": args.ewc_decay} if mode == "online" else {"mode": mode}
+
+
 def summarize(matrix: list[list[float]]) -> dict[str, float]:
-    """Average accuracy (last row), forgetting and backward transfer (Lopez-Paz & Ranzato, 2017;
-    Chaudhry et al., 2018) of an accuracy matrix with one row per trained experience."""
-    last = matrix[-1]
-    earlier = range(len(matrix) - 1)
-    summary = {"average_accuracy": sum(last) / len(last)}
-    if len(matrix) > 1:
-        summary["forgetting"] = sum(max(matrix[i][j] for i in range(len(matrix) - 1)) - last[j] for j in earlier) / len(earlier)
-        summary["bwt"] = sum(last[j] - matrix[j][j] for j in earlier) / len(earlier)
-    return summary
+    """Average accuracy (last row), forgetting and backward transfer of an accuracy matrix."""
+    from scenarios.metrics import average_accuracy, backward_transfer, forgetting
+
+    return {"average_accuracy": average_accuracy(matrix), "forgetting": forgetting(matrix),
+            "bwt": backward_transfer(matrix)}
 
 
 def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes):
-    from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
     from avalanche.logging import InteractiveLogger, TensorboardLogger
-    from avalanche.training.plugins import EvaluationPlugin
     from scenarios.benchmarks import online
+    from scenarios.metrics import default_cl_evaluator
     from scenarios.strategy import AMStrategy
 
     set_seed(args.seed)
@@ -112,21 +115,22 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     learner = make_learner(name, build_mlp(input_shape, _common.parse_int_list(args.hidden), n_classes), device, **overrides)
     run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}")
     loggers = [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()])
-    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(stream=True), loggers=loggers)
+    # accuracy, loss, forgetting and BWT that also work on online streams, the accuracy matrix, timing
+    evaluator = default_cl_evaluator(loggers=loggers, online=bool(args.online))
     strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=512,
                           plugins=make_plugins(plugin_names, args), evaluator=evaluator, eval_every=-1)
-    matrix, start = [], time.perf_counter()
+    start = time.perf_counter()
     for i, experience in enumerate(benchmark.train_stream):
         if args.online:
             strategy.train(online(experience, args.online, seed=args.seed), eval_streams=[])
         else:
             strategy.train(experience, eval_streams=[])
-        results = strategy.eval(benchmark.test_stream)
-        row = {int(m[1]): value for key, value in results.items() if (m := _ACCURACY_KEY.match(key))}
-        matrix.append([row[j] for j in range(len(benchmark.test_stream))])
+        strategy.eval(benchmark.test_stream)
         if not args.quiet:
-            print(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in matrix[-1]))
+            row = evaluator.accuracy_matrix.tolist()[i]
+            print(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in row))
     seconds = time.perf_counter() - start
+    matrix = evaluator.accuracy_matrix.tolist()
     for p in evaluator.loggers:
         if hasattr(p, "writer"):
             p.writer.close()
@@ -182,7 +186,7 @@ def main(argv=None) -> None:
             print(f"  {i:>2} | " + " ".join(f"{a:.3f}" for a in row))
     print(f"\n{'learner':<10} {'avg acc':>8} {'forgetting':>10} {'BWT':>8} {'steps':>7} {'seconds':>8}")
     for name, r in results.items():
-        print(f"{name:<10} {r['average_accuracy']:>8.4f} {r.get('forgetting', 0.0):>10.4f} {r.get('bwt', 0.0):>8.4f} "
+        print(f"{name:<10} {r['average_accuracy']:>8.4f} {r['forgetting']:>10.4f} {r['bwt']:>8.4f} "
               f"{r['steps']:>7d} {r['seconds']:>8.1f}")
     import _plots
 

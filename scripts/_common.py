@@ -6,6 +6,7 @@ default from the class signature when a help text wants to show it.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import inspect
 import math
@@ -19,7 +20,8 @@ from amstream.data import Dataset
 
 __all__ = [
     "LEARNER_NAMES", "HPARAM_OPTIONS", "build_mlp", "make_learner", "evaluate_accuracy",
-    "learner_default", "describe_defaults", "overrides_for", "parse_int_list", "parse_name_list",
+    "HelpFormatter", "learner_default", "describe_defaults", "hparam_help", "add_hparam_arguments", "overrides_for",
+    "parse_int_list", "parse_name_list",
 ]
 
 LEARNER_NAMES: tuple[str, ...] = tuple(LEARNERS)
@@ -41,6 +43,48 @@ HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "bp_lr": (("backprop",), "lr"),
     "lr_halve_every": (LEARNER_NAMES, "lr_halve_every"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None`` (whose help text says what it means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+#: command-line hyperparameter -> (help text without its default, argparse type, choices)
+HPARAM_HELP: dict[str, tuple[str, type, tuple | None]] = {
+    "mu": ("AM penalty weight mu_0 (am-adam, am-mem)", float, None),
+    "code_steps": ("code-update steps per batch (am-adam, am-mem)", int, None),
+    "code_lr": ("code-update step size (am-adam, am-mem)", float, None),
+    "lr": ("Adam learning rate of the hidden layers of am-adam", float, None),
+    "lr_out": ("Adam learning rate of the output layer (am-adam, am-mem)", float, None),
+    "bp_lr": ("learning rate of backprop", float, None),
+    "prox": ("AM proximity term: paper (detached anchor) or official (the reference code's, zero "
+             "gradient)", str, ("paper", "official")),
+    "reduction": ("AM code-loss reduction: mean (the reference code: hidden codes move ~1/(batch*width) "
+                  "as far as the last one) or sum (the objective summed over samples)", str, ("mean", "sum")),
+    "bn_stats": ("AM BatchNorm running statistics: forward (from the plain forward pass only) or all "
+                 "(also every code and weight step, as the reference code)", str, ("forward", "all")),
+    "memory": ("AM-mem co-activation memory: sum, mean or forget (exponential forgetting by --forget)",
+               str, ("sum", "mean", "forget")),
+    "forget": ("AM-mem forgetting factor eta with --memory forget", float, None),
+    "solver": ("AM-mem weight solve: sweep (one Gauss-Seidel sweep per batch, as the reference) or "
+               "solve (Cholesky)", str, ("sweep", "solve")),
+}
+
+
+def hparam_help(option: str) -> str:
+    """The help text of a hyperparameter option, ending with the learners' own defaults."""
+    return f"{HPARAM_HELP[option][0]} (default: {describe_defaults(option)})"
+
+
+def add_hparam_arguments(parser, options: Iterable[str]) -> None:
+    """Add ``--mu``, ``--code-lr``, ... (default None: the learner's own value) to an argparse parser."""
+    for option in options:
+        _, type_, choices = HPARAM_HELP[option]
+        parser.add_argument("--" + option.replace("_", "-"), type=type_, choices=choices, default=None,
+                            help=hparam_help(option).replace("%", "%%"))
 
 
 def build_mlp(d_in: int | tuple, hidden: list[int], n_classes: int, batchnorm: bool = False) -> nn.Sequential:

@@ -15,6 +15,7 @@ PNG heat map of the matrices.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -29,7 +30,7 @@ from amstream.logging import make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import LEARNER_NAMES, build_mlp, make_learner  # noqa: E402
+from _common import LEARNER_NAMES, add_hparam_arguments, build_mlp, make_learner, overrides_for  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
 PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
@@ -37,7 +38,7 @@ PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_common.HelpFormatter)
     p.add_argument("--benchmark", default="split-digits", choices=BENCHMARK_NAMES,
                    help="scenario built from the local data files (split-digits needs none)")
     p.add_argument("--learner", default="am-adam,am-mem,backprop",
@@ -61,13 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mas-lambda", type=float, default=1.0, help="MAS penalty weight")
     p.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight (acts on the output layer)")
     p.add_argument("--bp-optimizer", default="adam", choices=("adam", "sgd"), help="optimizer of the backprop learner")
-    p.add_argument("--bp-lr", type=float, default=None, help="learning rate of the backprop learner (default: its own)")
+    add_hparam_arguments(p, ("bp_lr", "mu", "code_steps", "code_lr", "lr", "lr_out", "reduction",
+                             "memory", "forget", "solver"))
     p.add_argument("--seed", type=int, default=0, help="seed of the class order, the weights and the data order")
     p.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
     p.add_argument("--data-dir", default=None, help="root of the data files (default: AMSTREAM_DATA)")
     p.add_argument("--logdir", default="runs", help="TensorBoard root: one folder per learner")
     p.add_argument("--plot", default=None, help="PNG heat map of the accuracy matrices (default: <logdir>/continual-<benchmark>.png)")
+    p.add_argument("--json", default=None, help="also write the results (matrices, metrics, seconds, options) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress output from Avalanche")
     return p
 
@@ -111,7 +114,9 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     from scenarios.strategy import AMStrategy
 
     set_seed(args.seed)
-    overrides = {"optimizer": args.bp_optimizer, "lr": args.bp_lr} if name == "backprop" else {}
+    overrides = overrides_for(name, vars(args))
+    if name == "backprop":
+        overrides["optimizer"] = args.bp_optimizer
     learner = make_learner(name, build_mlp(input_shape, _common.parse_int_list(args.hidden), n_classes), device, **overrides)
     run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}")
     loggers = [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()])
@@ -193,6 +198,12 @@ def main(argv=None) -> None:
     plot = Path(args.plot) if args.plot else Path(args.logdir) / f"continual-{args.benchmark}.png"
     _plots.plot_accuracy_matrices({n: r["matrix"] for n, r in results.items()}, plot,
                                   title=f"{args.benchmark}" + (f" + {', '.join(plugin_names)}" if plugin_names else ""))
+    if args.json:
+        record = {"options": {k: v for k, v in vars(args).items()},
+                  "results": {n: {k: (str(v) if k == "run_dir" else v) for k, v in r.items()} for n, r in results.items()}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1))
+        print(f"Results: {args.json}")
     print(f"\nTensorBoard logs: {', '.join(str(r['run_dir']) for r in results.values())}  (tensorboard --logdir {args.logdir})")
     print(f"Plot: {plot}")
 

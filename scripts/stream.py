@@ -38,7 +38,7 @@ from amstream.logging import TensorBoardLogger, make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import LEARNER_NAMES, build_mlp, describe_defaults, evaluate_accuracy, make_learner  # noqa: E402
+from _common import LEARNER_NAMES, build_mlp, evaluate_accuracy, hparam_help, make_learner  # noqa: E402
 
 
 def _opt(default, help: str, **argparse_kwargs):
@@ -69,38 +69,21 @@ class Args:
                                "cores but slow every step badly on busy ones)", type=int)
     seed: int = _opt(0, "seed of the initial weights (the same for every learner) and of the stream order")
     # --- hyperparameters: None = the learner's own default
-    mu: float | None = _opt(None, "AM penalty weight mu_0 (am-adam, am-mem; default: the learner's own: "
-                            f"{describe_defaults('mu')})", type=float)
-    code_steps: int | None = _opt(None, "code-update steps per batch (am-adam, am-mem; default: "
-                                  f"{describe_defaults('code_steps')})", type=int)
-    code_lr: float | None = _opt(None, "code-update step size (am-adam, am-mem; default: "
-                                 f"{describe_defaults('code_lr')})", type=float)
-    lr: float | None = _opt(None, "Adam learning rate of the hidden layers of am-adam (default: "
-                            f"{describe_defaults('lr')})", type=float)
-    lr_out: float | None = _opt(None, "Adam learning rate of the output layer (am-adam, am-mem; default: "
-                                f"{describe_defaults('lr_out')})", type=float)
-    bp_lr: float | None = _opt(None, "Adam learning rate of backprop (default: "
-                               f"{describe_defaults('bp_lr')})", type=float)
+    mu: float | None = _opt(None, hparam_help("mu"), type=float)
+    code_steps: int | None = _opt(None, hparam_help("code_steps"), type=int)
+    code_lr: float | None = _opt(None, hparam_help("code_lr"), type=float)
+    lr: float | None = _opt(None, hparam_help("lr"), type=float)
+    lr_out: float | None = _opt(None, hparam_help("lr_out"), type=float)
+    bp_lr: float | None = _opt(None, hparam_help("bp_lr"), type=float)
+    bp_optimizer: str = _opt("adam", "optimizer of backprop", choices=("adam", "sgd"))
     lr_halve_epochs: int | None = _opt(None, "halve every learning rate each N epochs (converted to "
                                        "steps; default: constant rates)", type=int)
-    prox: str | None = _opt(None, "AM proximity term: paper (detached anchor) or official (the "
-                            f"reference code's, zero gradient) (default: {describe_defaults('prox')})",
-                            type=str, choices=("paper", "official"))
-    reduction: str | None = _opt(None, "AM code-loss reduction: mean (the reference code: hidden codes "
-                                 "move ~1/(batch*width) as far as the last one) or sum (the objective "
-                                 f"summed over samples) (default: {describe_defaults('reduction')})",
-                                 type=str, choices=("mean", "sum"))
-    bn_stats: str | None = _opt(None, "AM BatchNorm running statistics: forward (from the plain forward "
-                                "pass only) or all (also every code and weight step, as the reference "
-                                f"code) (default: {describe_defaults('bn_stats')})", type=str,
-                                choices=("forward", "all"))
-    memory: str | None = _opt(None, "AM-mem co-activation memory: sum, mean or forget (exponential "
-                              f"forgetting by --forget) (default: {describe_defaults('memory')})",
-                              type=str, choices=("sum", "mean", "forget"))
-    forget: float | None = _opt(None, "AM-mem forgetting factor eta with --memory forget", type=float)
-    solver: str | None = _opt(None, "AM-mem weight solve: sweep (one Gauss-Seidel sweep per batch, as "
-                              f"the reference) or solve (Cholesky) (default: {describe_defaults('solver')})",
-                              type=str, choices=("sweep", "solve"))
+    prox: str | None = _opt(None, hparam_help("prox"), type=str, choices=("paper", "official"))
+    reduction: str | None = _opt(None, hparam_help("reduction"), type=str, choices=("mean", "sum"))
+    bn_stats: str | None = _opt(None, hparam_help("bn_stats"), type=str, choices=("forward", "all"))
+    memory: str | None = _opt(None, hparam_help("memory"), type=str, choices=("sum", "mean", "forget"))
+    forget: float | None = _opt(None, hparam_help("forget"), type=float)
+    solver: str | None = _opt(None, hparam_help("solver"), type=str, choices=("sweep", "solve"))
     # --- evaluation and output
     eval_every: int | None = _opt(None, "samples between points of the prequential curve (default: "
                                   "about 100 points per run)", type=int)
@@ -245,7 +228,10 @@ def main(argv=None) -> None:
             # ---- learner: same initial weights for every learner
             set_seed(args.seed)
             model = build_mlp(tuple(train.x.shape[1:]), hidden, train.n_classes, args.batchnorm)
-            learner = make_learner(name, model, device, **_common.overrides_for(name, options))
+            overrides = _common.overrides_for(name, options)
+            if name == "backprop":
+                overrides["optimizer"] = args.bp_optimizer
+            learner = make_learner(name, model, device, **overrides)
             group_names = [g.get("name", f"group{i}") for opt in learner.optimizers()
                            for i, g in enumerate(opt.param_groups)]
 

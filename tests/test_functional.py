@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
-from amstream.functional import (code_objective, linear_view, linear_weight_grads_, nesterov_step_,
+from amstream.functional import (code_objective, hidden_code_step_cap, linear_view, linear_weight_grads_,
+                                 nesterov_step_, spectral_norm_bound,
                                  proximity_anchor, task_loss_grad, update_codes)
 from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve,
                              proximal_sweep, soft_threshold, update_memory_)
@@ -593,3 +594,56 @@ def test_blocked_in_place_sweep_equals_the_column_loop(blocks):
     result = gauss_seidel_sweep_(W, A, Bm, blocks=blocks)
     assert result is W
     torch.testing.assert_close(W, expected, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------- code step-size cap
+@pytest.mark.parametrize("shape", [(100, 100), (10, 100), (100, 784), (300, 50), (1, 7)])
+def test_spectral_norm_bound_is_a_tight_upper_bound(shape):
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=F64) * 0.1
+    exact = torch.linalg.matrix_norm(w, 2)
+    bound = spectral_norm_bound(w)
+    n = min(shape)
+    assert exact * (1 - 1e-12) <= bound <= exact * n ** (1 / 16)
+    # A dominant direction (trained weights' spectra decay): the bound is nearly exact.
+    w[0] *= 50
+    assert torch.isclose(spectral_norm_bound(w), torch.linalg.matrix_norm(w, 2), rtol=1e-3)
+
+
+def test_spectral_norm_bound_of_zero_weights_is_zero():
+    assert spectral_norm_bound(torch.zeros(5, 3)) == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_capped_code_steps_stay_stable_when_the_next_layer_grows(fast):
+    """A hidden code whose next layer has large weights: a fixed step diverges, the capped one
+    decreases the code's objective (sum reduction, as AM-mem)."""
+    torch.manual_seed(0)
+    blocks, codes, loss_fn = _tiny_problem()
+    with torch.no_grad():
+        blocks.hidden[1].weight_layer.weight.mul_(20.0)
+        codes, _ = blocks.forward_with_codes(torch.randn(4, 6, dtype=F64))
+    kwargs = dict(mu=0.5, steps=5, lrs=[0.3, 0.01], reduction="sum", fast=fast)
+    target = update_codes(codes, blocks.hidden, blocks.output, loss_fn, **kwargs)[1]
+
+    def objective(c):  # the lower code's objective with the (same) updated top code as target
+        return (blocks.hidden[1](c) - target).square().sum() + (c - codes[0]).square().sum()
+
+    with torch.no_grad():
+        start = objective(codes[0])
+        free = update_codes(codes, blocks.hidden, blocks.output, loss_fn, **kwargs)[0]
+        capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=True, **kwargs)[0]
+        assert objective(free) > 100 * start  # the fixed step overshoots and grows
+        assert objective(capped) < start
+    view = linear_view(blocks.hidden[1])
+    cap = hidden_code_step_cap(view, codes[0], "sum")
+    assert 0 < cap < 0.3
+
+
+def test_code_step_cap_is_inactive_below_it():
+    blocks, codes, loss_fn = _tiny_problem()
+    kwargs = dict(mu=0.5, steps=3, lrs=[0.01, 0.01], reduction="sum")
+    free = update_codes(codes, blocks.hidden, blocks.output, loss_fn, **kwargs)
+    capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=True, **kwargs)
+    for a, b in zip(free, capped):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)

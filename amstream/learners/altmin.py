@@ -42,6 +42,11 @@ class AltMinLearner(Learner):
         code_steps: Nesterov-momentum steps per code and batch (reference 5).
         code_lr: code step size, one value or one per hidden code (reference 0.3).
         code_momentum: Nesterov momentum of the code steps (reference 0.9).
+        cap_code_steps: cap each hidden code's step size at 1/L, L the curvature bound of its
+            objective (:func:`amstream.functional.hidden_code_step_cap`), so that code steps stay
+            stable when the next layer's weights grow (not in the reference, where a fixed step
+            made AM-mem blow up late in a Permuted-MNIST stream). Inactive while ``code_lr`` is
+            below the cap, as it practically always is with the reference's mean-reduced objective.
         lr_out: Adam learning rate of the output block (reference 0.008).
         weight_steps: Adam steps per batch on each local loss (reference 1).
         lr_halve_every: halve every learning rate each this many steps (reference: every 8 epochs).
@@ -69,6 +74,7 @@ class AltMinLearner(Learner):
         code_steps: int = 5,
         code_lr: float | Sequence[float] = 0.3,
         code_momentum: float = 0.9,
+        cap_code_steps: bool = True,
         lr_out: float = 0.008,
         weight_steps: int = 1,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -107,7 +113,7 @@ class AltMinLearner(Learner):
         self.code_steps, self.code_lrs, self.code_momentum = int(code_steps), code_lrs, float(code_momentum)
         self.lr_out, self.weight_steps, self.lr_halve_every = float(lr_out), int(weight_steps), lr_halve_every
         self.lambda_c, self.prox, self.bn_stats, self.fast = float(lambda_c), prox, bn_stats, bool(fast)
-        self.reduction = reduction
+        self.reduction, self.cap_code_steps = reduction, bool(cap_code_steps)
         self._last_codes: list[torch.Tensor] = []
         groups = [
             {"params": b.parameters(), "lr": self._block_lr(b), "name": f"block{b.index}"}
@@ -159,6 +165,7 @@ class AltMinLearner(Learner):
                 codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=mu,
                 steps=self.code_steps, lrs=code_lrs, momentum=self.code_momentum,
                 prox=self.prox, lambda_c=self.lambda_c, fast=self.fast, reduction=self.reduction,
+                cap_steps=self.cap_code_steps,
             ) if codes else []
             # (3) weights: every block on its own input/output codes
             inputs = [x, *new_codes]
@@ -240,7 +247,8 @@ class AltMinLearner(Learner):
     def hparams(self) -> dict:
         return {
             "mu": self.mu, "d_mu": self.d_mu, "mu_max": self.mu_max, "code_steps": self.code_steps,
-            "code_lr": self.code_lrs, "code_momentum": self.code_momentum, "lr_out": self.lr_out,
+            "code_lr": self.code_lrs, "code_momentum": self.code_momentum,
+            "cap_code_steps": self.cap_code_steps, "lr_out": self.lr_out,
             "weight_steps": self.weight_steps, "lr_halve_every": self.lr_halve_every,
             "lambda_c": self.lambda_c, "reduction": self.reduction, "prox": self.prox, "bn_stats": self.bn_stats,
         }

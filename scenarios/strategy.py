@@ -12,7 +12,9 @@ learner:
 
 - ``mb_output`` stays the logits, so accuracy and loss metrics work unchanged. In training, the
   hidden part of that forward pass runs without a graph and only the output block keeps one, so a
-  distillation penalty on the outputs (LwF) acts on the output layer only.
+  distillation penalty on the outputs (LwF) acts on the output layer only. An alternating-
+  minimization learner reuses that forward pass in its step (``forward_for_step``), so the
+  strategy adds no second pass through the hidden layers.
 - Whatever plugins add to ``strategy.loss`` in ``before_backward`` (EWC, SI, MAS, RWalk, LwF) is
   handed to the learner as its ``penalty``: every layer adds the penalty's gradient to its own
   update (AM-mem: its output layer only; its hidden layers are exact memory solves).
@@ -114,13 +116,18 @@ class AMStrategy(SupervisedTemplate):
     def forward(self):
         if not self.is_training:
             return super().forward()
-        # Logits for the metrics and the plugins: the hidden part without a graph (and without
-        # touching BatchNorm running statistics, which the learner's own forward pass updates).
+        # Logits for the metrics and the plugins: the hidden part without a graph, the output block
+        # with one. An alternating-minimization learner runs its step's own forward pass here and
+        # reuses it in the step; other learners keep BatchNorm running statistics for their step.
         blocks = self.learner.blocks
-        with frozen_batchnorm_stats(self.model):
-            with torch.no_grad():
+        forward_for_step = getattr(self.learner, "forward_for_step", None)
+        if forward_for_step is not None:
+            codes, _ = forward_for_step(self.mb_x)
+        else:
+            with frozen_batchnorm_stats(self.model), torch.no_grad():
                 codes, _ = blocks.forward_with_codes(self.mb_x)
-            last = codes[-1].detach() if codes else self.mb_x
+        last = codes[-1].detach() if codes else self.mb_x
+        with frozen_batchnorm_stats(self.model):
             return blocks.output(last)
 
     # ------------------------------------------------------------------------------ the update

@@ -31,6 +31,7 @@ from avalanche.training.storage_policy import ClassBalancedBuffer, ReservoirSamp
 from avalanche.training.templates import SupervisedTemplate  # noqa: E402
 
 from amstream import AMAdam, AMMem, Backprop  # noqa: E402
+from state_utils import assert_same_state  # noqa: E402
 from scenarios.benchmarks import split_digits, split_mnist  # noqa: E402
 from scenarios.strategy import UNSUPPORTED_PLUGINS, AMStrategy  # noqa: E402
 
@@ -130,6 +131,61 @@ def test_backprop_learner_reproduces_avalanche_naive_exactly(benchmark):
     for p, q in zip(naive.model.parameters(), strategy.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert naive.eval(benchmark.test_stream) == strategy.eval(benchmark.test_stream)
+
+
+class BatchRecorder(SupervisedPlugin):
+    """Keeps a copy of every training mini-batch, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def before_training_iteration(self, strategy, *args, **kwargs):
+        self.batches.append((strategy.mb_x.clone(), strategy.mb_y.clone()))
+
+
+@pytest.mark.parametrize("name", ["am-adam-bn", "am-mem"])
+def test_training_through_the_strategy_equals_the_plain_loop(name, benchmark):
+    """The strategy reuses the learner's forward pass for its logits: the weights, the optimizer
+    moments and the BatchNorm running statistics end exactly where ``learner.learn`` over the same
+    mini-batches leaves them."""
+    def model():
+        torch.manual_seed(0)
+        if name == "am-mem":
+            return mlp()
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+    cls = AMAdam if name == "am-adam-bn" else AMMem
+    recorder = BatchRecorder()
+    strategy = AMStrategy(learner=cls(model(), device="cpu"), train_mb_size=16, eval_mb_size=128,
+                          plugins=[recorder], evaluator=quiet_evaluator(accuracy_metrics(stream=True)))
+    for experience in benchmark.train_stream[:2]:
+        strategy.train(experience)
+    plain = cls(model(), device="cpu")
+    for x, y in recorder.batches:
+        plain.learn(x, y)
+    assert len(recorder.batches) > 20
+    assert plain.step_count == strategy.learner.step_count
+    assert_same_state(plain.state_dict(), strategy.learner.state_dict())
+
+
+def test_a_stale_forward_pass_is_not_reused(benchmark):
+    """forward_for_step on one batch, then a step on another (or after the weights changed): the
+    step computes its own forward pass."""
+    data = [benchmark.train_stream[0].dataset[i] for i in range(32)]
+    x = torch.stack([d[0] for d in data])
+    y = torch.tensor([int(d[1]) for d in data])
+    reference, learner = AMAdam(mlp(), device="cpu"), AMAdam(mlp(), device="cpu")
+    learner.forward_for_step(x[:16] + 1.0)  # a different batch
+    reference.learn(x[16:], y[16:])
+    learner.learn(x[16:], y[16:])
+    learner.forward_for_step(x[:16])
+    with torch.no_grad():
+        learner.model[1].weight.add_(0.01)  # the weights change after the forward pass
+        reference.model[1].weight.add_(0.01)
+    reference.learn(x[:16], y[:16])
+    learner.learn(x[:16], y[:16])
+    assert_same_state(reference.state_dict(), learner.state_dict())
 
 
 def test_mb_output_is_the_logits(benchmark):

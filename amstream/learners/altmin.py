@@ -115,6 +115,7 @@ class AltMinLearner(Learner):
         self.lambda_c, self.prox, self.bn_stats, self.fast = float(lambda_c), prox, bn_stats, bool(fast)
         self.reduction, self.cap_code_steps = reduction, bool(cap_code_steps)
         self._last_codes: list[torch.Tensor] = []
+        self._pending_forward: tuple | None = None
         groups = [
             {"params": b.parameters(), "lr": self._block_lr(b), "name": f"block{b.index}"}
             for b in self._adam_blocks()
@@ -148,6 +149,43 @@ class AltMinLearner(Learner):
     def current_mu(self) -> float:
         return mu_at(self.step_count, self.mu, self.d_mu, self.mu_max)
 
+    @torch.no_grad()
+    def forward_for_step(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run the next step's forward pass ahead of it: returns ``(codes, output)``.
+
+        For callers that need the network output before the update (``AMStrategy`` hands the
+        logits to Avalanche's metrics and plugins): the next :meth:`step` on the same batch, with
+        the weights unchanged, reuses these codes instead of computing them again. BatchNorm
+        running statistics are updated here, as the step's own forward pass would.
+        """
+        x = self._prepare_inputs(x, training=True)
+        codes, out = self.blocks.forward_with_codes(x)
+        # Holding x keeps its memory from being reused by another batch while the pass is pending.
+        self._pending_forward = (x, self._batch_key(x), self._weight_versions(), codes, out)
+        return codes, out
+
+    def _prepare_inputs(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
+        pending = self._pending_forward
+        if training and pending is not None and x is pending[0] and pending[1] == self._batch_key(x):
+            return x  # checked by forward_for_step and unchanged since
+        return super()._prepare_inputs(x, training=training)
+
+    @staticmethod
+    def _batch_key(x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+
+    def _weight_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
+
+    def _forward_pass(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The forward codes of ``x``: those of :meth:`forward_for_step` if it ran on this very
+        batch with the current weights, else a fresh no-grad pass."""
+        pending, self._pending_forward = self._pending_forward, None
+        if pending is not None and pending[1] == self._batch_key(x) and pending[2] == self._weight_versions():
+            return pending[3], pending[4]
+        with torch.no_grad():
+            return self.blocks.forward_with_codes(x)
+
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         mu = self.current_mu
         factor = halving_factor(self.step_count, self.lr_halve_every)
@@ -155,8 +193,9 @@ class AltMinLearner(Learner):
             g["lr"] = g["initial_lr"] * factor
         code_lrs = [lr * factor for lr in self.code_lrs]
 
-        with torch.no_grad():  # (1) forward pass; BatchNorm running statistics update here only
-            codes, out = self.blocks.forward_with_codes(x)
+        # (1) forward pass; BatchNorm running statistics update here only
+        codes, out = self._forward_pass(x)
+        with torch.no_grad():
             loss = loss_fn(out).detach()
 
         with self._frozen_bn_stats():

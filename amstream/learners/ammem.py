@@ -56,7 +56,7 @@ class AMMem(AltMinLearner):
         prox_iterations: FISTA iterations per batch when ``lambda_w > 0``.
         ridge: relative ridge of the full solve (with single samples the memories stay
             rank-deficient for a long time); ``eps``: diagonal guard of the sweep.
-        memory_dtype: dtype of A and B (float64 keeps long sums exact; default float32).
+        memory_dtype: dtype of A and B (default: the model's; float64 keeps long sums exact).
         **kwargs: code-update and output-layer options of :class:`AltMinLearner`.
     """
 
@@ -76,7 +76,7 @@ class AMMem(AltMinLearner):
         ridge: float = 1e-3,
         damping: float = 1.0,
         eps: float = 1e-10,
-        memory_dtype: torch.dtype = torch.float32,
+        memory_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> None:
         if memory not in MEMORY_MODES:
@@ -90,15 +90,16 @@ class AMMem(AltMinLearner):
             raise ValueError("sweeps and prox_iterations must be >= 1")
         self.memory, self.forget, self.solver = memory, float(forget), solver
         self.sweeps, self.lambda_w, self.prox_iterations = int(sweeps), float(lambda_w), int(prox_iterations)
-        self.ridge, self.eps, self.memory_dtype = float(ridge), float(eps), memory_dtype
+        self.ridge, self.eps = float(ridge), float(eps)
         self.damping = float(damping)
         super().__init__(model, mu=mu, code_lr=code_lr, reduction=reduction, **kwargs)
         self._check_hidden_blocks()
+        self.memory_dtype = memory_dtype or next(self.model.parameters()).dtype
         self._memories: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in self.blocks.hidden:
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
             d_in = layer.in_features + (layer.bias is not None)
-            kw = {"dtype": memory_dtype, "device": self.device}
+            kw = {"dtype": self.memory_dtype, "device": self.device}
             self._memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
         self.samples_seen = 0
 

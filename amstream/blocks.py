@@ -15,8 +15,12 @@ is split into hidden blocks ``f_l(c) = lin_l(pre_l(c))`` that map code ``c_{l-1}
 - Non-differentiable activations are allowed; code updates cross them with a straight-through
   estimator. Use :class:`Sign` / :class:`Step`, or wrap any activation in :class:`StraightThrough`.
 
-Anything else with parameters (LSTM, Embedding, LayerNorm, attention, ...) is refused with an error
-naming the layer, because it has no place in the block structure.
+- The last module with parameters may be an output head: any module whose parameters all belong
+  to Linear/Conv layers inside it (Avalanche's ``IncrementalClassifier``, which adds units when new
+  classes appear, or a multi-head classifier). It forms the output block, which every learner
+  trains on the task loss by autograd. Any other module with parameters that is not a code layer
+  (LSTM, Embedding, LayerNorm, attention, ...) is refused with an error naming it, because it has
+  no place in the block structure.
 """
 from __future__ import annotations
 
@@ -186,6 +190,26 @@ def _flatten(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=True))
+
+
+def _output_head(leaves: list[nn.Module]) -> nn.Module | None:
+    """The last module with parameters when it is a custom output head: a module that is not a
+    code layer itself but whose parameters all belong to Linear/Conv layers inside it (a classifier
+    that masks or adds units, a multi-head classifier). None otherwise."""
+    with_params = [m for m in leaves if _has_parameters(m)]
+    if not with_params:
+        return None
+    last = with_params[-1]
+    if isinstance(last, (*CODE_LAYER_TYPES, *PARAMETERIZED_ACTIVATIONS, StraightThrough)):
+        return None
+    owners = [m for m in last.modules() if any(True for _ in m.parameters(recurse=False))]
+    if owners and all(isinstance(m, WEIGHT_LAYER_TYPES) for m in owners):
+        return last
+    return None
+
+
 def _check_layer(position: int, module: nn.Module) -> None:
     if isinstance(module, (*CODE_LAYER_TYPES, *PARAMETERIZED_ACTIVATIONS, StraightThrough)):
         return
@@ -193,8 +217,9 @@ def _check_layer(position: int, module: nn.Module) -> None:
         supported = ", ".join(t.__name__ for t in CODE_LAYER_TYPES)
         raise UnsupportedModelError(
             f"unsupported layer at position {position}: {type(module).__name__} has trainable "
-            f"parameters but is not a code layer ({supported}). Parameter-free modules "
-            "(activations, pooling, Flatten, Dropout) are allowed anywhere."
+            f"parameters but is not a code layer ({supported}) nor the output head (the last "
+            "module with parameters). Parameter-free modules (activations, pooling, Flatten, "
+            "Dropout) are allowed anywhere."
         )
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         raise UnsupportedModelError(
@@ -219,9 +244,11 @@ def blocks_from_sequential(model: nn.Module) -> Blocks:
             "nn.Sequential(...) of Linear/Conv/BatchNorm layers and parameter-free modules."
         )
     leaves = _flatten(model)
+    head = _output_head(leaves)
     for i, m in enumerate(leaves):
-        _check_layer(i, m)
-    if not any(isinstance(m, WEIGHT_LAYER_TYPES) for m in leaves):
+        if m is not head:
+            _check_layer(i, m)
+    if head is None and not any(isinstance(m, WEIGHT_LAYER_TYPES) for m in leaves):
         raise UnsupportedModelError("the model has no Linear or Conv layer, so nothing can be trained.")
 
     # Group into (pre, lin) pairs: a run of non-code modules followed by a run of code modules.
@@ -229,7 +256,7 @@ def blocks_from_sequential(model: nn.Module) -> Blocks:
     pre: list[nn.Module] = []
     lin: list[nn.Module] = []
     for m in leaves:
-        if isinstance(m, CODE_LAYER_TYPES):
+        if isinstance(m, CODE_LAYER_TYPES) or m is head:
             lin.append(m)
         else:
             if lin:

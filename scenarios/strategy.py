@@ -104,11 +104,14 @@ class AMStrategy(SupervisedTemplate):
 
         A plugin may have replaced ``strategy.model`` by another module (GDumb restarts from a copy
         of the initial model each experience): its weights are loaded into the learner's model,
-        which stays the one that is trained and evaluated.
+        which stays the one that is trained and evaluated. A model that grew during Avalanche's
+        model adaptation (``IncrementalClassifier``) has its new parameters put in their block's
+        group (:meth:`Learner.sync_parameters`).
         """
         if self.model is not self.learner.model:
             self.learner.model.load_state_dict(self.model.state_dict())
             self.model = self.learner.model
+        self.learner.sync_parameters()  # a grown output head (IncrementalClassifier) joins its group
         self.optimizer = self.learner.optimizers()[0]
         self.optimized_param_id = {name: p for name, p in self.model.named_parameters()}
 

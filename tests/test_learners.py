@@ -465,3 +465,48 @@ def test_penalty_must_be_a_scalar(digits):
     with pytest.raises(ValueError, match="penalty must be a scalar"):
         learner.learn(x, y, penalty=lambda: torch.ones(3, requires_grad=True))
     assert_same_state(before, learner.state_dict())
+
+
+# ------------------------------------------------------------------------------ growing models
+class GrowingHead(nn.Module):
+    """An output head that adds units for new classes by replacing its Linear layer (the way
+    Avalanche's IncrementalClassifier does), keeping the old units' weights."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.classifier = nn.Linear(in_features, out_features)
+
+    @torch.no_grad()
+    def grow(self, out_features: int) -> None:
+        old = self.classifier
+        self.classifier = nn.Linear(old.in_features, out_features).to(old.weight.device)
+        self.classifier.weight[: old.out_features] = old.weight
+        self.classifier.bias[: old.out_features] = old.bias
+
+    def forward(self, x):
+        return self.classifier(x)
+
+
+@pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop-adam"])
+def test_a_growing_output_head_keeps_training(name, digits):
+    train, test = digits
+    factory = CASES[name][0]
+    torch.manual_seed(0)
+    head = GrowingHead(32, 2)
+    learner = factory(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), head), device="cpu")
+    first = train.subset(torch.nonzero(train.y < 2).squeeze(1))
+    for x, y in batches(first, n=10):
+        learner.learn(x, y)
+    x, y = batches(train, n=1)[0]
+    with pytest.raises(InputError, match="label"):
+        learner.learn(x, y)  # labels 2..9 do not fit two outputs
+    old_weight = head.classifier.weight
+    head.grow(10)
+    for x, y in batches(train, n=60):
+        learner.learn(x, y)
+    assert learner.n_outputs == 10
+    group = next(g for g in learner.optimizers()[0].param_groups if g["name"] == "block1")
+    assert any(p is head.classifier.weight for p in group["params"])
+    assert old_weight not in learner.optimizers()[0].state  # the replaced parameter left with its state
+    accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean()
+    assert accuracy > 0.6  # all ten classes learned after the growth (chance: 0.1)

@@ -124,6 +124,10 @@ class AltMinLearner(Learner):
         for g in groups:
             g["initial_lr"] = g["lr"]
         self.optimizer = torch.optim.Adam(groups, betas=betas, eps=adam_eps, foreach=True)
+        self._on_parameters_changed()
+
+    def _on_parameters_changed(self) -> None:
+        # closed-form weight gradients when every Adam-trained block is Linear(activation(c))
         views = [linear_view(b) for b in self._adam_blocks()]
         self._views = views if self.fast and all(v is not None for v in views) else None
 
@@ -158,6 +162,7 @@ class AltMinLearner(Learner):
         the weights unchanged, reuses these codes instead of computing them again. BatchNorm
         running statistics are updated here, as the step's own forward pass would.
         """
+        self.sync_parameters()
         x = self._prepare_inputs(x, training=True)
         codes, out = self.blocks.forward_with_codes(x)
         # Holding x keeps its memory from being reused by another batch while the pass is pending.

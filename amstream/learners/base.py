@@ -168,6 +168,7 @@ class Learner(StreamingMixin, abc.ABC):
         self.n_outputs: int | None = None
         self._pending_shape: tuple | None = None  # (sample shape, outputs) of a batch being checked
         self._snapshot = _Snapshot()
+        self._synced_parameters = self._parameter_ids()
         self._init_stream()
         self.model.train()
         if input_shape is not None:
@@ -195,6 +196,55 @@ class Learner(StreamingMixin, abc.ABC):
     def _load_extra_state(self, state: dict) -> None:
         pass
 
+    # ------------------------------------------------------------------------------ growing models
+    def _parameter_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for p in self.model.parameters())
+
+    def sync_parameters(self) -> bool:
+        """Follow a model whose layers were replaced, such as a classifier that adds units when new
+        classes appear (Avalanche's ``IncrementalClassifier``). Runs before every step; returns
+        True when the parameters had changed.
+
+        Each block's optimizer group takes the block's current parameters. New parameters start
+        with fresh optimizer state and replaced ones lose theirs (what Avalanche does for its own
+        optimizers); the number of outputs, which bounds the accepted labels, is read again.
+
+        Raises:
+            ValueError: an optimizer group that does not belong to a block (a custom optimizer
+                factory that renamed its groups) while the parameters changed.
+        """
+        ids = self._parameter_ids()
+        if ids == self._synced_parameters:
+            return False
+        for opt in self.optimizers():
+            for group in opt.param_groups:
+                name = str(group.get("name", ""))
+                if not (name.startswith("block") and name[5:].isdigit()):
+                    raise ValueError(
+                        f"the model's parameters changed, but optimizer group {name!r} belongs to no "
+                        "block; keep the per-block groups ('block<i>') that the learner creates"
+                    )
+                group["params"] = self.blocks[int(name[5:])].parameters()
+            live = {p for group in opt.param_groups for p in group["params"]}
+            for p in [p for p in opt.state if p not in live]:
+                del opt.state[p]
+        if self.input_shape is not None:
+            with torch.no_grad():
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    dtype = next(self.model.parameters()).dtype
+                    out = self.model(torch.zeros((1, *self.input_shape), dtype=dtype, device=self.device))
+                finally:
+                    self.model.train(was_training)
+            self.n_outputs = out.shape[-1] if out.dim() > 1 else 1
+        self._synced_parameters = ids
+        self._on_parameters_changed()
+        return True
+
+    def _on_parameters_changed(self) -> None:
+        """Hook for subclasses that cache views of the layers."""
+
     # ---------------------------------------------------------------------------------- the verbs
     def step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         """One update on a batch ``x`` of shape ``(B, *sample_shape)`` for the loss ``loss_fn(output)``.
@@ -206,6 +256,7 @@ class Learner(StreamingMixin, abc.ABC):
         Bad input raises :class:`~amstream.validation.InputError` (a ``ValueError``) and changes
         nothing. A step that yields non-finite weights, codes or loss is undone.
         """
+        self.sync_parameters()
         return self._guarded_step(self._prepare_inputs(x, training=True), loss_fn, penalty)
 
     def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
@@ -236,6 +287,7 @@ class Learner(StreamingMixin, abc.ABC):
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
         """``step(x, lambda out: criterion(out, y), penalty)`` after checking the targets."""
+        self.sync_parameters()
         x = self._prepare_inputs(x, training=True)
         y = self._prepare_targets(y, x)
         criterion = self.criterion

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1, help="passes over each (sub-)experience")
     p.add_argument("--batch-size", type=int, default=16, help="training mini-batch size")
     p.add_argument("--hidden", default="100,100", help="hidden widths of the ReLU MLP")
+    p.add_argument("--growing-head", action="store_true",
+                   help="end the MLP in Avalanche's IncrementalClassifier, which adds output units as new classes arrive")
     p.add_argument("--subset", type=int, default=None, help="MNIST-family benchmarks: keep the first N training samples")
     p.add_argument("--mem-size", type=int, default=500, help="replay / GDumb buffer size")
     p.add_argument("--ewc-lambda", type=float, default=10.0, help="EWC and RWalk penalty weight")
@@ -117,7 +119,13 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     overrides = overrides_for(name, vars(args))
     if name == "backprop":
         overrides["optimizer"] = args.bp_optimizer
-    learner = make_learner(name, build_mlp(input_shape, _common.parse_int_list(args.hidden), n_classes), device, **overrides)
+    model = build_mlp(input_shape, _common.parse_int_list(args.hidden), n_classes)
+    if args.growing_head:
+        from avalanche.models import IncrementalClassifier
+
+        last = model[-1]
+        model[-1] = IncrementalClassifier(last.in_features, initial_out_features=2)
+    learner = make_learner(name, model, device, **overrides)
     run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}")
     loggers = [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()])
     # accuracy, loss, forgetting and BWT that also work on online streams, the accuracy matrix, timing

@@ -1,6 +1,7 @@
 """Smoke tests of scripts/stream.py, run as a user would: a subprocess from the repository root."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -145,6 +146,20 @@ def test_continual_online_stream(tmp_path):
                          "--logdir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "online sub-experiences of 32" in proc.stdout
+
+
+def test_continual_growing_head_hyperparameters_and_json(tmp_path):
+    proc = run_continual("--learner", "am-adam,backprop", "--plugins", "replay", "--growing-head", "--lr", "0.002",
+                         "--bp-optimizer", "sgd", "--bp-lr", "0.05", "--quiet", "--logdir", str(tmp_path),
+                         "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["options"]["lr"] == 0.002 and record["options"]["growing_head"] is True
+    for name in ("am-adam", "backprop"):
+        result = record["results"][name]
+        assert len(result["matrix"]) == 5 and all(len(row) == 5 for row in result["matrix"])
+        assert result["average_accuracy"] == pytest.approx(sum(result["matrix"][-1]) / 5)
+    assert record["results"]["am-adam"]["average_accuracy"] > 0.5  # replay, ten classes; chance 0.1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["mu_at", "halving_factor"]
+__all__ = ["mu_at", "halving_factor", "apply_lr_halving_"]
 
 
 def mu_at(step: int, mu0: float, d_mu: float = 0.0, mu_max: float | None = None) -> float:
@@ -20,3 +20,17 @@ def halving_factor(step: int, halve_every: int | None) -> float:
     if not halve_every:
         return 1.0
     return 0.5 ** (step // halve_every)
+
+
+def apply_lr_halving_(optimizer, step: int, halve_every: int | None) -> float:
+    """Set every group's ``lr`` to ``initial_lr * halving_factor(step, halve_every)``; returns the factor.
+
+    With ``halve_every=None`` (or 0) the learning rates are left alone, so that an external scheduler
+    (``torch.optim.lr_scheduler``, Avalanche's ``LRSchedulerPlugin``) stays in charge of them.
+    """
+    if not halve_every:
+        return 1.0
+    factor = halving_factor(step, halve_every)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return factor

@@ -300,6 +300,20 @@ def test_loggers_early_stopping_and_lr_scheduler(benchmark, tmp_path):
     assert learner.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.008)
 
 
+@pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop"])
+def test_lr_scheduler_plugin_sets_the_learning_rate_the_learner_uses(name, benchmark):
+    learner = LEARNERS[name](mlp(), device="cpu")
+    initial = [g["lr"] for g in learner.optimizers()[0].param_groups]
+    scheduler = torch.optim.lr_scheduler.StepLR(learner.optimizers()[0], step_size=1, gamma=0.5)
+    strategy = AMStrategy(learner=learner, train_mb_size=16, train_epochs=3, eval_mb_size=128,
+                          plugins=[LRSchedulerPlugin(scheduler, reset_lr=False, reset_scheduler=False)],
+                          evaluator=quiet_evaluator(accuracy_metrics(stream=True)))
+    strategy.train(benchmark.train_stream[0])
+    # stepped after each of the 3 epochs; the last step ran at the rate of the third epoch
+    assert [g["lr"] for g in learner.optimizers()[0].param_groups] == pytest.approx([lr / 8 for lr in initial])
+    assert strategy.last_step_info.lrs == pytest.approx(tuple(lr / 4 for lr in initial))
+
+
 @pytest.mark.parametrize("plugin_name", sorted(UNSUPPORTED_PLUGINS))
 def test_unsupported_plugins_are_refused(plugin_name):
     factories = {

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
 from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_grad, update_codes
-from ..schedules import halving_factor, mu_at
+from ..schedules import apply_lr_halving_, mu_at
 from .base import Learner, LossFn, Penalty, StepInfo, add_penalty_grads_
 
 __all__ = ["AltMinLearner", "AMAdam"]
@@ -193,9 +193,7 @@ class AltMinLearner(Learner):
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         mu = self.current_mu
-        factor = halving_factor(self.step_count, self.lr_halve_every)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
+        factor = apply_lr_halving_(self.optimizer, self.step_count, self.lr_halve_every)
         code_lrs = [lr * factor for lr in self.code_lrs]
 
         # (1) forward pass; BatchNorm running statistics update here only

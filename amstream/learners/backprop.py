@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..schedules import halving_factor
+from ..schedules import apply_lr_halving_
 from .base import Learner, LossFn, Penalty, StepInfo
 
 __all__ = ["Backprop"]
@@ -75,9 +75,7 @@ class Backprop(Learner):
         return [self.optimizer]
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
-        factor = halving_factor(self.step_count, self.lr_halve_every)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
+        apply_lr_halving_(self.optimizer, self.step_count, self.lr_halve_every)
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(self.model(x))
         total = loss

@@ -301,6 +301,17 @@ def test_loggers_early_stopping_and_lr_scheduler(benchmark, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop"])
+def test_the_optimizer_slot_has_one_group_per_layer_covering_every_parameter(name, benchmark):
+    strategy = make_strategy(name)
+    strategy.train(benchmark.train_stream[0])
+    groups = strategy.optimizer.param_groups
+    assert [g["name"] for g in groups] == ["block0", "block1", "block2"]
+    assert [id(p) for g in groups for p in g["params"]] == [id(p) for p in strategy.model.parameters()]
+    strategy.optimizer.zero_grad()  # what EWC's and MAS's importance passes do before each backward
+    assert all(p.grad is None for p in strategy.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop"])
 def test_lr_scheduler_plugin_sets_the_learning_rate_the_learner_uses(name, benchmark):
     learner = LEARNERS[name](mlp(), device="cpu")
     initial = [g["lr"] for g in learner.optimizers()[0].param_groups]

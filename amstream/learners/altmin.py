@@ -116,9 +116,15 @@ class AltMinLearner(Learner):
         self.reduction, self.cap_code_steps = reduction, bool(cap_code_steps)
         self._last_codes: list[torch.Tensor] = []
         self._pending_forward: tuple | None = None
+        # One parameter group per block, so that schedulers and plugins that call zero_grad or read
+        # param_groups reach every layer. Blocks whose weights are solved rather than stepped
+        # (AM-mem's hidden layers) get lr 0 and "solved": True; they never have a gradient at
+        # Adam's step, so Adam keeps no state for them.
+        adam = {b.index for b in self._adam_blocks()}
         groups = [
-            {"params": b.parameters(), "lr": self._block_lr(b), "name": f"block{b.index}"}
-            for b in self._adam_blocks()
+            {"params": b.parameters(), "lr": self._block_lr(b) if b.index in adam else 0.0,
+             "name": f"block{b.index}", "solved": b.index not in adam}
+            for b in self.blocks
             if b.parameters()
         ]
         for g in groups:
@@ -227,7 +233,7 @@ class AltMinLearner(Learner):
         )
 
     def _adam_params(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [p for g in self.optimizer.param_groups if not g.get("solved") for p in g["params"]]
 
     def _fit_weights(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], loss_fn: LossFn,
                      penalty: Penalty = None) -> list:

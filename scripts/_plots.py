@@ -63,25 +63,33 @@ def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
 
 
 def plot_accuracy_matrices(matrices: dict[str, list[list[float]]], path: str | Path, *, title: str = "") -> Path:
-    """One heat map per learner: row i = after training experience i, column j = test experience j."""
+    """One heat map per learner: row i = after training experience i, column j = test experience j.
+
+    Cells carry the accuracy in percent while they are large enough to read (up to 20 experiences);
+    the panels grow with the number of experiences.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.8, 4.0), squeeze=False)
+    size = max((len(m) for m in matrices.values()), default=1)
+    side = min(max(3.6, 0.42 * size + 1.2), 9.0)
+    fig, axes = plt.subplots(1, n, figsize=(side * n + 1.2, side + 0.4), squeeze=False, layout="constrained")
     image = None
+    font = 9 if size <= 6 else 7 if size <= 12 else 5
     for ax, (name, matrix) in zip(axes[0], matrices.items()):
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if value < 0.6 else "black")
+        if size <= 20:
+            for i, row in enumerate(matrix):
+                for j, value in enumerate(row):
+                    ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=font,
+                            color="white" if value < 0.6 else "black")
         ax.set_title(name)
         ax.set_xlabel("test experience")
         ax.set_ylabel("after training experience")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (cells: %)")
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)

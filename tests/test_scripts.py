@@ -110,8 +110,10 @@ def test_bench_smoke(data_root):
     assert "sweep as blocked triangular solves" in proc.stdout and "device: CPU" in proc.stdout
     agreement = re.search(r"max \|blocked - loop\| / max \|W\| \| \| ([\d.e+-]+) \|", proc.stdout)
     assert agreement and float(agreement[1]) < 1e-4, proc.stdout
-    overhead = re.search(r"^\| AMStrategy\.train [^|]*\| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M)
+    overhead = re.search(r"^\| AM-Adam, AMStrategy\.train [^|]*\| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M)
     assert overhead and float(overhead[1]) > 0, proc.stdout
+    naive = re.search(r"^\| backprop-Adam, Avalanche's Naive\.train [^|]*\| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M)
+    assert naive and float(naive[1]) > 0, proc.stdout
 
 
 def test_bench_missing_data_is_a_clean_error(tmp_path):

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_stream", "plot_accuracy_matrices"]
+__all__ = ["plot_stream", "plot_accuracy_matrices", "plot_score_matrices", "plot_learning_curves"]
 
 
 def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
@@ -63,35 +63,83 @@ def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
 
 
 def plot_accuracy_matrices(matrices: dict[str, list[list[float]]], path: str | Path, *, title: str = "") -> Path:
-    """One heat map per learner: row i = after training experience i, column j = test experience j.
+    """One heat map per learner: row i = after training experience i, column j = test experience j."""
+    return plot_score_matrices(matrices, path, title=title, vmin=0.0, vmax=1.0, percent=True,
+                               label="accuracy (cells: %)", what="experience")
 
-    Cells carry the accuracy in percent while they are large enough to read (up to 20 experiences);
-    the panels grow with the number of experiences.
-    """
+
+def plot_score_matrices(matrices: dict[str, list[list[float]]], path: str | Path, *, title: str = "",
+                        vmin: float | None = None, vmax: float | None = None, percent: bool = False,
+                        label: str = "score", what: str = "task") -> Path:
+    """One heat map per learner of a score matrix (row i: after training ``what`` i; column j:
+    evaluated on ``what`` j). Cells carry the value (in percent with ``percent``) while they are
+    large enough to read (up to 20 rows); the panels grow with the number of rows. The colour
+    scale is shared, from ``vmin``/``vmax`` or the data."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(matrices)
+    values = [v for m in matrices.values() for row in m for v in row]
+    lo = min(values, default=0.0) if vmin is None else vmin
+    hi = max(values, default=1.0) if vmax is None else vmax
+    hi = hi if hi > lo else lo + 1.0
     size = max((len(m) for m in matrices.values()), default=1)
     side = min(max(3.6, 0.42 * size + 1.2), 9.0)
     fig, axes = plt.subplots(1, n, figsize=(side * n + 1.2, side + 0.4), squeeze=False, layout="constrained")
     image = None
     font = 9 if size <= 6 else 7 if size <= 12 else 5
     for ax, (name, matrix) in zip(axes[0], matrices.items()):
-        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        image = ax.imshow(matrix, vmin=lo, vmax=hi, cmap="viridis")
         if size <= 20:
             for i, row in enumerate(matrix):
                 for j, value in enumerate(row):
-                    ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=font,
-                            color="white" if value < 0.6 else "black")
+                    text = f"{100 * value:.0f}" if percent else f"{value:.0f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=font,
+                            color="white" if (value - lo) / (hi - lo) < 0.6 else "black")
         ax.set_title(name)
-        ax.set_xlabel("test experience")
-        ax.set_ylabel("after training experience")
+        ax.set_xlabel(f"evaluated on {what}")
+        ax.set_ylabel(f"after training {what}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (cells: %)")
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(curves: dict[str, list[list[tuple[int, float]]]], path: str | Path, *, title: str = "",
+                         ylabel: str = "evaluation return", threshold: float | None = None) -> Path:
+    """Mean over seeds (line) and min-max over seeds (band) of each learner's evaluation curve.
+
+    Args:
+        curves: learner -> one ``[(step, value), ...]`` list per seed (same steps for every seed).
+        threshold: a dashed horizontal line (a "solved" score).
+    """
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for name, runs in curves.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        length = min(len(r) for r in runs)
+        steps = [s for s, _ in runs[0][:length]]
+        values = np.array([[v for _, v in r[:length]] for r in runs])
+        line, = ax.plot(steps, values.mean(axis=0), label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

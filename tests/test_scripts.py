@@ -173,3 +173,46 @@ def test_continual_bad_input_is_a_clean_error(args, message, tmp_path):
     proc = run_continual(*[a.replace("{tmp}", str(tmp_path)) for a in args], "--logdir", str(tmp_path))
     assert proc.returncode == 2
     assert message.lower() in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+RL = ROOT / "scripts" / "rl.py"
+
+
+def run_rl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RL), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+def test_rl_compares_learners_and_seeds(tmp_path):
+    proc = run_rl("--env", "CartPole-v1", "--learner", "am-adam,backprop", "--seeds", "1,2", "--total-timesteps", "600",
+                  "--learning-starts", "200", "--train-frequency", "4", "--batch-size", "32", "--eval-every", "300",
+                  "--eval-episodes", "2", "--final-eval-episodes", "2", "--quiet", "--logdir", str(tmp_path),
+                  "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(re.findall(r"^(am-adam|backprop)\s+2\s+([\d.]+ ± [\d.]+)", proc.stdout, flags=re.M))
+    assert set(rows) == {"am-adam", "backprop"}, proc.stdout
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert len(record["runs"]) == 4 and all(len(r["eval_history"]) == 2 for r in record["runs"])
+    assert (tmp_path / "rl-CartPole-v1.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(tmp_path.glob("CartPole-v1__dqn-*/events.out.tfevents.*"))) == 4
+
+
+def test_rl_task_sequence_prints_a_return_matrix(tmp_path):
+    proc = run_rl("--tasks", "cartpole-physics", "--learner", "am-mem", "--steps-per-task", "200",
+                  "--learning-starts", "100", "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "return matrix, am-mem seed 1" in proc.stdout
+    assert len(re.findall(r"^  \d \|(?:\s+[\d.]+){4}\s+\(", proc.stdout, flags=re.M)) == 4, proc.stdout
+    assert (tmp_path / "rl-cartpole-physics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "CartPol-v1"], "unknown Gymnasium environment id"),
+    (["--env", "Pendulum-v1"], "discrete action space"),
+    (["--learner", "sgd"], "unknown learner"),
+    (["--tasks", "nope"], "invalid choice"),
+])
+def test_rl_bad_input_is_a_clean_error(args, message, tmp_path):
+    proc = run_rl(*args, "--total-timesteps", "10", "--logdir", str(tmp_path))
+    assert proc.returncode == 2
+    assert message.lower() in proc.stderr.lower() and "Traceback" not in proc.stderr

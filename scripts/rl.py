@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Train DQN agents whose value network is trained by amstream learners, on Gymnasium environments.
+
+Every learner and seed gets the same agent settings (CleanRL's DQN defaults unless set). The run
+shows a progress bar, evaluates the greedy policy every --eval-every steps on a separate
+environment, prints a final evaluation per run and a comparison table (mean and spread over
+seeds), writes TensorBoard logs with CleanRL's tags and a PNG of the evaluation curves.
+
+    python scripts/rl.py --env CartPole-v1 --learner am-adam --total-timesteps 100000 --seed 1
+    python scripts/rl.py --env CartPole-v1 --learner am-adam,backprop --seeds 1,2,3
+    python scripts/rl.py --tasks cartpole-physics --learner am-adam,backprop --steps-per-task 50000
+
+With --tasks, one agent meets a sequence of environments sharing their spaces and is evaluated on
+every task after each one: a task-by-task return matrix, forgetting and backward transfer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, scripts/_plots.py
+
+import torch  # noqa: E402
+
+import _common  # noqa: E402
+from amstream import LEARNERS  # noqa: E402
+from amstream.utils import resolve_device  # noqa: E402
+
+#: "solved" scores for the curves and the first-step column (the environments' reward thresholds)
+THRESHOLDS = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "MountainCar-v0": -110.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agents.tasks import TASK_SEQUENCES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_common.HelpFormatter)
+    p.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id (discrete actions)")
+    p.add_argument("--tasks", default=None, choices=sorted(TASK_SEQUENCES),
+                   help="run a continual task sequence instead of --env (then --steps-per-task per task)")
+    p.add_argument("--steps-per-task", type=int, default=50_000, help="environment steps on each task with --tasks")
+    p.add_argument("--learner", default="am-adam", help=f"comma-separated learners, from {', '.join(LEARNERS)}")
+    p.add_argument("--seed", type=int, default=1, help="seed of a single run")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed), e.g. 1,2,3,4,5")
+    p.add_argument("--total-timesteps", type=int, default=500_000, help="environment steps per run")
+    p.add_argument("--n-envs", type=int, default=1, help="sub-environments stepped together (SyncVectorEnv)")
+    g = p.add_argument_group("DQN (defaults: CleanRL's dqn.py)")
+    g.add_argument("--learning-rate", type=float, default=None,
+                   help="Adam rate of the value network: am-adam's lr and lr_out, am-mem's lr_out, backprop's lr "
+                        "(default: 2.5e-4, CleanRL's)")
+    g.add_argument("--hidden", default="120,84", help="hidden widths of the Q-network")
+    g.add_argument("--buffer-size", type=int, default=10_000, help="replay buffer capacity")
+    g.add_argument("--batch-size", type=int, default=128, help="transitions per update")
+    g.add_argument("--gamma", type=float, default=0.99, help="discount")
+    g.add_argument("--learning-starts", type=int, default=10_000, help="environment steps before the first update")
+    g.add_argument("--train-frequency", type=int, default=10, help="environment steps per update")
+    g.add_argument("--target-network-frequency", type=int, default=500, help="environment steps per target update")
+    g.add_argument("--tau", type=float, default=1.0, help="target update: 1 = copy, < 1 = Polyak average")
+    g.add_argument("--exploration-fraction", type=float, default=0.5, help="fraction of the run over which epsilon falls")
+    g.add_argument("--start-e", type=float, default=1.0, help="initial epsilon")
+    g.add_argument("--end-e", type=float, default=0.05, help="final epsilon")
+    g.add_argument("--double-dqn", action="store_true", help="Double DQN targets")
+    g.add_argument("--td-loss", default="mse", choices=("mse", "huber"), help="TD loss")
+    a = p.add_argument_group("amstream learners (default: the agent's TD settings, agents.DQN_LEARNER_DEFAULTS)")
+    _common.add_hparam_arguments(a, ("mu", "code_steps", "code_lr", "reduction", "memory", "forget", "solver"))
+    o = p.add_argument_group("evaluation and output")
+    o.add_argument("--eval-every", type=int, default=None, help="steps between greedy evaluations (default: 20 per run)")
+    o.add_argument("--eval-episodes", type=int, default=10, help="episodes per periodic evaluation")
+    o.add_argument("--final-eval-episodes", type=int, default=20, help="episodes of the final evaluation")
+    o.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
+    o.add_argument("--logdir", default="runs", help="TensorBoard root")
+    o.add_argument("--plot", default=None, help="PNG of the curves or return matrices (default: <logdir>/rl-<env>.png)")
+    o.add_argument("--json", default=None, help="also write the results to this JSON file")
+    o.add_argument("--save", default=None, help="save the last run's agent here (agents.DQNAgent.load resumes it)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def agent_kwargs(args, name: str) -> dict:
+    learner_kwargs = _common.overrides_for(name, vars(args))
+    if args.learning_rate is not None:
+        keys = {"am-adam": ("lr", "lr_out"), "am-mem": ("lr_out",), "backprop": ("lr",)}[name]
+        learner_kwargs.update({k: args.learning_rate for k in keys})
+    return dict(
+        learner=name, n_envs=args.n_envs, hidden=tuple(_common.parse_int_list(args.hidden)),
+        learner_kwargs=learner_kwargs, buffer_size=args.buffer_size, batch_size=args.batch_size, gamma=args.gamma,
+        learning_starts=args.learning_starts, train_frequency=args.train_frequency,
+        target_update_interval=args.target_network_frequency, tau=args.tau,
+        exploration_fraction=args.exploration_fraction, start_e=args.start_e, end_e=args.end_e,
+        double_dqn=args.double_dqn, td_loss=args.td_loss, device=args.device, tensorboard_log=args.logdir,
+    )
+
+
+def run_single(args, name: str, seed: int) -> dict:
+    from agents import DQNAgent
+
+    agent = DQNAgent(args.env, seed=seed, **agent_kwargs(args, name))
+    eval_every = args.eval_every or max(1, args.total_timesteps // 20)
+    start = time.perf_counter()
+    agent.learn(args.total_timesteps, progress_bar=not args.quiet, eval_freq=eval_every,
+                n_eval_episodes=args.eval_episodes)
+    seconds = time.perf_counter() - start
+    mean, std = agent.evaluate(args.final_eval_episodes)
+    threshold = THRESHOLDS.get(args.env)
+    solved_at = next((s for s, m, _ in agent.eval_history if threshold is not None and m >= threshold), None)
+    if args.save:
+        agent.save(args.save)
+    agent.close()
+    return {"learner": name, "seed": seed, "final_mean": mean, "final_std": std, "seconds": seconds,
+            "sps": args.total_timesteps / seconds, "solved_at": solved_at, "eval_history": agent.eval_history,
+            "episodes": len(agent.episode_returns), "dropped": agent.dropped_transitions,
+            "run_dir": str(agent.run_dir) if agent.run_dir else None}
+
+
+def run_tasks(args, name: str, seed: int) -> dict:
+    from agents import DQNAgent
+    from agents.tasks import TASK_SEQUENCES, run_task_sequence
+
+    tasks = TASK_SEQUENCES[args.tasks]()
+    agent = DQNAgent(tasks[0].make_env, seed=seed, **agent_kwargs(args, name))
+    start = time.perf_counter()
+
+    def report(i, row):
+        if not args.quiet:
+            print(f"{name} seed {seed}: after task {i} ({tasks[i].name}): " + " ".join(f"{r:.1f}" for r in row))
+
+    result = run_task_sequence(agent, tasks, args.steps_per_task, n_eval_episodes=args.final_eval_episodes,
+                               progress_bar=not args.quiet, on_task_end=report)
+    if args.save:
+        agent.save(args.save)
+    agent.close()
+    return {"learner": name, "seed": seed, "tasks": result.tasks, "returns": result.returns, "stds": result.stds,
+            "average_return": result.average_return, "forgetting": result.forgetting,
+            "bwt": result.backward_transfer, "seconds": time.perf_counter() - start}
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        learners = _common.parse_name_list(args.learner, LEARNERS, "learner")
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [args.seed]
+        _common.parse_int_list(args.hidden)
+        device = resolve_device(args.device)
+        if args.total_timesteps < 1 or args.steps_per_task < 1:
+            raise ValueError("--total-timesteps and --steps-per-task must be >= 1")
+        if not args.tasks:
+            from agents.envs import make_vector_env
+
+            make_vector_env(args.env, 1).close()  # an unknown id or a continuous action space: fail now
+    except ValueError as err:
+        parser.error(" ".join(str(err).split()))
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+
+    label = args.tasks or args.env
+    runs = []
+    for name in learners:
+        for seed in seeds:
+            try:
+                run = run_tasks(args, name, seed) if args.tasks else run_single(args, name, seed)
+            except ValueError as err:  # a learner option that does not apply, a network that does not fit
+                parser.error(f"{name}: {' '.join(str(err).split())}")
+            runs.append(run)
+            if not args.tasks:
+                solved = f", first mean >= {THRESHOLDS[args.env]:g} at step {run['solved_at']}" if run["solved_at"] else ""
+                print(f"{name} seed {seed}: final evaluation {run['final_mean']:.1f} ± {run['final_std']:.1f} over "
+                      f"{args.final_eval_episodes} episodes, {run['sps']:.0f} steps/s{solved}")
+
+    import _plots
+
+    plot = Path(args.plot) if args.plot else Path(args.logdir) / f"rl-{label}.png"
+    if args.tasks:
+        print(f"\n{'learner':<10} {'avg return':>12} {'forgetting':>12} {'BWT':>10} {'seconds':>8}")
+        for name in learners:
+            mine = [r for r in runs if r["learner"] == name]
+            print(f"{name:<10} {_spread([r['average_return'] for r in mine]):>12} "
+                  f"{_spread([r['forgetting'] for r in mine]):>12} {_spread([r['bwt'] for r in mine]):>10} "
+                  f"{statistics.mean(r['seconds'] for r in mine):>8.0f}")
+        for r in runs:
+            print(f"\nreturn matrix, {r['learner']} seed {r['seed']} (row: after task i; column: task j)")
+            for i, row in enumerate(r["returns"]):
+                print(f"  {i} | " + " ".join(f"{v:7.1f}" for v in row) + f"   ({r['tasks'][i]})")
+        first = {f"{r['learner']} (seed {r['seed']})": r["returns"] for r in runs if r["seed"] == seeds[0]}
+        _plots.plot_score_matrices(first, plot, title=f"{args.tasks}: mean greedy return", label="return")
+    else:
+        threshold = THRESHOLDS.get(args.env)
+        print(f"\n{'learner':<10} {'seeds':>5} {'final return':>16} {'steps/s':>8} {'first step >= ' + format(threshold, 'g') if threshold is not None else '':>20}")
+        for name in learners:
+            mine = [r for r in runs if r["learner"] == name]
+            solved = [r["solved_at"] for r in mine]
+            solved_text = ", ".join("-" if s is None else str(s) for s in solved)
+            print(f"{name:<10} {len(mine):>5} {_spread([r['final_mean'] for r in mine]):>16} "
+                  f"{statistics.mean(r['sps'] for r in mine):>8.0f} {solved_text:>20}")
+        curves = {name: [[(s, m) for s, m, _ in r["eval_history"]] for r in runs if r["learner"] == name]
+                  for name in learners}
+        _plots.plot_learning_curves(curves, plot, title=f"{args.env}: greedy evaluation ({args.eval_episodes} episodes)",
+                                    threshold=threshold)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"options": vars(args), "runs": runs}, indent=1))
+        print(f"Results: {args.json}")
+    print(f"\nTensorBoard logs under {args.logdir}  (tensorboard --logdir {args.logdir})")
+    print(f"Plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()

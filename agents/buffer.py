@@ -69,14 +69,17 @@ class ReplayBuffer:
         if n > self.capacity:  # only the newest fit
             obs, next_obs, columns = obs[-self.capacity:], next_obs[-self.capacity:], [c[-self.capacity:] for c in columns]
             n = self.capacity
-        idx = (torch.arange(n) + self.pos) % self.capacity
-        idx_dev = idx.to(self.device)
-        self.obs[idx_dev] = obs.to(self.device)
-        self.next_obs[idx_dev] = next_obs.to(self.device)
-        self.actions[idx_dev] = columns[0].to(self.device, torch.int64)
-        self.rewards[idx_dev] = columns[1].to(self.device, torch.float32)
-        self.terminated[idx_dev] = columns[2].to(self.device, torch.float32)
-        self.pos = int((self.pos + n) % self.capacity)
+        end = self.pos + n
+        if end <= self.capacity:  # one contiguous slice (the common case)
+            where = slice(self.pos, end)
+        else:
+            where = ((torch.arange(n) + self.pos) % self.capacity).to(self.device)
+        self.obs[where] = obs.to(self.device)
+        self.next_obs[where] = next_obs.to(self.device)
+        self.actions[where] = columns[0].to(self.device, torch.int64)
+        self.rewards[where] = columns[1].to(self.device, torch.float32)
+        self.terminated[where] = columns[2].to(self.device, torch.float32)
+        self.pos = int(end % self.capacity)
         self.size = min(self.size + n, self.capacity)
         return n
 

@@ -155,6 +155,10 @@ class DQNAgent:
         self.learner_name = learner if isinstance(learner, str) else type(learner).__name__
         self.learner = self._make_learner(learner, hidden, learner_kwargs or {})
         self._check_network()
+        # Acting runs the network directly when eval mode changes nothing (no BatchNorm, no
+        # Dropout): one forward pass per environment step without predict's checks and mode switches.
+        self._plain_forward = not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
+                                      for m in self.learner.model.modules())
         self.target = copy.deepcopy(self.learner.model).eval()
         for p in self.target.parameters():
             p.requires_grad_(False)
@@ -224,7 +228,11 @@ class DQNAgent:
     @torch.no_grad()
     def q_values(self, obs) -> torch.Tensor:
         """Q-values of a batch of observations (online network, eval mode)."""
-        return self.learner.predict(torch.as_tensor(np.asarray(obs), dtype=torch.float32))
+        obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
+        if self._plain_forward:
+            with torch.inference_mode():
+                return self.learner.model(obs.to(self.device))
+        return self.learner.predict(obs)
 
     def predict(self, obs, deterministic: bool = True) -> np.ndarray:
         """Actions for a batch of observations (or one observation): greedy, or epsilon-greedy

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=0.99, help="discount")
     g.add_argument("--learning-starts", type=int, default=10_000, help="environment steps before the first update")
     g.add_argument("--train-frequency", type=int, default=10, help="environment steps per update")
+    g.add_argument("--gradient-steps", type=int, default=1,
+                   help="updates (batches) each time an update is due, as SB3's gradient_steps")
     g.add_argument("--target-network-frequency", type=int, default=500, help="environment steps per target update")
     g.add_argument("--tau", type=float, default=1.0, help="target update: 1 = copy, < 1 = Polyak average")
     g.add_argument("--exploration-fraction", type=float, default=0.5, help="fraction of the run over which epsilon falls")
@@ -88,7 +90,7 @@ def agent_kwargs(args, name: str) -> dict:
     return dict(
         learner=name, n_envs=args.n_envs, hidden=tuple(_common.parse_int_list(args.hidden)),
         learner_kwargs=learner_kwargs, buffer_size=args.buffer_size, batch_size=args.batch_size, gamma=args.gamma,
-        learning_starts=args.learning_starts, train_frequency=args.train_frequency,
+        learning_starts=args.learning_starts, train_frequency=args.train_frequency, gradient_steps=args.gradient_steps,
         target_update_interval=args.target_network_frequency, tau=args.tau,
         exploration_fraction=args.exploration_fraction, start_e=args.start_e, end_e=args.end_e,
         double_dqn=args.double_dqn, td_loss=args.td_loss, device=args.device, tensorboard_log=args.logdir,

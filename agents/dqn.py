@@ -500,21 +500,25 @@ class DQNAgent:
         if state["spaces"] != [list(self.obs_shape), self.n_actions, self.n_envs]:
             raise CheckpointError(f"{path} was saved for observation shape, actions and environments "
                                   f"{state['spaces']}, this agent has {[list(self.obs_shape), self.n_actions, self.n_envs]}")
+        # The checkpoint is mapped onto the learner's device; the host-side state goes back to the CPU.
+        host = {k: state[k].cpu() for k in ("sampler", "obs", "autoreset")}
+        episode = [t.cpu() for t in state["episode"]]
+        envs = None if state["envs"] is None else state["envs"].cpu()
         self.target.load_state_dict(state["target"])
         self.buffer.load_state_dict(state["buffer"])
         (self.global_step, self.n_updates, self.dropped_transitions, self._since_train, self._since_target,
          exploration) = (int(v) for v in state["counters"])
         self.exploration_timesteps = exploration or None
         self._rng.bit_generator.state = json.loads(state["rng"])
-        self._sampler.set_state(state["sampler"])
-        self._obs = state["obs"].numpy().copy()
-        self._autoreset = state["autoreset"].numpy().astype(np.bool_)
-        self._episode_return = state["episode"][0].numpy().copy()
-        self._episode_length = state["episode"][1].numpy().copy()
+        self._sampler.set_state(host["sampler"])
+        self._obs = host["obs"].numpy().copy()
+        self._autoreset = host["autoreset"].numpy().astype(np.bool_)
+        self._episode_return = episode[0].numpy().copy()
+        self._episode_length = episode[1].numpy().copy()
         self.episode_returns = [(int(s), float(r), int(n)) for s, r, n in state["episode_returns"]]
         self.eval_history = [(int(s), float(m), float(d)) for s, m, d in state["eval_history"]]
-        if state["envs"] is not None:
-            restore_env_state(self.envs, state["envs"].numpy().tobytes(), self._autoreset)
+        if envs is not None:
+            restore_env_state(self.envs, envs.numpy().tobytes(), self._autoreset)
         else:  # environments that cannot be pickled: start new episodes
             self._obs, _ = self.envs.reset(seed=self.seed + self.global_step)
             self._autoreset[:] = False

@@ -139,6 +139,28 @@ def test_loading_into_a_different_agent_is_refused(tmp_path):
         agent.load(tmp_path / "missing.pt")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("learner", ["am-adam", "am-mem", "backprop"])
+def test_gpu_agent_resumes_on_the_gpu_and_on_the_cpu(learner, tmp_path):
+    # The buffer and both networks live on the GPU; a checkpoint written there resumes on the GPU
+    # as an uninterrupted run, and on the CPU as well (the host-side state is mapped back).
+    straight = small_agent("CartPole-v1", learner, device="cuda").learn(600, progress_bar=False)
+    assert straight.buffer.obs.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in straight.target.parameters())
+    first = small_agent("CartPole-v1", learner, device="cuda").learn(300, progress_bar=False)
+    first.save(tmp_path / "agent.pt")
+    resumed = small_agent("CartPole-v1", learner, device="cuda").load(tmp_path / "agent.pt").learn(300, progress_bar=False)
+    assert resumed.episode_returns == straight.episode_returns
+    for p, q in zip(straight.learner.model.parameters(), resumed.learner.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    on_cpu = small_agent("CartPole-v1", learner, device="cpu").load(tmp_path / "agent.pt")
+    assert on_cpu.global_step == 300 and len(on_cpu.buffer) == len(first.buffer)
+    for p, q in zip(first.learner.model.parameters(), on_cpu.learner.model.parameters()):
+        assert torch.equal(p.cpu(), q)
+    on_cpu.learn(100, progress_bar=False)
+    assert on_cpu.global_step == 400
+
+
 # ---------------------------------------------------------------------------------- bad input
 def test_bad_environments_and_networks_are_clear_errors():
     with pytest.raises(ValueError, match="unknown Gymnasium environment id 'CartPol-v1'.*CartPole-v1"):

@@ -8,6 +8,7 @@ seeds), writes TensorBoard logs with CleanRL's tags and a PNG of the evaluation 
 
     python scripts/rl.py --env CartPole-v1 --learner am-adam --total-timesteps 100000 --seed 1
     python scripts/rl.py --env CartPole-v1 --learner am-adam,backprop --seeds 1,2,3
+    python scripts/rl.py --env Acrobot-v1 --learner am-adam,am-mem,backprop --seeds 1,2,3,4,5 --jobs 15
     python scripts/rl.py --tasks cartpole-physics --learner am-adam,backprop --steps-per-task 50000
 
 With --tasks, one agent meets a sequence of environments sharing their spaces and is evaluated on
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", default=None, help="also write the results to this JSON file")
     o.add_argument("--save", default=None, help="save the last run's agent here (agents.DQNAgent.load resumes it)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--jobs", type=int, default=1,
+                   help="runs (learner x seed) in parallel processes; on the CPU each takes --threads threads, so "
+                        "up to one job per core (the runs and their results are the same as one by one)")
     return p
 
 
@@ -140,6 +144,37 @@ def run_tasks(args, name: str, seed: int) -> dict:
             "bwt": result.backward_transfer, "seconds": time.perf_counter() - start}
 
 
+def run_one(args, name: str, seed: int) -> dict:
+    """One learner and seed; a ValueError names the learner it came from."""
+    if args.threads or resolve_device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    try:
+        run = run_tasks(args, name, seed) if args.tasks else run_single(args, name, seed)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    if not args.tasks:
+        threshold = THRESHOLDS.get(args.env)
+        solved = f", first mean >= {threshold:g} at step {run['solved_at']}" if run["solved_at"] else ""
+        print(f"{name} seed {seed}: final evaluation {run['final_mean']:.1f} ± {run['final_std']:.1f} over "
+              f"{args.final_eval_episodes} episodes, {run['sps']:.0f} steps/s{solved}", flush=True)
+    return run
+
+
+def run_all(args, jobs: list[tuple[str, int]]) -> list[dict]:
+    """Every (learner, seed) run, in that order: one after another, or ``--jobs`` at a time in
+    separate processes (each run seeds everything itself, so the results do not depend on it)."""
+    if args.jobs <= 1 or len(jobs) == 1:
+        return [run_one(args, name, seed) for name, seed in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    quiet = argparse.Namespace(**{**vars(args), "quiet": True})  # one progress bar per process would garble
+    print(f"{len(jobs)} runs, {min(args.jobs, len(jobs))} at a time", flush=True)
+    with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, quiet, name, seed) for name, seed in jobs]
+        return [f.result() for f in futures]
+
+
 def _spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -153,31 +188,24 @@ def main(argv=None) -> None:
         learners = _common.parse_name_list(args.learner, LEARNERS, "learner")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [args.seed]
         _common.parse_int_list(args.hidden)
-        device = resolve_device(args.device)
+        resolve_device(args.device)  # an unknown device: fail now
         if args.total_timesteps < 1 or args.steps_per_task < 1:
             raise ValueError("--total-timesteps and --steps-per-task must be >= 1")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         if not args.tasks:
             from agents.envs import make_vector_env
 
             make_vector_env(args.env, 1).close()  # an unknown id or a continuous action space: fail now
     except ValueError as err:
         parser.error(" ".join(str(err).split()))
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
 
     label = args.tasks or args.env
-    runs = []
-    for name in learners:
-        for seed in seeds:
-            try:
-                run = run_tasks(args, name, seed) if args.tasks else run_single(args, name, seed)
-            except ValueError as err:  # a learner option that does not apply, a network that does not fit
-                parser.error(f"{name}: {' '.join(str(err).split())}")
-            runs.append(run)
-            if not args.tasks:
-                solved = f", first mean >= {THRESHOLDS[args.env]:g} at step {run['solved_at']}" if run["solved_at"] else ""
-                print(f"{name} seed {seed}: final evaluation {run['final_mean']:.1f} ± {run['final_std']:.1f} over "
-                      f"{args.final_eval_episodes} episodes, {run['sps']:.0f} steps/s{solved}")
+    jobs = [(name, seed) for name in learners for seed in seeds]
+    try:
+        runs = run_all(args, jobs)
+    except ValueError as err:  # a learner option that does not apply, a network that does not fit
+        parser.error(" ".join(str(err).split()))
 
     import _plots
 

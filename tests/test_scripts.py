@@ -197,6 +197,20 @@ def test_rl_compares_learners_and_seeds(tmp_path):
     assert len(list(tmp_path.glob("CartPole-v1__dqn-*/events.out.tfevents.*"))) == 4
 
 
+def test_rl_parallel_jobs_give_the_same_runs(tmp_path):
+    args = ("--env", "CartPole-v1", "--learner", "am-adam,backprop", "--seeds", "1,2", "--total-timesteps", "600",
+            "--learning-starts", "200", "--train-frequency", "4", "--batch-size", "32", "--eval-every", "300",
+            "--eval-episodes", "2", "--final-eval-episodes", "2", "--quiet", "--logdir", str(tmp_path))
+    one_by_one = run_rl(*args, "--json", str(tmp_path / "a.json"))
+    parallel = run_rl(*args, "--jobs", "2", "--json", str(tmp_path / "b.json"))
+    assert one_by_one.returncode == 0 and parallel.returncode == 0, parallel.stderr
+    assert "4 runs, 2 at a time" in parallel.stdout
+    a, b = (json.loads((tmp_path / f).read_text())["runs"] for f in ("a.json", "b.json"))
+    assert [(r["learner"], r["seed"]) for r in b] == [("am-adam", 1), ("am-adam", 2), ("backprop", 1), ("backprop", 2)]
+    for x, y in zip(a, b):
+        assert x["eval_history"] == y["eval_history"] and x["final_mean"] == y["final_mean"]
+
+
 def test_rl_task_sequence_prints_a_return_matrix(tmp_path):
     proc = run_rl("--tasks", "cartpole-physics", "--learner", "am-mem", "--steps-per-task", "200",
                   "--learning-starts", "100", "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path))

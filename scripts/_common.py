@@ -37,6 +37,7 @@ HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "prox": (AM_LEARNERS, "prox"),
     "reduction": (AM_LEARNERS, "reduction"),
     "bn_stats": (AM_LEARNERS, "bn_stats"),
+    "output_fit": (AM_LEARNERS, "output_fit"),
     "memory": (("am-mem",), "memory"),
     "forget": (("am-mem",), "forget"),
     "solver": (("am-mem",), "solver"),
@@ -66,6 +67,8 @@ HPARAM_HELP: dict[str, tuple[str, type, tuple | None]] = {
                   "as far as the last one) or sum (the objective summed over samples)", str, ("mean", "sum")),
     "bn_stats": ("AM BatchNorm running statistics: forward (from the plain forward pass only) or all "
                  "(also every code and weight step, as the reference code)", str, ("forward", "all")),
+    "output_fit": ("AM output layer fitted at the updated last code (codes: the paper) or at the forward one "
+                   "(forward: the task loss's own gradient for that layer)", str, ("codes", "forward")),
     "memory": ("AM-mem co-activation memory: sum, mean or forget (exponential forgetting by --forget)",
                str, ("sum", "mean", "forget")),
     "forget": ("AM-mem forgetting factor eta with --memory forget", float, None),

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--double-dqn", action="store_true", help="Double DQN targets")
     g.add_argument("--td-loss", default="mse", choices=("mse", "huber"), help="TD loss")
     a = p.add_argument_group("amstream learners (default: the agent's TD settings, agents.DQN_LEARNER_DEFAULTS)")
-    _common.add_hparam_arguments(a, ("mu", "code_steps", "code_lr", "reduction", "memory", "forget", "solver"))
+    _common.add_hparam_arguments(a, ("mu", "code_steps", "code_lr", "reduction", "output_fit", "memory", "forget",
+                                   "solver"))
     o = p.add_argument_group("evaluation and output")
     o.add_argument("--eval-every", type=int, default=None, help="steps between greedy evaluations (default: 20 per run)")
     o.add_argument("--eval-episodes", type=int, default=10, help="episodes per periodic evaluation")

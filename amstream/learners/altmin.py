@@ -26,7 +26,10 @@ from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grad
 from ..schedules import apply_lr_halving_, mu_at
 from .base import Learner, LossFn, Penalty, StepInfo, add_penalty_grads_
 
-__all__ = ["AltMinLearner", "AMAdam"]
+__all__ = ["OUTPUT_FITS", "AMAdam", "AltMinLearner"]
+
+#: where the output block is fitted (``output_fit``): at the updated codes or the forward codes
+OUTPUT_FITS = ("codes", "forward")
 
 
 class AltMinLearner(Learner):
@@ -61,6 +64,13 @@ class AltMinLearner(Learner):
             pass; ``"all"``: also by every code and weight step, as in the reference code (bug A8).
         fast: closed-form gradients for blocks ``Linear(activation(c))`` (same values as autograd,
             far fewer kernel launches); Conv/BatchNorm/custom blocks always use autograd.
+        output_fit: where the output block is fitted to the task loss. ``"codes"`` (the paper and
+            the reference code): at the updated last code, whose task loss the code step has
+            already reduced, so the output layer sees only the residual (which Adam rescales to
+            full-size steps). ``"forward"``: at the forward pass's last code, the task loss's own
+            gradient for that layer (as backprop's); the hidden layers still fit the codes. For
+            bootstrapped regression (DQN) the residual fit let the Q-values run away (measured,
+            ``agents.DQN_LEARNER_DEFAULTS``); classification keeps the paper's rule.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class AltMinLearner(Learner):
         prox: str = "paper",
         bn_stats: str = "forward",
         fast: bool = True,
+        output_fit: str = "codes",
         device: str | torch.device = "auto",
         on_nonfinite: str = "warn",
         validate: bool = True,
@@ -100,6 +111,8 @@ class AltMinLearner(Learner):
             raise ValueError(f"prox must be one of {PROX_MODES}, got {prox!r}")
         if bn_stats not in ("forward", "all"):
             raise ValueError(f"bn_stats must be 'forward' or 'all', got {bn_stats!r}")
+        if output_fit not in OUTPUT_FITS:
+            raise ValueError(f"output_fit must be one of {OUTPUT_FITS}, got {output_fit!r}")
         super().__init__(model, criterion=criterion, device=device, on_nonfinite=on_nonfinite,
                          validate=validate, input_shape=input_shape)
         n_codes = len(self.blocks.hidden)
@@ -113,7 +126,7 @@ class AltMinLearner(Learner):
         self.code_steps, self.code_lrs, self.code_momentum = int(code_steps), code_lrs, float(code_momentum)
         self.lr_out, self.weight_steps, self.lr_halve_every = float(lr_out), int(weight_steps), lr_halve_every
         self.lambda_c, self.prox, self.bn_stats, self.fast = float(lambda_c), prox, bn_stats, bool(fast)
-        self.reduction, self.cap_code_steps = reduction, bool(cap_code_steps)
+        self.reduction, self.cap_code_steps, self.output_fit = reduction, bool(cap_code_steps), output_fit
         self._last_codes: list[torch.Tensor] = []
         self._pending_forward: tuple | None = None
         # One parameter group per block, so that schedulers and plugins that call zero_grad or read
@@ -215,8 +228,11 @@ class AltMinLearner(Learner):
                 prox=self.prox, lambda_c=self.lambda_c, fast=self.fast, reduction=self.reduction,
                 cap_steps=self.cap_code_steps,
             ) if codes else []
-            # (3) weights: every block on its own input/output codes
+            # (3) weights: every block on its own input/output codes (the output block at the
+            # forward code with output_fit="forward")
             inputs = [x, *new_codes]
+            if self.output_fit == "forward" and codes:
+                inputs[-1] = codes[-1]
             if self._views is not None:
                 local = self._fit_weights_fast(inputs, new_codes, codes, loss_fn, penalty)
             else:
@@ -296,7 +312,7 @@ class AltMinLearner(Learner):
         return {
             "mu": self.mu, "d_mu": self.d_mu, "mu_max": self.mu_max, "code_steps": self.code_steps,
             "code_lr": self.code_lrs, "code_momentum": self.code_momentum,
-            "cap_code_steps": self.cap_code_steps, "lr_out": self.lr_out,
+            "cap_code_steps": self.cap_code_steps, "output_fit": self.output_fit, "lr_out": self.lr_out,
             "weight_steps": self.weight_steps, "lr_halve_every": self.lr_halve_every,
             "lambda_c": self.lambda_c, "reduction": self.reduction, "prox": self.prox, "bn_stats": self.bn_stats,
         }

@@ -292,7 +292,8 @@ def test_cpu_and_gpu_agree(name, digits):
 # ------------------------------------------------------------------------------ method specifics
 def test_fast_path_equals_autograd_path(digits):
     train, _ = digits
-    for cls, kw in [(AMAdam, {}), (AMAdam, {"lambda_w": 1e-3, "weight_steps": 2, "lambda_c": 1e-3}), (AMMem, {})]:
+    for cls, kw in [(AMAdam, {}), (AMAdam, {"lambda_w": 1e-3, "weight_steps": 2, "lambda_c": 1e-3}), (AMMem, {}),
+                    (AMAdam, {"output_fit": "forward"}), (AMMem, {"output_fit": "forward"})]:
         torch.manual_seed(0)
         fast_model = mlp().double()
         slow_model = copy.deepcopy(fast_model)
@@ -304,6 +305,35 @@ def test_fast_path_equals_autograd_path(digits):
             slow.learn(x.double(), y)
         for p, q in zip(fast_model.parameters(), slow_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cls", [AMAdam, AMMem])
+def test_output_fit_forward_steps_the_output_layer_on_its_backprop_gradient(cls, digits):
+    # output_fit="forward": the output layer takes the Adam step of the task loss at the forward
+    # codes (backprop's gradient for that layer); the hidden layers fit the same codes as with
+    # the paper's rule, so they end equal.
+    train, _ = digits
+    x, y = batches(train, n=1)[0]
+    x = x.double()
+    torch.manual_seed(0)
+    model = mlp().double()
+    reference = copy.deepcopy(model)
+    learners = {fit: cls(copy.deepcopy(model), device="cpu", output_fit=fit) for fit in ("codes", "forward")}
+    for learner in learners.values():
+        learner.learn(x, y)
+    codes_model, forward_model = learners["codes"].model, learners["forward"].model
+    for (name, p), q in zip(codes_model.named_parameters(), forward_model.parameters()):
+        if not name.startswith("5."):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    out_layer = reference[5]
+    F.cross_entropy(reference(x), y).backward()
+    adam = torch.optim.Adam(out_layer.parameters(), lr=learners["forward"].lr_out)
+    adam.step()
+    torch.testing.assert_close(forward_model[5].weight, out_layer.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(forward_model[5].bias, out_layer.bias, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(codes_model[5].weight, forward_model[5].weight)
+    with pytest.raises(ValueError, match="output_fit must be one of"):
+        cls(mlp(), device="cpu", output_fit="backprop")
 
 
 def test_prox_flag_changes_the_trajectory(digits):

@@ -77,17 +77,19 @@ HPARAM_HELP: dict[str, tuple[str, type, tuple | None]] = {
 }
 
 
-def hparam_help(option: str) -> str:
-    """The help text of a hyperparameter option, ending with the learners' own defaults."""
-    return f"{HPARAM_HELP[option][0]} (default: {describe_defaults(option)})"
+def hparam_help(option: str, defaults: dict[str, dict] | None = None) -> str:
+    """The help text of a hyperparameter option, ending with the learners' defaults (their own, or
+    those of ``defaults``, as in :func:`describe_defaults`)."""
+    return f"{HPARAM_HELP[option][0]} (default: {describe_defaults(option, defaults)})"
 
 
-def add_hparam_arguments(parser, options: Iterable[str]) -> None:
-    """Add ``--mu``, ``--code-lr``, ... (default None: the learner's own value) to an argparse parser."""
+def add_hparam_arguments(parser, options: Iterable[str], defaults: dict[str, dict] | None = None) -> None:
+    """Add ``--mu``, ``--code-lr``, ... (default None: the learner's own value, or the caller's
+    ``defaults`` for it) to an argparse parser."""
     for option in options:
         _, type_, choices = HPARAM_HELP[option]
         parser.add_argument("--" + option.replace("_", "-"), type=type_, choices=choices, default=None,
-                            help=hparam_help(option).replace("%", "%%"))
+                            help=hparam_help(option, defaults).replace("%", "%%"))
 
 
 def build_mlp(d_in: int | tuple, hidden: list[int], n_classes: int, batchnorm: bool = False) -> nn.Sequential:
@@ -207,10 +209,13 @@ def learner_default(name: str, keyword: str):
     return value
 
 
-def describe_defaults(option: str) -> str:
-    """``"am-adam 0.003, am-mem 0.003"``: the learners' own defaults behind a CLI option."""
+def describe_defaults(option: str, defaults: dict[str, dict] | None = None) -> str:
+    """``"am-adam 0.003, am-mem 0.003"``: the learners' own defaults behind a CLI option, or those
+    of ``defaults`` (learner name -> constructor keywords) where it sets them."""
     learners, keyword = HPARAM_OPTIONS[option]
-    return ", ".join(f"{name} {learner_default(name, keyword)}" for name in learners)
+    defaults = defaults or {}
+    return ", ".join(f"{name} {defaults.get(name, {}).get(keyword, learner_default(name, keyword))}"
+                     for name in learners)
 
 
 # -------------------------------------------------------------------------------------- parsing

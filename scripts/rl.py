@@ -36,6 +36,7 @@ THRESHOLDS = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "MountainCar-v0": -110
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agents import DQN_LEARNER_DEFAULTS
     from agents.tasks import TASK_SEQUENCES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_common.HelpFormatter)
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--td-loss", default="mse", choices=("mse", "huber"), help="TD loss")
     a = p.add_argument_group("amstream learners (default: the agent's TD settings, agents.DQN_LEARNER_DEFAULTS)")
     _common.add_hparam_arguments(a, ("mu", "code_steps", "code_lr", "reduction", "output_fit", "memory", "forget",
-                                   "solver"))
+                                   "solver"), defaults=DQN_LEARNER_DEFAULTS)
     o = p.add_argument_group("evaluation and output")
     o.add_argument("--eval-every", type=int, default=None, help="steps between greedy evaluations (default: 20 per run)")
     o.add_argument("--eval-episodes", type=int, default=10, help="episodes per periodic evaluation")

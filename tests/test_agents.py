@@ -202,6 +202,7 @@ def test_am_adam_clearly_beats_a_random_policy_on_cartpole():
     agent = DQNAgent("CartPole-v1", "am-adam", learning_starts=1000, train_frequency=4, batch_size=64,
                      target_update_interval=500, exploration_fraction=0.3, learner_kwargs={"lr": 1e-3, "lr_out": 1e-3},
                      device="cpu", seed=1)
+    assert agent.learner.output_fit == "forward"  # the agent's TD default (DQN_LEARNER_DEFAULTS)
     agent.learn(8000, progress_bar=False)
     mean, _ = agent.evaluate(10)
     assert mean > 4 * random_return, (mean, random_return)

@@ -170,10 +170,13 @@ def run_all(args, jobs: list[tuple[str, int]]) -> list[dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    quiet = argparse.Namespace(**{**vars(args), "quiet": True})  # one progress bar per process would garble
+    def job_args(last: bool) -> argparse.Namespace:
+        # one progress bar per process would garble the terminal; --save keeps the last run, as one by one
+        return argparse.Namespace(**{**vars(args), "quiet": True, "save": args.save if last else None})
+
     print(f"{len(jobs)} runs, {min(args.jobs, len(jobs))} at a time", flush=True)
     with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, quiet, name, seed) for name, seed in jobs]
+        futures = [pool.submit(run_one, job_args(i == len(jobs) - 1), name, seed) for i, (name, seed) in enumerate(jobs)]
         return [f.result() for f in futures]
 
 

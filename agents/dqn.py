@@ -45,12 +45,13 @@ __all__ = ["DQNAgent", "DQN_LEARNER_DEFAULTS", "q_network", "td_targets"]
 #: regression on a moving target, not a cross-entropy: AM-Adam's reference mu (0.003, tuned for
 #: classification) weighs it 333x against the codes' proximity and the loss grows. On CartPole
 #: (seed 1, lr 1e-3, MSE) mu = 0.3 collapsed to a constant policy after 20k steps; mu = 1.0 did not.
-#: With the paper's output fit (at the updated last code) the Q-values of 2 of 5 CartPole seeds
-#: still ran away late in a 100k-step run (3 of 4 with Double DQN); fitted at the forward code
-#: (``output_fit="forward"``) all 5 seeds reached 500 (BENCHMARKS.md, section 7).
+#: With the paper's output fit (at the updated last code) AM-Adam's Q-values ran away late in a
+#: 100k-step run on 2 of 5 CartPole seeds (3 of 4 with Double DQN); fitted at the forward code
+#: (``output_fit="forward"``) all 5 seeds reached 500, and AM-mem reached a 475 average on 3 of 5
+#: seeds instead of 1 (BENCHMARKS.md, section 7).
 DQN_LEARNER_DEFAULTS: dict[str, dict] = {
     "am-adam": {"mu": 1.0, "output_fit": "forward", "lr": 2.5e-4, "lr_out": 2.5e-4},
-    "am-mem": {"lr_out": 2.5e-4},
+    "am-mem": {"output_fit": "forward", "lr_out": 2.5e-4},
     "backprop": {"lr": 2.5e-4},
 }
 TD_LOSSES = ("mse", "huber")

@@ -81,6 +81,7 @@ class Args:
     prox: str | None = _opt(None, hparam_help("prox"), type=str, choices=("paper", "official"))
     reduction: str | None = _opt(None, hparam_help("reduction"), type=str, choices=("mean", "sum"))
     bn_stats: str | None = _opt(None, hparam_help("bn_stats"), type=str, choices=("forward", "all"))
+    output_fit: str | None = _opt(None, hparam_help("output_fit"), type=str, choices=("codes", "forward"))
     memory: str | None = _opt(None, hparam_help("memory"), type=str, choices=("sum", "mean", "forget"))
     forget: float | None = _opt(None, hparam_help("forget"), type=float)
     solver: str | None = _opt(None, hparam_help("solver"), type=str, choices=("sweep", "solve"))

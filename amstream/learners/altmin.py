@@ -70,8 +70,8 @@ class AltMinLearner(Learner):
             full-size steps). ``"forward"``: at the forward pass's last code, the task loss's own
             gradient for that layer (as backprop's); the hidden layers still fit the codes. For
             bootstrapped regression (DQN) the residual fit let the Q-values run away (measured,
-            ``agents.DQN_LEARNER_DEFAULTS``); on classification the paper's rule was better (the
-            digits stream, batch 10, two seeds: 78.9% prequential accuracy against 74.9%).
+            ``agents.DQN_LEARNER_DEFAULTS``); on the digits stream the paper's rule had the
+            better prequential accuracy (BENCHMARKS.md, section 7), so it stays the default.
     """
 
     def __init__(

@@ -69,18 +69,22 @@ def gauss_seidel_sweep_(W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, eps:
 
     With ``shift`` = lam > 0 it is the same sweep for the damped system ``W (A + lam I) = Bm + lam
     anchor`` (``anchor`` defaults to ``W``, whose proximal term then adds nothing to the residual):
-    only the diagonal of the triangular blocks moves, so damping costs nothing extra.
+    only the diagonal of the triangular blocks moves, so damping costs nothing extra. ``shift`` may
+    also be one lam per column (a vector of length d): the system is then ``W (A + diag(lam)) = Bm
+    + anchor diag(lam)``.
     """
     d = A.shape[0]
     k = blocks or _sweep_blocks(d)
     size = -(-d // k)
+    per_column = isinstance(shift, torch.Tensor) and shift.ndim == 1
     for start in range(0, d, size):
         stop = min(start + size, d)
+        lam = shift[start:stop] if per_column else shift
         residual = torch.addmm(Bm[:, start:stop], W, A[:, start:stop], alpha=-1.0)
         if anchor is not None and anchor is not W:
-            residual.add_(shift * (anchor[:, start:stop] - W[:, start:stop]))
+            residual.add_(lam * (anchor[:, start:stop] - W[:, start:stop]))
         diagonal_block = A[start:stop, start:stop].clone()
-        diagonal_block.diagonal().add_(eps + shift)
+        diagonal_block.diagonal().add_(eps + lam)
         W[:, start:stop] += torch.linalg.solve_triangular(diagonal_block, residual, upper=True, left=False)
     return W
 

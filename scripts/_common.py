@@ -41,6 +41,8 @@ HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "memory": (("am-mem",), "memory"),
     "forget": (("am-mem",), "forget"),
     "solver": (("am-mem",), "solver"),
+    "damping": (("am-mem",), "damping"),
+    "damping_scale": (("am-mem",), "damping_scale"),
     "bp_lr": (("backprop",), "lr"),
     "lr_halve_every": (LEARNER_NAMES, "lr_halve_every"),
 }
@@ -74,6 +76,9 @@ HPARAM_HELP: dict[str, tuple[str, type, tuple | None]] = {
     "forget": ("AM-mem forgetting factor eta with --memory forget", float, None),
     "solver": ("AM-mem weight solve: sweep (one Gauss-Seidel sweep per batch, as the reference) or "
                "solve (Cholesky)", str, ("sweep", "solve")),
+    "damping": ("AM-mem proximal damping of the weight solve, in units of the memory's diagonal", float, None),
+    "damping_scale": ("AM-mem damping per input: mean (one weight, the mean of diag A: inputs of small scale "
+                      "learn slowly) or diagonal (A_jj per input: scale-free)", str, ("mean", "diagonal")),
 }
 
 

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight (acts on the output layer)")
     p.add_argument("--bp-optimizer", default="adam", choices=("adam", "sgd"), help="optimizer of the backprop learner")
     add_hparam_arguments(p, ("bp_lr", "mu", "code_steps", "code_lr", "lr", "lr_out", "reduction",
-                             "memory", "forget", "solver"))
+                             "memory", "forget", "solver", "damping", "damping_scale"))
     p.add_argument("--seed", type=int, default=0, help="seed of the class order, the weights and the data order")
     p.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--td-loss", default="mse", choices=("mse", "huber"), help="TD loss")
     a = p.add_argument_group("amstream learners (default: the agent's TD settings, agents.DQN_LEARNER_DEFAULTS)")
     _common.add_hparam_arguments(a, ("mu", "code_steps", "code_lr", "reduction", "output_fit", "memory", "forget",
-                                   "solver"), defaults=DQN_LEARNER_DEFAULTS)
+                                   "solver", "damping", "damping_scale"), defaults=DQN_LEARNER_DEFAULTS)
     o = p.add_argument_group("evaluation and output")
     o.add_argument("--eval-every", type=int, default=None, help="steps between greedy evaluations (default: 20 per run)")
     o.add_argument("--eval-episodes", type=int, default=10, help="episodes per periodic evaluation")

@@ -85,6 +85,8 @@ class Args:
     memory: str | None = _opt(None, hparam_help("memory"), type=str, choices=("sum", "mean", "forget"))
     forget: float | None = _opt(None, hparam_help("forget"), type=float)
     solver: str | None = _opt(None, hparam_help("solver"), type=str, choices=("sweep", "solve"))
+    damping: float | None = _opt(None, hparam_help("damping"), type=float)
+    damping_scale: str | None = _opt(None, hparam_help("damping_scale"), type=str, choices=("mean", "diagonal"))
     # --- evaluation and output
     eval_every: int | None = _opt(None, "samples between points of the prequential curve (default: "
                                   "about 100 points per run)", type=int)

@@ -582,6 +582,21 @@ def test_damped_sweep_equals_the_column_loop_on_the_damped_system():
     assert not torch.allclose(fast, gauss_seidel_sweep(W0, A, Bm))  # the damping did change the sweep
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_per_column_damped_sweep_equals_the_column_loop(blocks):
+    """A vector shift (one lam per column) is the sweep on W (A + diag(lam)) = B + W0 diag(lam)."""
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(300, 50, dtype=F64))
+    a[:, 7] = 0.0
+    A, Bm = a.T @ a, torch.randn(300, 7, dtype=F64).T @ a
+    W0 = torch.randn(7, 50, dtype=F64)
+    lam = 0.5 * A.diagonal()
+    fast = gauss_seidel_sweep(W0, A, Bm, 1e-10, shift=lam, anchor=W0, blocks=blocks)
+    loop = gauss_seidel_sweep_reference(W0, A + torch.diag(lam), Bm + W0 * lam, 1e-10)
+    torch.testing.assert_close(fast, loop, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(fast, gauss_seidel_sweep(W0, A, Bm, 1e-10, shift=lam.mean(), anchor=W0))
+
+
 @pytest.mark.parametrize("blocks", [1, 2, 3, 7])
 def test_blocked_in_place_sweep_equals_the_column_loop(blocks):
     """Any number of column blocks gives the same sweep as the reference loop, updating W in place."""

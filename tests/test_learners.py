@@ -450,6 +450,49 @@ def test_am_mem_damped_solve_satisfies_its_system(damping, digits):
         assert (w_new - w_old).norm() < (w_undamped - w_old).norm()
 
 
+def test_am_mem_diagonal_damping_solves_its_system_and_ignores_input_scale(digits):
+    """damping_scale="diagonal" solves W (A + diag(lam)) = B + W_old diag(lam), lam_j = damping * A_jj.
+    Unlike the "mean" scale, it is invariant to rescaling one input: multiply pixel j by s and the
+    learned first-layer column j comes out divided by s, every other weight unchanged."""
+    train, _ = digits
+    batches_ = batches(train, n=3)
+
+    def run(scale_pixel: float, damping_scale: str):
+        torch.manual_seed(0)
+        learner = make("am-mem", solver="solve", damping=1.0, damping_scale=damping_scale, ridge=0.0,
+                       memory="sum", memory_dtype=torch.float64)
+        with torch.no_grad():
+            learner.model[1].weight[:, 20] /= scale_pixel  # the same function of the rescaled input
+        w_old = None
+        for x, y in batches_:
+            x = x.clone()
+            x.view(x.shape[0], -1)[:, 20] *= scale_pixel
+            w_old = torch.cat([learner.model[1].weight, learner.model[1].bias[:, None]], 1).detach().double()
+            learner.learn(x, y)
+        return learner, w_old
+
+    learner, w_old = run(1.0, "diagonal")
+    w_new = torch.cat([learner.model[1].weight, learner.model[1].bias[:, None]], 1).detach().double()
+    A, Bm = learner._memories[0]
+    lam = A.diagonal()
+    lhs = w_new @ (A + torch.diag(lam))
+    rhs = Bm + w_old * lam
+    assert float((lhs - rhs).abs().max() / rhs.abs().max()) < 1e-3
+
+    def column_ratio(damping_scale: str) -> torch.Tensor:
+        plain, _ = run(1.0, damping_scale)
+        scaled, _ = run(1e-3, damping_scale)
+        return (scaled.model[1].weight[:, 20] * 1e-3 / plain.model[1].weight[:, 20]).detach()
+
+    torch.testing.assert_close(column_ratio("diagonal"), torch.ones(learner.model[1].out_features), rtol=1e-3, atol=1e-3)
+    assert float((column_ratio("mean") - 1).abs().max()) > 0.1  # the mean scale holds a small input back
+
+
+def test_am_mem_rejects_an_unknown_damping_scale():
+    with pytest.raises(ValueError, match="damping_scale"):
+        make("am-mem", damping_scale="per-input")
+
+
 PENALTY_CASES = ["am-adam", "am-adam-bn", "am-adam-cnn", "am-mem", "backprop-adam"]
 
 

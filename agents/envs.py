@@ -17,7 +17,8 @@ from typing import Any, Union
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["EnvSpec", "make_env_factory", "make_vector_env", "check_discrete_env", "env_state", "restore_env_state"]
+__all__ = ["EnvSpec", "make_env_factory", "make_vector_env", "check_discrete_env", "env_state", "restore_env_state",
+           "RescaledEnv"]
 
 #: what the agents accept as an environment: an id, a zero-argument factory, or an env instance
 EnvSpec = Union[str, Callable[[], gym.Env], gym.Env]
@@ -53,6 +54,51 @@ class _MakeById:
 
     def __repr__(self) -> str:
         return self.env_id
+
+
+class RescaledEnv:
+    """Picklable factory of ``gym.make(env_id)`` with its observations rescaled linearly from the
+    observation space's bounds to [-1, 1] (as Gymnasium's ``RescaleObservation``, whose lambda
+    cannot be pickled, so an agent's checkpoint could not hold the environments).
+
+    Why: a network whose layers are not trained by per-parameter adaptive steps sees raw inputs at
+    their own scale, and MountainCar's velocity (|v| <= 0.07) is about 1/20 of its position's range.
+
+    Raises:
+        ValueError: an unknown id, or an observation space that is not a Box with finite bounds.
+    """
+
+    def __init__(self, env_id: str) -> None:
+        make_env_factory(env_id)  # an unknown id fails here, with the closest ids
+        probe = gym.make(env_id)
+        space = probe.observation_space
+        probe.close()
+        if not isinstance(space, gym.spaces.Box):
+            raise ValueError(f"{env_id}: only Box observations can be rescaled, got {type(space).__name__}")
+        unbounded = np.flatnonzero(~(np.isfinite(space.low) & np.isfinite(space.high)).ravel())
+        if unbounded.size:
+            raise ValueError(f"{env_id}: observation dimensions {unbounded.tolist()} have infinite bounds, "
+                             f"so they cannot be rescaled to [-1, 1]")
+        self.env_id = env_id
+
+    def __call__(self) -> gym.Env:
+        return _RescaleToUnit(gym.make(self.env_id))
+
+    def __repr__(self) -> str:
+        return f"{self.env_id} (observations rescaled to [-1, 1])"
+
+
+class _RescaleToUnit(gym.ObservationWrapper):
+    """``2 (obs - low) / (high - low) - 1`` for a Box with finite bounds: picklable."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        space = env.observation_space
+        self.low, self.span = space.low.astype(np.float64), (space.high - space.low).astype(np.float64)
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, space.shape, np.float32)
+
+    def observation(self, observation):
+        return (2.0 * (observation - self.low) / self.span - 1.0).astype(np.float32)
 
 
 class _Fixed:

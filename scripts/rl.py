@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id (discrete actions)")
     p.add_argument("--tasks", default=None, choices=sorted(TASK_SEQUENCES),
                    help="run a continual task sequence instead of --env (then --steps-per-task per task)")
+    p.add_argument("--rescale-obs", action="store_true",
+                   help="rescale observations from the observation space's bounds to [-1, 1] (needs finite bounds; "
+                        "MountainCar's velocity is otherwise ~1/20 of its position's scale)")
     p.add_argument("--steps-per-task", type=int, default=50_000, help="environment steps on each task with --tasks")
     p.add_argument("--learner", default="am-adam", help=f"comma-separated learners, from {', '.join(LEARNERS)}")
     p.add_argument("--seed", type=int, default=1, help="seed of a single run")
@@ -88,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def env_spec(args):
+    """``--env``, wrapped to rescale its observations with ``--rescale-obs``."""
+    from agents.envs import RescaledEnv
+
+    return RescaledEnv(args.env) if args.rescale_obs else args.env
+
+
 def agent_kwargs(args, name: str) -> dict:
     learner_kwargs = _common.overrides_for(name, vars(args))
     if args.learning_rate is not None:
@@ -106,7 +116,7 @@ def agent_kwargs(args, name: str) -> dict:
 def run_single(args, name: str, seed: int) -> dict:
     from agents import DQNAgent
 
-    agent = DQNAgent(args.env, seed=seed, **agent_kwargs(args, name))
+    agent = DQNAgent(env_spec(args), seed=seed, **agent_kwargs(args, name))
     eval_every = args.eval_every or max(1, args.total_timesteps // 20)
     start = time.perf_counter()
     agent.learn(args.total_timesteps, progress_bar=not args.quiet, eval_freq=eval_every,
@@ -198,10 +208,12 @@ def main(argv=None) -> None:
             raise ValueError("--total-timesteps and --steps-per-task must be >= 1")
         if args.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        if args.tasks and args.rescale_obs:
+            raise ValueError("--rescale-obs applies to --env, not to --tasks")
         if not args.tasks:
             from agents.envs import make_vector_env
 
-            make_vector_env(args.env, 1).close()  # an unknown id or a continuous action space: fail now
+            make_vector_env(env_spec(args), 1).close()  # an unknown id, a continuous action space: fail now
     except ValueError as err:
         parser.error(" ".join(str(err).split()))
 

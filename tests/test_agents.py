@@ -3,6 +3,7 @@ input, the continual task sequence, and a short CartPole run against a random po
 from __future__ import annotations
 
 import math
+import pickle
 
 import gymnasium as gym
 import numpy as np
@@ -12,6 +13,7 @@ from gymnasium import spaces
 from torch import nn
 
 from agents import DQNAgent, ReplayBuffer, td_targets
+from agents.envs import RescaledEnv
 from agents.tasks import TASK_SEQUENCES, Task, cartpole_physics, run_task_sequence
 from amstream import AMAdam
 from amstream.checkpoint import CheckpointError
@@ -127,6 +129,32 @@ def test_save_load_resume_equals_an_uninterrupted_run(learner, tmp_path):
     for k, v in stored(straight).items():
         assert np.array_equal(v, stored(resumed)[k]), k
     assert straight.epsilon() == resumed.epsilon()
+
+
+def test_rescaled_env_maps_the_bounds_to_unit_range_and_resumes(tmp_path):
+    """RescaledEnv: MountainCar's position [-1.2, 0.6] and velocity [-0.07, 0.07] both land in
+    [-1, 1]; the factory pickles (for --jobs) and an agent on it resumes exactly."""
+    factory = pickle.loads(pickle.dumps(RescaledEnv("MountainCar-v0")))
+    env = factory()
+    obs, _ = env.reset(seed=0)
+    raw = env.unwrapped.state
+    np.testing.assert_allclose(obs, [(raw[0] + 1.2) / 0.9 - 1.0, raw[1] / 0.07], rtol=1e-5, atol=1e-6)
+    env.close()
+    with pytest.raises(ValueError, match="infinite bounds"):
+        RescaledEnv("CartPole-v1")
+
+    def agent():
+        return small_agent(RescaledEnv("MountainCar-v0"), "am-mem", exploration_timesteps=150)
+
+    straight = agent().learn(200, progress_bar=False)
+    first = agent().learn(100, progress_bar=False)
+    first.save(tmp_path / "agent.pt")
+    resumed = agent().load(tmp_path / "agent.pt").learn(100, progress_bar=False)
+    assert bool(stored(straight)["obs"].max() <= 1.0) and bool(stored(straight)["obs"].min() >= -1.0)
+    for k, v in stored(straight).items():
+        assert np.array_equal(v, stored(resumed)[k]), k
+    for p, q in zip(straight.learner.model.parameters(), resumed.learner.model.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_loading_into_a_different_agent_is_refused(tmp_path):

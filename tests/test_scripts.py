@@ -211,6 +211,19 @@ def test_rl_parallel_jobs_give_the_same_runs(tmp_path):
         assert x["eval_history"] == y["eval_history"] and x["final_mean"] == y["final_mean"]
 
 
+def test_rl_rescaled_observations_and_am_mem_options(tmp_path):
+    """--rescale-obs and AM-mem's --damping-scale reach the run: the learner's hyperparameters in
+    the TensorBoard run say so, and the run completes."""
+    proc = run_rl("--env", "MountainCar-v0", "--rescale-obs", "--learner", "am-mem", "--damping-scale", "diagonal",
+                  "--total-timesteps", "300", "--learning-starts", "100", "--eval-every", "300", "--eval-episodes", "1",
+                  "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["final_mean"] == -200.0
+    (events,) = tmp_path.glob("MountainCar-v0__dqn-am-mem__1-*/events.out.tfevents.*")
+    logged = events.read_bytes()
+    assert b"learner.damping_scale|diagonal|" in logged and b"observations rescaled to [-1, 1]" in logged
+
+
 def test_rl_task_sequence_prints_a_return_matrix(tmp_path):
     proc = run_rl("--tasks", "cartpole-physics", "--learner", "am-mem", "--steps-per-task", "200",
                   "--learning-starts", "100", "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path))
@@ -225,6 +238,8 @@ def test_rl_task_sequence_prints_a_return_matrix(tmp_path):
     (["--env", "Pendulum-v1"], "discrete action space"),
     (["--learner", "sgd"], "unknown learner"),
     (["--tasks", "nope"], "invalid choice"),
+    (["--env", "CartPole-v1", "--rescale-obs"], "infinite bounds"),
+    (["--tasks", "cartpole-physics", "--rescale-obs"], "--rescale-obs applies to --env"),
 ])
 def test_rl_bad_input_is_a_clean_error(args, message, tmp_path):
     proc = run_rl(*args, "--total-timesteps", "10", "--logdir", str(tmp_path))

@@ -58,7 +58,9 @@ class AMMem(AltMinLearner):
             ``A_jj / (A_jj + lam)`` fraction of its exact step per sweep (MountainCar's velocity,
             ~1e-4 against ~0.4, moves 0.02% a sweep). ``"diagonal"``: ``lam_j = damping * A_jj``
             (Levenberg-Marquardt's scaling), so every input's column moves ``1 / (1 + damping)`` of
-            its exact coordinate step, whatever the input's scale.
+            its exact coordinate step, whatever the input's scale. Measured (BENCHMARKS.md, section
+            7): slightly worse on digits (prequential 87.0% against 89.5%) and divergent on
+            MountainCar, where rarely-active ReLU inputs (tiny ``A_jj``) lose the mean's brake.
         lambda_w: L1 weight (in units of ``A_jj``, as the reference); > 0 switches to FISTA.
         prox_iterations: FISTA iterations per batch when ``lambda_w > 0``.
         ridge: relative ridge of the full solve (with single samples the memories stay

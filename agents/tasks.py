@@ -13,6 +13,10 @@ Ready-made sequences:
   stronger gravity.
 - :func:`acrobot_physics`: Acrobot-v1 with the default links, a longer first link, a heavier second
   link and a lighter first link.
+- :func:`cartpole_reversed`: CartPole-v1, then CartPole-v1 with its two actions swapped. The physics
+  variants are close (a policy good on one is good on all), so they measure progress more than
+  forgetting; here the second task asks for the opposite action in every state, so whatever the
+  agent learns on it is forgotten on the first.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import gymnasium as gym
 
 from amstream.metrics import backward_transfer, forgetting
 
-__all__ = ["Task", "TASK_SEQUENCES", "TaskSequenceResult", "acrobot_physics", "cartpole_physics", "run_task_sequence"]
+__all__ = ["Task", "TASK_SEQUENCES", "TaskSequenceResult", "acrobot_physics", "cartpole_physics", "cartpole_reversed",
+           "run_task_sequence"]
 
 
 class _Physics:
@@ -47,6 +52,29 @@ class _Physics:
     def __repr__(self) -> str:
         changes = ", ".join(f"{k}={v}" for k, v in self.attributes.items())
         return f"{self.env_id}({changes})"
+
+
+class _ReversedActions:
+    """Picklable factory: ``gym.make(env_id)`` whose discrete action ``a`` acts as ``n - 1 - a``."""
+
+    def __init__(self, env_id: str) -> None:
+        self.env_id = env_id
+
+    def __call__(self) -> gym.Env:
+        env = gym.make(self.env_id)
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise ValueError(f"{self.env_id}: reversing actions needs a Discrete action space, "
+                             f"got {env.action_space}")
+        return _ReverseDiscreteActions(env)
+
+    def __repr__(self) -> str:
+        return f"{self.env_id}(actions reversed)"
+
+
+class _ReverseDiscreteActions(gym.ActionWrapper):
+    def action(self, action):
+        space = self.env.action_space
+        return space.start + (space.n - 1) - (int(action) - space.start)
 
 
 def _cartpole_derived(env) -> None:
@@ -82,9 +110,18 @@ def acrobot_physics() -> list[Task]:
     ]
 
 
+def cartpole_reversed() -> list[Task]:
+    """CartPole-v1, then CartPole-v1 with push-left and push-right swapped (conflicting tasks)."""
+    return [
+        Task("default", _Physics("CartPole-v1", _cartpole_derived)),
+        Task("actions reversed", _ReversedActions("CartPole-v1")),
+    ]
+
+
 TASK_SEQUENCES: dict[str, Callable[[], list[Task]]] = {
     "cartpole-physics": cartpole_physics,
     "acrobot-physics": acrobot_physics,
+    "cartpole-reversed": cartpole_reversed,
 }
 
 

@@ -271,6 +271,17 @@ def test_physics_variants_change_the_environment():
     assert acrobot[1].make_env().unwrapped.LINK_LENGTH_1 == 1.5
 
 
+def test_reversed_actions_task_swaps_the_pushes_and_pickles():
+    default, reversed_ = (t.make_env for t in TASK_SEQUENCES["cartpole-reversed"]())
+    a, b = default(), reversed_()
+    obs_a, _ = a.reset(seed=3)
+    obs_b, _ = b.reset(seed=3)
+    np.testing.assert_array_equal(obs_a, obs_b)
+    for action in (0, 0, 1, 0, 1, 1):
+        np.testing.assert_array_equal(a.step(action)[0], b.step(1 - action)[0])
+    assert "reversed" in repr(pickle.loads(pickle.dumps(reversed_)))
+
+
 def test_task_sequence_gives_a_return_matrix():
     tasks = [Task("short", lambda: Counter(3)), Task("long", lambda: Counter(5))]
     agent = small_agent(tasks[0].make_env)

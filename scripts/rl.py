@@ -10,6 +10,7 @@ seeds), writes TensorBoard logs with CleanRL's tags and a PNG of the evaluation 
     python scripts/rl.py --env CartPole-v1 --learner am-adam,backprop --seeds 1,2,3
     python scripts/rl.py --env Acrobot-v1 --learner am-adam,am-mem,backprop --seeds 1,2,3,4,5 --jobs 15
     python scripts/rl.py --tasks cartpole-physics --learner am-adam,backprop --steps-per-task 50000
+    python scripts/rl.py --tasks cartpole-reversed --learner am-adam,backprop --steps-per-task 50000
 
 With --tasks, one agent meets a sequence of environments sharing their spaces and is evaluated on
 every task after each one: a task-by-task return matrix, forgetting and backward transfer.

@@ -259,7 +259,7 @@ def test_penalty_plugins_reach_the_learner(benchmark, monkeypatch):
     step = strategy.learner.step
 
     def spy(x, loss_fn, penalty=None):
-        penalties.append(None if penalty is None else float(penalty))
+        penalties.append(None if penalty is None else float(penalty.detach()))
         return step(x, loss_fn, penalty=penalty)
 
     monkeypatch.setattr(strategy.learner, "step", spy)

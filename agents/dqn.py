@@ -450,7 +450,8 @@ class DQNAgent:
 
     def hparams(self) -> dict:
         return {
-            "env": repr(self.env_factory), "learner": self.learner_name, **{f"learner.{k}": v for k, v in self.learner.hparams().items()},
+            "env": repr(self.env_factory), "learner": self.learner_name,
+            **{f"learner.{k}": v for k, v in self.learner.hparams().items()},
             "n_envs": self.n_envs, "buffer_size": self.buffer.capacity, "batch_size": self.batch_size,
             "gamma": self.gamma, "learning_starts": self.learning_starts, "train_frequency": self.train_frequency,
             "gradient_steps": self.gradient_steps, "target_update_interval": self.target_update_interval,

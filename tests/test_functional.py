@@ -565,13 +565,18 @@ def test_linear_weight_grads_equal_autograd(bias, lambda_w):
         assert torch.allclose(lin.bias.grad, expected[1], rtol=1e-12, atol=1e-14)
 
 
+def _relu_memories(n: int, d_in: int, d_out: int, dead: int):
+    """Memories ``A = a^T a``, ``B = c^T a`` of ``n`` ReLU inputs (input ``dead`` never fires)."""
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(n, d_in, dtype=F64))
+    a[:, dead] = 0.0
+    return a.T @ a, torch.randn(n, d_out, dtype=F64).T @ a
+
+
 def test_damped_sweep_equals_the_column_loop_on_the_damped_system():
     """gauss_seidel_sweep(shift=lam, anchor=W0) is a Gauss-Seidel sweep on W (A + lam I) = B + lam W0,
     also over several sweeps with the anchor held fixed."""
-    torch.manual_seed(0)
-    a = torch.relu(torch.randn(300, 50, dtype=F64))
-    a[:, 7] = 0.0  # an input that never fires
-    A, Bm = a.T @ a, torch.randn(300, 7, dtype=F64).T @ a
+    A, Bm = _relu_memories(300, 50, 7, dead=7)
     W0 = torch.randn(7, 50, dtype=F64)
     lam = 2.0
     fast, loop = W0.clone(), W0.clone()
@@ -585,10 +590,7 @@ def test_damped_sweep_equals_the_column_loop_on_the_damped_system():
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_per_column_damped_sweep_equals_the_column_loop(blocks):
     """A vector shift (one lam per column) is the sweep on W (A + diag(lam)) = B + W0 diag(lam)."""
-    torch.manual_seed(0)
-    a = torch.relu(torch.randn(300, 50, dtype=F64))
-    a[:, 7] = 0.0
-    A, Bm = a.T @ a, torch.randn(300, 7, dtype=F64).T @ a
+    A, Bm = _relu_memories(300, 50, 7, dead=7)
     W0 = torch.randn(7, 50, dtype=F64)
     lam = 0.5 * A.diagonal()
     fast = gauss_seidel_sweep(W0, A, Bm, 1e-10, shift=lam, anchor=W0, blocks=blocks)
@@ -600,10 +602,7 @@ def test_per_column_damped_sweep_equals_the_column_loop(blocks):
 @pytest.mark.parametrize("blocks", [1, 2, 3, 7])
 def test_blocked_in_place_sweep_equals_the_column_loop(blocks):
     """Any number of column blocks gives the same sweep as the reference loop, updating W in place."""
-    torch.manual_seed(0)
-    a = torch.relu(torch.randn(200, 61, dtype=F64))
-    a[:, 5] = 0.0
-    A, Bm = a.T @ a, torch.randn(200, 9, dtype=F64).T @ a
+    A, Bm = _relu_memories(200, 61, 9, dead=5)
     W = torch.randn(9, 61, dtype=F64)
     expected = gauss_seidel_sweep_reference(W, A, Bm)
     result = gauss_seidel_sweep_(W, A, Bm, blocks=blocks)

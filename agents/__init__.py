@@ -7,10 +7,12 @@
   changed physics) for continual reinforcement learning, with a task-by-task return matrix.
 """
 from .buffer import Batch, ReplayBuffer
-from .dqn import DQN_LEARNER_DEFAULTS, DQNAgent, q_network, td_targets
+from .dqn import DQNAgent
 from .envs import check_discrete_env, make_env_factory, make_vector_env
+from .networks import q_network, td_learner_settings
+from .td import TDUpdate, td_targets
 
 __all__ = [
-    "Batch", "DQNAgent", "DQN_LEARNER_DEFAULTS", "ReplayBuffer", "check_discrete_env", "make_env_factory",
-    "make_vector_env", "q_network", "td_targets",
+    "Batch", "DQNAgent", "ReplayBuffer", "TDUpdate", "check_discrete_env", "make_env_factory",
+    "make_vector_env", "q_network", "td_learner_settings", "td_targets",
 ]

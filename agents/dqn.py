@@ -12,72 +12,35 @@ with Double DQN as an option (van Hasselt et al., 2016). The loop follows CleanR
 - a transition with a non-finite observation or reward is dropped and counted, so neither the
   buffer nor the network is corrupted.
 
-The value network's update is the learner's: ``learner.step(obs, td_loss)`` where ``td_loss``
-compares the Q-value of the action taken with the TD target, so only that output is fitted. With
-an alternating-minimization learner, the codes move to lower the TD loss and each layer fits its
-own codes (Choromanska et al., 2019).
+The value network's update is the learner's (:mod:`agents.td`): ``learner.step(obs, td_loss)``,
+where ``td_loss`` compares the Q-value of the action taken with the TD target, so only that output
+is fitted. With an alternating-minimization learner, the codes move to lower the TD loss and each
+layer fits its own codes (Choromanska et al., 2019). The agent uses the learner API only, so any
+registered learner, an exact solver included, trains the value network. Saving and loading is in
+:mod:`agents.persistence`.
 """
 from __future__ import annotations
 
-import copy
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from amstream import LEARNERS, set_seed
-from amstream.checkpoint import load_checkpoint, save_checkpoint
 from amstream.learners import Learner
 from amstream.logging import NullLogger, TensorBoardLogger, make_run_dir
 from amstream.utils import resolve_device
 
 from .buffer import ReplayBuffer
-from .envs import EnvSpec, env_state, make_env_factory, make_vector_env, restore_env_state
+from .envs import EnvSpec, make_env_factory, make_vector_env
+from .networks import DEFAULT_LEARNING_RATE, q_network, td_learner_settings
+from .persistence import load_agent, save_agent
+from .td import TD_LOSSES, TDUpdate
 
-__all__ = ["DQNAgent", "DQN_LEARNER_DEFAULTS", "q_network", "td_targets"]
-
-#: learner settings for TD regression, used when the learner is given by name. The TD loss is a
-#: regression on a moving target, not a cross-entropy: AM-Adam's reference mu (0.003, tuned for
-#: classification) weighs it 333x against the codes' proximity and the loss grows. On CartPole
-#: (seed 1, lr 1e-3, MSE) mu = 0.3 collapsed to a constant policy after 20k steps; mu = 1.0 did not.
-#: With the paper's output fit (at the updated last code) AM-Adam's Q-values ran away late in a
-#: 100k-step run on 2 of 5 CartPole seeds (3 of 4 with Double DQN); fitted at the forward code
-#: (``output_fit="forward"``) all 5 seeds reached 500, and AM-mem reached a 475 average on 3 of 5
-#: seeds instead of 1 (BENCHMARKS.md, section 7).
-DQN_LEARNER_DEFAULTS: dict[str, dict] = {
-    "am-adam": {"mu": 1.0, "output_fit": "forward", "lr": 2.5e-4, "lr_out": 2.5e-4},
-    "am-mem": {"output_fit": "forward", "lr_out": 2.5e-4},
-    "backprop": {"lr": 2.5e-4},
-}
-TD_LOSSES = ("mse", "huber")
-
-
-def q_network(obs_dim: int, n_actions: int, hidden: tuple[int, ...] = (120, 84)) -> nn.Sequential:
-    """CleanRL's Q-network: ``obs -> 120 -> ReLU -> 84 -> ReLU -> n_actions``."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = obs_dim
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, n_actions))
-    return nn.Sequential(*layers)
-
-
-def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q_target: torch.Tensor, gamma: float,
-               next_q_online: torch.Tensor | None = None) -> torch.Tensor:
-    """``r + gamma * (1 - terminated) * V(s')``: ``V(s') = max_a Q_target(s', a)``, or with
-    ``next_q_online`` (Double DQN) ``Q_target(s', argmax_a Q_online(s', a))``. Only a terminal
-    state stops the bootstrap; a truncated episode's last transition bootstraps like any other."""
-    if next_q_online is None:
-        next_value = next_q_target.max(dim=1).values
-    else:
-        next_value = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
-    return rewards + gamma * (1.0 - terminated.to(rewards.dtype)) * next_value
+__all__ = ["DQNAgent"]
 
 
 class DQNAgent:
@@ -85,12 +48,14 @@ class DQNAgent:
 
     Args:
         env: a Gymnasium id, a zero-argument env factory, or an env instance (``n_envs=1``).
-        learner: a name from :data:`amstream.LEARNERS` (``"am-adam"``, ``"am-mem"``, ``"backprop"``;
-            the Q-network is then :func:`q_network` with ``hidden``) or a learner built on your
-            own network, which must map an observation batch to one value per action.
+        learner: a name from :data:`amstream.LEARNERS` (the Q-network is then :func:`q_network`
+            with ``hidden``) or a learner built on your own network, which must map an observation
+            batch to one value per action; the agent then lives on the learner's device.
         n_envs: sub-environments stepped together (a ``SyncVectorEnv``).
         hidden: hidden widths of the Q-network built for a named learner.
-        learner_kwargs: options of a named learner, over :data:`DQN_LEARNER_DEFAULTS`.
+        learning_rate: the rate of every learning-rate hyperparameter of a named learner (CleanRL's
+            2.5e-4); :func:`agents.networks.td_learner_settings` shows what a learner gets.
+        learner_kwargs: options of a named learner, over its TD preset and ``learning_rate``.
         buffer_size, batch_size, gamma, learning_starts, train_frequency, gradient_steps: as
             CleanRL (``train_frequency`` and ``learning_starts`` count environment steps, all
             sub-environments together).
@@ -102,7 +67,8 @@ class DQNAgent:
         double_dqn: pick the next action with the online network, value it with the target network.
         td_loss: ``"mse"`` (CleanRL) or ``"huber"`` (SB3, smooth L1).
         seed: seeds python, numpy, torch, the environments' resets and the agent's own generators.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...; the buffer and the networks live there.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...; the buffer and the networks live there (for a
+            built learner: its device; another device given here is an error).
         tensorboard_log: root folder for TensorBoard runs (None: no logging).
 
     Raises:
@@ -117,6 +83,7 @@ class DQNAgent:
         *,
         n_envs: int = 1,
         hidden: tuple[int, ...] = (120, 84),
+        learning_rate: float = DEFAULT_LEARNING_RATE,
         learner_kwargs: dict | None = None,
         buffer_size: int = 10_000,
         batch_size: int = 128,
@@ -137,9 +104,7 @@ class DQNAgent:
         tensorboard_log: str | Path | None = None,
     ) -> None:
         if td_loss not in TD_LOSSES:
-            raise ValueError(f"td_loss must be one of {TD_LOSSES}, got {td_loss!r}")
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+            raise ValueError(f"td_loss must be one of {tuple(TD_LOSSES)}, got {td_loss!r}")
         if not (0.0 <= end_e <= 1.0 and 0.0 <= start_e <= 1.0):
             raise ValueError(f"start_e and end_e must be probabilities, got {start_e!r}, {end_e!r}")
         for name, value in (("batch_size", batch_size), ("train_frequency", train_frequency),
@@ -153,24 +118,21 @@ class DQNAgent:
         self.n_envs = self.envs.num_envs
         obs_space, act_space = self.envs.single_observation_space, self.envs.single_action_space
         self.obs_shape, self.n_actions = tuple(obs_space.shape), int(act_space.n)
-        self.device = resolve_device(device)
 
         self.learner_name = learner if isinstance(learner, str) else type(learner).__name__
-        self.learner = self._make_learner(learner, hidden, learner_kwargs or {})
+        self.learner = self._make_learner(learner, hidden, learning_rate, learner_kwargs or {}, device)
+        self.device = self.learner.device
         self._check_network()
         # Acting runs the network directly when eval mode changes nothing (no BatchNorm, no
         # Dropout): one forward pass per environment step without predict's checks and mode switches.
         self._plain_forward = not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
                                       for m in self.learner.model.modules())
-        self.target = copy.deepcopy(self.learner.model).eval()
-        for p in self.target.parameters():
-            p.requires_grad_(False)
+        self.td = TDUpdate(self.learner, gamma=gamma, tau=tau, double_dqn=double_dqn, td_loss=td_loss)
 
         self.buffer = ReplayBuffer(buffer_size, self.obs_shape, self.device)
-        self.batch_size, self.gamma = int(batch_size), float(gamma)
+        self.batch_size = int(batch_size)
         self.learning_starts, self.train_frequency = int(learning_starts), int(train_frequency)
         self.gradient_steps, self.target_update_interval = int(gradient_steps), int(target_update_interval)
-        self.tau, self.double_dqn, self.td_loss = float(tau), bool(double_dqn), td_loss
         self.exploration_fraction, self.exploration_timesteps = float(exploration_fraction), exploration_timesteps
         self.start_e, self.end_e = float(start_e), float(end_e)
 
@@ -194,20 +156,32 @@ class DQNAgent:
         self._logger = NullLogger()
         self.tensorboard_log = tensorboard_log
         self.run_dir: Path | None = None
+        self._resume_run_dir: Path | None = None
 
     # ------------------------------------------------------------------------------ construction
-    def _make_learner(self, learner, hidden, learner_kwargs) -> Learner:
+    def _make_learner(self, learner, hidden, learning_rate, learner_kwargs, device) -> Learner:
         if isinstance(learner, Learner):
             if learner_kwargs:
                 raise ValueError("learner_kwargs apply to a learner given by name, not to a built learner")
+            if device != "auto" and resolve_device(device) != learner.device:
+                raise ValueError(f"device={device!r} differs from the learner's device {learner.device}; "
+                                 "the agent lives on its learner's device")
             return learner
         if not isinstance(learner, str) or learner not in LEARNERS:
             raise ValueError(f"unknown learner {learner!r}; choose from {', '.join(LEARNERS)} or pass a Learner")
-        obs_dim = int(np.prod(self.obs_shape))
         torch.manual_seed(self.seed)
-        model = q_network(obs_dim, self.n_actions, tuple(hidden))
-        kwargs = {**DQN_LEARNER_DEFAULTS.get(learner, {}), **learner_kwargs}
-        return LEARNERS[learner](model, device=self.device, **kwargs)
+        model = q_network(int(np.prod(self.obs_shape)), self.n_actions, tuple(hidden))
+        kwargs = {**td_learner_settings(learner, learning_rate), **learner_kwargs}
+        return LEARNERS[learner](model, device=resolve_device(device), **kwargs)
+
+    @property
+    def target(self) -> nn.Module:
+        """The target network the TD targets bootstrap on."""
+        return self.td.target
+
+    @property
+    def gamma(self) -> float:
+        return self.td.gamma
 
     def _check_network(self) -> None:
         probe = torch.zeros((1, *self.obs_shape), dtype=torch.float32)
@@ -353,41 +327,21 @@ class DQNAgent:
                 self._train_step()
         while self._since_target >= self.target_update_interval:
             self._since_target -= self.target_update_interval
-            self._update_target()
+            self.td.update_target()
 
     def _train_step(self) -> None:
         batch = self.buffer.sample(self.batch_size, self._sampler)
-        with torch.no_grad():
-            online = self.learner.predict(batch.next_obs) if self.double_dqn else None
-            target = td_targets(batch.rewards, batch.terminated, self.target(batch.next_obs), self.gamma, online)
-        actions = batch.actions[:, None]
-        criterion = F.mse_loss if self.td_loss == "mse" else F.smooth_l1_loss
-
-        def td_loss(out: torch.Tensor) -> torch.Tensor:
-            return criterion(out.gather(1, actions).squeeze(1), target)
-
-        info = self.learner.step(batch.obs, td_loss)
+        info = self.td.step(batch)
         self.n_updates += 1
-        if self.n_updates % 10 == 0 or isinstance(self._logger, TensorBoardLogger):
+        logging = isinstance(self._logger, TensorBoardLogger)
+        if self.n_updates % 10 == 0 or logging:
             self.last_td_loss = float(info.loss)
-        if isinstance(self._logger, TensorBoardLogger) and self.n_updates % 10 == 0:
+        if logging and self.n_updates % 10 == 0:
             with torch.no_grad():
-                q_taken = self.learner.predict(batch.obs).gather(1, actions).mean()
+                q_taken = self.learner.predict(batch.obs).gather(1, batch.actions[:, None]).mean()
             self._logger.record("losses/td_loss", info.loss, self.global_step)
             self._logger.record("losses/q_values", q_taken, self.global_step)
-            self._logger.log_step(info, self.global_step, [g.get("name", "") for g in
-                                                           self.learner.optimizers()[0].param_groups])
-
-    @torch.no_grad()
-    def _update_target(self) -> None:
-        online = self.learner.model
-        if self.tau >= 1.0:
-            self.target.load_state_dict(online.state_dict())
-            return
-        for t, p in zip(self.target.parameters(), online.parameters()):
-            t.lerp_(p.detach(), self.tau)
-        for t, b in zip(self.target.buffers(), online.buffers()):
-            t.copy_(b)
+            self._logger.log_step(info, self.global_step)
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, n_episodes: int = 10, env: EnvSpec | None = None, deterministic: bool = True,
@@ -442,6 +396,11 @@ class DQNAgent:
     def _open_logger(self) -> None:
         if self.tensorboard_log is None or isinstance(self._logger, TensorBoardLogger):
             return
+        resumed = self._resume_run_dir
+        if resumed is not None and resumed.is_dir():  # a loaded run continues its own folder
+            self.run_dir = resumed
+            self._logger = TensorBoardLogger(self.run_dir, purge_step=self.global_step + 1)
+            return
         env_name = getattr(self.env_factory, "env_id", None) or "env"
         self.run_dir = make_run_dir(self.tensorboard_log, f"{env_name}__dqn-{self.learner_name}__{self.seed}")
         self._logger = TensorBoardLogger(self.run_dir)
@@ -455,8 +414,8 @@ class DQNAgent:
             "n_envs": self.n_envs, "buffer_size": self.buffer.capacity, "batch_size": self.batch_size,
             "gamma": self.gamma, "learning_starts": self.learning_starts, "train_frequency": self.train_frequency,
             "gradient_steps": self.gradient_steps, "target_update_interval": self.target_update_interval,
-            "tau": self.tau, "exploration_timesteps": self.exploration_timesteps, "start_e": self.start_e,
-            "end_e": self.end_e, "double_dqn": self.double_dqn, "td_loss": self.td_loss, "seed": self.seed,
+            "tau": self.td.tau, "exploration_timesteps": self.exploration_timesteps, "start_e": self.start_e,
+            "end_e": self.end_e, "double_dqn": self.td.double_dqn, "td_loss": self.td.td_loss, "seed": self.seed,
         }
 
     def close(self) -> None:
@@ -465,66 +424,19 @@ class DQNAgent:
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
-        """Write everything a resumed run needs to continue exactly: the learner, the target
-        network, the replay buffer, the counters and exploration schedule, every random generator
-        and the environments' state (pickled sub-environments; None if they cannot be pickled, and
-        then a resumed run starts new episodes). Atomic, like :func:`amstream.save_checkpoint`."""
-        envs = env_state(self.envs)
-        return save_checkpoint(
-            path, self.learner,
-            agent={
-                "spaces": [list(self.obs_shape), self.n_actions, self.n_envs],
-                "target": self.target.state_dict(),
-                "buffer": self.buffer.state_dict(),
-                "counters": [self.global_step, self.n_updates, self.dropped_transitions, self._since_train,
-                             self._since_target, self.exploration_timesteps or 0],
-                "rng": json.dumps(self._rng.bit_generator.state),
-                "sampler": self._sampler.get_state(),
-                "obs": torch.as_tensor(np.asarray(self._obs)),
-                "autoreset": torch.as_tensor(self._autoreset),
-                "episode": [torch.as_tensor(self._episode_return), torch.as_tensor(self._episode_length)],
-                "episode_returns": [list(r) for r in self.episode_returns],
-                "eval_history": [list(r) for r in self.eval_history],
-                "envs": None if envs is None else torch.frombuffer(bytearray(envs), dtype=torch.uint8),
-            },
-        )
+        """Write everything a resumed run needs to continue exactly (:func:`agents.persistence.save_agent`):
+        the learner, the target network, the replay buffer, the counters and exploration schedule,
+        every random generator and the environments' state. Atomic, like
+        :func:`amstream.save_checkpoint`."""
+        return save_agent(self, path)
 
-    def load(self, path: str | Path) -> "DQNAgent":
+    def load(self, path: str | Path) -> DQNAgent:
         """Restore a checkpoint written by :meth:`save` into this agent (built with the same
-        environment and settings), so that ``learn`` continues the same run.
+        environment and settings), so that ``learn`` continues the same run, its TensorBoard
+        folder included.
 
         Raises:
             amstream.CheckpointError: a missing or unreadable file, or one saved for other spaces.
         """
-        from amstream.checkpoint import CheckpointError
-
-        extra = load_checkpoint(path, self.learner)
-        state = extra.get("agent")
-        if state is None:
-            raise CheckpointError(f"{path} is a learner checkpoint, not a DQN agent's")
-        if state["spaces"] != [list(self.obs_shape), self.n_actions, self.n_envs]:
-            raise CheckpointError(f"{path} was saved for observation shape, actions and environments "
-                                  f"{state['spaces']}, this agent has {[list(self.obs_shape), self.n_actions, self.n_envs]}")
-        # The checkpoint is mapped onto the learner's device; the host-side state goes back to the CPU.
-        host = {k: state[k].cpu() for k in ("sampler", "obs", "autoreset")}
-        episode = [t.cpu() for t in state["episode"]]
-        envs = None if state["envs"] is None else state["envs"].cpu()
-        self.target.load_state_dict(state["target"])
-        self.buffer.load_state_dict(state["buffer"])
-        (self.global_step, self.n_updates, self.dropped_transitions, self._since_train, self._since_target,
-         exploration) = (int(v) for v in state["counters"])
-        self.exploration_timesteps = exploration or None
-        self._rng.bit_generator.state = json.loads(state["rng"])
-        self._sampler.set_state(host["sampler"])
-        self._obs = host["obs"].numpy().copy()
-        self._autoreset = host["autoreset"].numpy().astype(np.bool_)
-        self._episode_return = episode[0].numpy().copy()
-        self._episode_length = episode[1].numpy().copy()
-        self.episode_returns = [(int(s), float(r), int(n)) for s, r, n in state["episode_returns"]]
-        self.eval_history = [(int(s), float(m), float(d)) for s, m, d in state["eval_history"]]
-        if envs is not None:
-            restore_env_state(self.envs, envs.numpy().tobytes(), self._autoreset)
-        else:  # environments that cannot be pickled: start new episodes
-            self._obs, _ = self.envs.reset(seed=self.seed + self.global_step)
-            self._autoreset[:] = False
+        load_agent(self, path)
         return self

@@ -6,17 +6,20 @@ the top layer down, then every layer's weights are fitted to its own input and o
 """
 from .blocks import Sign, Step, StraightThrough, UnsupportedModelError, blocks_from_sequential
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .learners import AltMinLearner, AMAdam, AMMem, Backprop, Learner, NonFiniteStepError, StepInfo
+from .hparams import HParam
+from .learners import (
+    LEARNERS, AltMinLearner, AMAdam, AMMem, Backprop, BlockLearner, Learner, NonFiniteStepError, ParameterGroups,
+    StepInfo,
+)
 from .stream import PrequentialResult, iter_prequential, prequential
 from .utils import resolve_device, set_seed
 from .validation import InputError
 
 __version__ = "0.1.0"
 
-LEARNERS = {"am-adam": AMAdam, "am-mem": AMMem, "backprop": Backprop}
-
 __all__ = [
-    "AMAdam", "AMMem", "Backprop", "AltMinLearner", "Learner", "StepInfo", "NonFiniteStepError",
+    "AMAdam", "AMMem", "Backprop", "AltMinLearner", "BlockLearner", "Learner", "ParameterGroups", "HParam",
+    "StepInfo", "NonFiniteStepError",
     "InputError", "UnsupportedModelError", "LEARNERS",
     "blocks_from_sequential", "Sign", "Step", "StraightThrough",
     "prequential", "iter_prequential", "PrequentialResult",

@@ -8,7 +8,6 @@ crash at any moment leaves either the old checkpoint or the new one, never a tor
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from .utils import rng_state, set_rng_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: learner counters in "counters", the stream buffer in "stream"
 
 
 class CheckpointError(ValueError):
@@ -73,15 +72,32 @@ def save_checkpoint(path: str | os.PathLike, learner, **extra) -> Path:
     return path
 
 
+def _read(path: Path, device: torch.device) -> dict:
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes); it was not written "
+                              "by amstream, or its writer was stopped before it began")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        raise CheckpointError(f"cannot read checkpoint {path} ({size} bytes): {type(err).__name__}: {reason}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, learner, *, restore_rng: bool = True) -> dict:
-    """Load ``path`` into ``learner`` (and the RNGs); return the ``extra`` values saved with it."""
+    """Load ``path`` into ``learner`` (and the RNGs); return the ``extra`` values saved with it.
+
+    Raises:
+        CheckpointError: a missing, empty or unreadable file, one of another learner class, or one
+            whose weights do not fit the learner's model (the message names the tensors). The
+            learner is then unchanged.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location=learner.device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    payload = _read(path, learner.device)
     required = ("format_version", "learner_class", "learner", "rng", "extra")
     if not isinstance(payload, dict) or any(key not in payload for key in required):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
@@ -91,15 +107,10 @@ def load_checkpoint(path: str | os.PathLike, learner, *, restore_rng: bool = Tru
             f"checkpoint {path} was saved from {payload.get('learner_class')}, "
             f"not {type(learner).__name__}"
         )
-    backup = copy.deepcopy(learner.state_dict())
     try:
-        learner.load_state_dict(payload["learner"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-        learner.load_state_dict(backup)  # torch loads what matches before raising: undo it
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this learner's model: {first_line}"
-        ) from None
+        learner.load_state_dict(payload["learner"])  # all or nothing: a state that does not fit changes nothing
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this learner: {err}") from None
     if restore_rng:
         rng = payload["rng"]
         rng["torch"] = rng["torch"].cpu()

@@ -1,11 +1,16 @@
 """Loggers: learners return :class:`~amstream.learners.base.StepInfo`; loggers write it down.
 
 ``TensorBoardLogger`` writes one run folder per run (``<root>/<name>-<time>``) and imports
-TensorBoard lazily, so ``import amstream`` stays fast. Tags are namespaced:
+TensorBoard lazily, so ``import amstream`` stays fast. A step writes:
 
-- ``train/task_loss``, ``am/mu``, ``lr/<group>``
-- ``am/local_loss/<block>`` (per hidden layer), ``am/code_displacement/<code>``
-- ``prequential/accuracy`` (written by the caller with :meth:`record`)
+- ``train/task_loss`` and ``lr/<group>`` (every learner);
+- every entry of ``StepInfo.diagnostics`` under its own tag, a tuple as one tag per layer
+  (``am/mu``, ``am/local_loss/<block>``, ``am/code_displacement/<code>`` for alternating
+  minimization): the logger knows no method's keys;
+- callers add their own with :meth:`record` (``prequential/accuracy``, ``test/accuracy``).
+
+A resumed run continues its folder: ``TensorBoardLogger(run_dir, purge_step=n)`` drops what the
+interrupted run had written from step ``n`` on, so the overlapping steps are not logged twice.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ class NullLogger:
     def record(self, key: str, value: float, step: int) -> None:
         pass
 
-    def log_step(self, info, step: int, group_names=None) -> None:
+    def log_step(self, info, step: int) -> None:
         pass
 
     def log_text(self, key: str, text: str) -> None:
@@ -47,27 +52,26 @@ class NullLogger:
 class TensorBoardLogger(NullLogger):
     """Scalar logging to TensorBoard event files in ``log_dir``."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard is slow to import
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
     def record(self, key: str, value: float, step: int) -> None:
         self.writer.add_scalar(key, float(value), step)
 
-    def log_step(self, info, step: int, group_names=None) -> None:
+    def log_step(self, info, step: int) -> None:
         """Write a StepInfo (this is where its tensors are synced to the host)."""
         self.record("train/task_loss", info.loss, step)
-        if info.mu:
-            self.record("am/mu", info.mu, step)
-        for i, value in enumerate(info.local_losses):
-            self.record(f"am/local_loss/{i}", value, step)
-        for i, value in enumerate(info.code_displacement):
-            self.record(f"am/code_displacement/{i}", value, step)
-        names = group_names or [f"group{i}" for i in range(len(info.lrs))]
-        for name, lr in zip(names, info.lrs):
+        for name, lr in info.lrs.items():
             self.record(f"lr/{name}", lr, step)
+        for tag, value in info.diagnostics.items():
+            if isinstance(value, (tuple, list)):
+                for i, item in enumerate(value):
+                    self.record(f"{tag}/{i}", item, step)
+            else:
+                self.record(tag, value, step)
 
     def log_text(self, key: str, text: str) -> None:
         self.writer.add_text(key, text)

@@ -40,6 +40,26 @@ class StreamingMixin:
         self.flush()
         self.micro_batch = int(size)
 
+    def _stream_state(self) -> dict:
+        """The micro-batch size, the buffered samples and the feature order (part of state_dict)."""
+        return {
+            "micro_batch": self.micro_batch,
+            "buffer_x": torch.stack(self._buffer_x) if self._buffer_x else None,
+            "buffer_y": torch.stack(self._buffer_y) if self._buffer_y else None,
+            "feature_names": None if self._feature_names is None else list(self._feature_names),
+        }
+
+    def _load_stream_state(self, state: dict | None) -> None:
+        if state is None:  # a state without a stream part: nothing buffered
+            self._init_stream(self.micro_batch)
+            return
+        self.micro_batch = int(state["micro_batch"])
+        bx, by = state["buffer_x"], state["buffer_y"]
+        self._buffer_x = [] if bx is None else [t.cpu() for t in bx.unbind(0)]
+        self._buffer_y = [] if by is None else [t.cpu() for t in by.unbind(0)]
+        names = state["feature_names"]
+        self._feature_names = None if names is None else tuple(names)
+
     # ------------------------------------------------------------------------------- conversion
     def _as_sample(self, x: object) -> torch.Tensor:
         if isinstance(x, dict):
@@ -91,8 +111,7 @@ class StreamingMixin:
                 f"sample shape {tuple(sample.shape)} differs from the buffered samples' "
                 f"{tuple(self._buffer_x[0].shape)}"
             )
-        one = self._prepare_inputs(sample.unsqueeze(0), training=False)
-        self._prepare_targets(label.unsqueeze(0), one)
+        self._check(sample.unsqueeze(0), label.unsqueeze(0), training=False)
         self._buffer_x.append(sample)
         self._buffer_y.append(label)
         if len(self._buffer_x) >= self.micro_batch:

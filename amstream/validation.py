@@ -1,74 +1,203 @@
-"""Boundary checks for learner inputs: every problem becomes a ``ValueError`` that names it.
+"""Boundary checks: a batch is checked in one pass against the learner's declared input.
 
-The checks run before a learner touches any state, so a rejected batch leaves the learner exactly
-as it was. Each costs at most one host sync per batch (never inside the inner loops).
+Every problem becomes an :class:`InputError` (a ``ValueError``) that names it and the expected form.
+The checks run before a learner touches any state, so a rejected batch leaves the learner exactly as
+it was, and they cost one host sync per batch: the NaN/Inf test of the inputs and the range of the
+labels are read back together.
+
+The declared input is a per-sample shape. Entries that are ``None`` may vary from batch to batch
+(the time dimension of a sequence for a recurrent model); the others are fixed. Until the first
+batch fixes it, a shape is *pending*: a zero sample runs through the model (in eval mode, so no
+state changes) to check that it fits and to read the number of outputs, and the learner commits it
+only once its step has been accepted.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["InputError", "check_inputs", "check_batchnorm_batch", "check_targets", "is_classification_criterion"]
+__all__ = ["InputError", "InputSpec", "is_classification_criterion"]
 
 
 class InputError(ValueError):
     """A batch, a sample or a label was rejected; the learner's state is unchanged."""
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def check_inputs(x: object) -> torch.Tensor:
-    """Validate a batch of inputs ``x`` of shape ``(B, *sample_shape)``: type, batch, dtype, values."""
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(x).__name__}")
-    if x.dim() < 2:
-        raise InputError(
-            f"inputs must have a batch dimension: expected shape (batch, ...), got {_shape(x)}; "
-            "use learn_one/predict_one for a single sample"
-        )
-    if x.shape[0] == 0:
-        raise InputError("empty batch: inputs have 0 samples")
-    if not x.is_floating_point():
-        raise InputError(f"inputs must be floating point (e.g. torch.float32), got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise InputError("inputs contain NaN or Inf values")
-    return x
-
-
-def check_batchnorm_batch(x: torch.Tensor, *, training: bool, has_batchnorm: bool) -> None:
-    if training and has_batchnorm and x.shape[0] == 1:
-        raise InputError(
-            "batch of one sample with BatchNorm in training mode: batch statistics need at least 2 "
-            "samples; use a micro-batch (batch_size >= 2) or a model without BatchNorm"
-        )
+def _shape(shape) -> str:
+    return "(" + ", ".join("T" if s is None else str(s) for s in shape) + ")"
 
 
 def is_classification_criterion(criterion: object) -> bool:
     return isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
 
 
-def check_targets(y: object, *, batch_size: int, n_outputs: int, classification: bool) -> torch.Tensor:
-    """Validate targets: class indices in ``[0, n_outputs)`` or finite regression targets."""
-    if not isinstance(y, torch.Tensor):
-        raise InputError(f"targets must be a torch.Tensor, got {type(y).__name__}")
-    if y.dim() == 0 or y.shape[0] != batch_size:
-        raise InputError(f"targets must have {batch_size} rows (one per input), got shape {_shape(y)}")
-    if classification:
+@dataclass
+class _Fixed:
+    sample_shape: tuple  # with None for dimensions that may vary
+    output_shape: tuple  # of one sample's output, as seen at the probe
+
+
+class InputSpec:
+    """The inputs a learner accepts, and the one-pass check of a batch against them.
+
+    Args:
+        probe: ``probe(sample_shape, dtype) -> output`` runs one zero sample through the model
+            without changing any state; it raises :class:`InputError` (or ``RuntimeError``) when
+            the shape does not fit.
+        device: where accepted batches are moved.
+        input_shape: the declared per-sample shape (``None`` entries vary), or None: fixed by the
+            first batch.
+        variable_dims: positions in the sample shape that may vary between batches when the shape is
+            taken from the first batch (``(0,)``: the time dimension of a recurrent model).
+        min_train_batch: the smallest training batch (2 with BatchNorm: batch statistics of one
+            sample are undefined).
+    """
+
+    def __init__(self, probe: Callable[[tuple, torch.dtype], torch.Tensor], device: torch.device, *,
+                 input_shape: tuple | None = None, variable_dims: tuple[int, ...] = (),
+                 min_train_batch: int = 1) -> None:
+        self._probe = probe
+        self.device = device
+        self.variable_dims = tuple(variable_dims)
+        self.min_train_batch = int(min_train_batch)
+        self.fixed: _Fixed | None = None
+        self.pending: _Fixed | None = None
+        self._declared = None if input_shape is None else tuple(input_shape)
+
+    # ------------------------------------------------------------------------------- the shape
+    @property
+    def sample_shape(self) -> tuple | None:
+        return None if self.fixed is None else self.fixed.sample_shape
+
+    @property
+    def n_outputs(self) -> int | None:
+        return None if self.fixed is None else _n_outputs(self.fixed.output_shape)
+
+    def declare(self, dtype: torch.dtype) -> None:
+        """Fix the declared ``input_shape`` now (a probe with the model's dtype)."""
+        if self._declared is not None:
+            self.fixed = self._probe_shape(self._declared, dtype)
+
+    def commit(self) -> None:
+        """The batch that was checked last was accepted: its sample shape is now the learner's."""
+        if self.pending is not None:
+            self.fixed, self.pending = self.pending, None
+
+    def reset(self, sample_shape: tuple | None) -> None:
+        """Forget the shape, or fix it (a checkpoint's) with a probe in the model's dtype."""
+        self.fixed, self.pending = None, None
+        if sample_shape is not None:
+            self.fixed = self._probe_shape(tuple(sample_shape), None)
+
+    def reprobe(self) -> None:
+        """Read the number of outputs again (the model's output layer grew)."""
+        if self.fixed is not None:
+            self.fixed = self._probe_shape(self.fixed.sample_shape, None)
+
+    def _probe_shape(self, shape: tuple, dtype: torch.dtype | None) -> _Fixed:
+        concrete = tuple(1 if s is None else s for s in shape)
+        try:
+            out = self._probe(concrete, dtype)
+        except InputError:
+            raise
+        except RuntimeError as err:
+            raise InputError(f"inputs of sample shape {concrete} do not fit the model: "
+                             f"{' '.join(str(err).split())}") from None
+        return _Fixed(shape, tuple(out.shape[1:]))
+
+    # ---------------------------------------------------------------------------- the one pass
+    def check(self, x: object, y: object = None, *, training: bool, classification: bool = False,
+              validate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x, y)`` on the learner's device, after every check; raises :class:`InputError`.
+
+        With ``validate=False`` the batch is only moved to the device.
+        """
+        if isinstance(x, torch.Tensor):
+            x = x.to(self.device, non_blocking=True)
+        if isinstance(y, torch.Tensor):
+            y = y.to(self.device, non_blocking=True)
+        if not validate:
+            return x, y  # type: ignore[return-value]
+        self.pending = None
+        self._check_structure(x)
+        fixed = self._check_sample_shape(x)
+        if training and x.shape[0] < self.min_train_batch:
+            raise InputError(
+                f"batch of {x.shape[0]} sample with BatchNorm in training mode: batch statistics need at "
+                f"least {self.min_train_batch} samples; use a micro-batch (batch_size >= 2) or a model "
+                "without BatchNorm")
+        flags = [torch.isfinite(x).all()]
+        if y is not None:
+            flags += self._check_targets(y, x.shape[0], fixed.output_shape, classification)
+        values = torch.stack([f.to(torch.float64) for f in flags]).tolist()  # the one host sync
+        if not values[0]:
+            raise InputError("inputs contain NaN or Inf values")
+        if y is not None and len(values) == 3:  # class labels: their range
+            lo, hi = int(values[1]), int(values[2])
+            n = _n_outputs(fixed.output_shape)
+            if lo < 0 or hi >= n:
+                raise InputError(f"class label out of range: labels must lie in [0, {n - 1}] for a model "
+                                 f"with {n} outputs, got values in [{lo}, {hi}]")
+        elif y is not None and len(values) == 2 and not values[1]:
+            raise InputError("targets contain NaN or Inf values")
+        return x, y
+
+    @staticmethod
+    def _check_structure(x: object) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(x).__name__}")
+        if x.dim() < 2:
+            raise InputError(f"inputs must have a batch dimension: expected shape (batch, ...), got "
+                             f"{_shape(x.shape)}; use learn_one/predict_one for a single sample")
+        if x.shape[0] == 0:
+            raise InputError("empty batch: inputs have 0 samples")
+        if not x.is_floating_point():
+            raise InputError(f"inputs must be floating point (e.g. torch.float32), got {x.dtype}")
+
+    def _check_sample_shape(self, x: torch.Tensor) -> _Fixed:
+        sample = tuple(x.shape[1:])
+        known = self.fixed.sample_shape if self.fixed is not None else self._declared
+        if known is not None:
+            fits = len(sample) == len(known) and all(k is None or k == s for k, s in zip(known, sample))
+            if not fits:
+                varying = " (T: any length)" if None in known else ""
+                raise InputError(
+                    f"wrong input shape: expected inputs of shape {_shape(('batch', *known))}{varying}, got "
+                    f"{tuple(x.shape)}; the sample shape is fixed by the first batch (or input_shape=) and a "
+                    "batch needs a leading batch dimension")
+            if self.fixed is not None:
+                return self.fixed
+        shape = tuple(None if i in self.variable_dims else s for i, s in enumerate(sample))
+        probed = self._probe_shape(sample, x.dtype)
+        self.pending = _Fixed(shape, probed.output_shape)
+        return self.pending
+
+    @staticmethod
+    def _check_targets(y: object, batch: int, output_shape: tuple, classification: bool) -> list[torch.Tensor]:
+        if not isinstance(y, torch.Tensor):
+            raise InputError(f"targets must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() == 0 or y.shape[0] != batch:
+            raise InputError(f"targets must have {batch} rows (one per input), got shape {_shape(y.shape)}")
+        if not classification:
+            if not y.is_floating_point():
+                raise InputError(f"regression targets must be floating point, got {y.dtype}")
+            return [torch.isfinite(y).all()]
         if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
             raise InputError(f"class labels must be an integer tensor (torch.long), got {y.dtype}")
-        if y.dim() != 1:
-            raise InputError(f"class labels must have shape ({batch_size},), got {_shape(y)}")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= n_outputs:
-            raise InputError(
-                f"class label out of range: labels must lie in [0, {n_outputs - 1}] for a model with "
-                f"{n_outputs} outputs, got values in [{lo}, {hi}]"
-            )
-        return y
-    if not y.is_floating_point():
-        raise InputError(f"regression targets must be floating point, got {y.dtype}")
-    if not bool(torch.isfinite(y).all()):
-        raise InputError("targets contain NaN or Inf values")
-    return y
+        expected = (batch, *output_shape[1:])
+        if tuple(y.shape) != expected:
+            hint = ""
+            if len(output_shape) > 1:
+                hint = (f"; the model maps one sample to outputs of shape {_shape(output_shape)}, read as "
+                        f"{output_shape[0]} classes x {_shape(output_shape[1:])} positions: a model that "
+                        "should give one prediction per sample must end in a layer that maps the whole "
+                        "sample to one vector (flatten a sequence, or use a recurrent model)")
+            raise InputError(f"class labels must have shape {_shape(expected)}, got {_shape(y.shape)}{hint}")
+        return [y.min(), y.max()]
+
+
+def _n_outputs(output_shape: tuple) -> int:
+    return int(output_shape[0]) if output_shape else 1

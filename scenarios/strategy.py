@@ -10,17 +10,21 @@ learner:
     -> before_update -> learner.step(x, task loss, penalty) -> after_update
     -> after_training_iteration
 
-- ``mb_output`` stays the logits, so accuracy and loss metrics work unchanged. In training, the
-  hidden part of that forward pass runs without a graph and only the output block keeps one, so a
-  distillation penalty on the outputs (LwF) acts on the output layer only. An alternating-
-  minimization learner reuses that forward pass in its step (``forward_for_step``), so the
-  strategy adds no second pass through the hidden layers.
+- ``mb_output`` stays the logits, so accuracy and loss metrics work unchanged. In training they
+  come from ``learner.forward_for_step``, the forward pass of the learner's next step, which the
+  step then reuses: one forward pass per iteration and one set of dropout masks, as in Avalanche's
+  own strategies. Their graph is the learner's: the whole network for backprop (so a ``Backprop``
+  learner reproduces ``Naive`` and ``OnlineNaive`` exactly), the output layer only for learners
+  that fit each layer to its own targets, where a distillation penalty (LwF) acts on that layer.
 - Whatever plugins add to ``strategy.loss`` in ``before_backward`` (EWC, SI, MAS, RWalk, LwF) is
   handed to the learner as its ``penalty``: every layer adds the penalty's gradient to its own
   update (AM-mem: its output layer only; its hidden layers are exact memory solves).
-- The optimizer slot holds the learner's own torch optimizer (one parameter group per layer), so
-  plugins and schedulers that call ``zero_grad`` or read ``param_groups`` work. ``make_optimizer``
-  never regroups parameters: the learner owns them.
+- The optimizer slot holds ``learner.optimizer``: the learner's torch optimizer, or, for a learner
+  that solves its weights exactly, a holder of its parameter groups whose ``step`` does nothing.
+  Either way it has one named group per layer, so plugins and schedulers that call ``zero_grad``
+  or read ``param_groups`` work. ``make_optimizer`` never regroups parameters: the learner owns
+  them. The strategy uses the learner API only (``forward_for_step``, ``step``, ``optimizer``,
+  ``sync_parameters``), so any registered learner works in it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ import torch
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 
-from amstream.blocks import frozen_batchnorm_stats
 from amstream.learners import Learner
 
 __all__ = ["AMStrategy", "UNSUPPORTED_PLUGINS"]
@@ -50,8 +53,9 @@ class AMStrategy(SupervisedTemplate):
         learner: the amstream learner; its model is the strategy's model.
         criterion: the task loss (default: the learner's criterion).
         train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every,
-            peval_mode: as in Avalanche's ``SupervisedTemplate`` (``device`` defaults to the
-            learner's).
+            peval_mode: as in Avalanche's ``SupervisedTemplate``, except that ``device`` defaults
+            to the learner's and ``eval_mb_size`` to 256 (Avalanche's 1 evaluates one sample per
+            forward pass).
 
     Raises:
         ValueError: a plugin that needs one global backprop gradient (``UNSUPPORTED_PLUGINS``),
@@ -65,7 +69,7 @@ class AMStrategy(SupervisedTemplate):
         criterion=None,
         train_mb_size: int = 1,
         train_epochs: int = 1,
-        eval_mb_size: int | None = 1,
+        eval_mb_size: int | None = 256,
         device=None,
         plugins=None,
         evaluator=default_evaluator,
@@ -85,7 +89,7 @@ class AMStrategy(SupervisedTemplate):
         self.last_step_info = None
         super().__init__(
             model=learner.model,
-            optimizer=learner.optimizers()[0],
+            optimizer=learner.optimizer,
             criterion=criterion if criterion is not None else learner.criterion,
             train_mb_size=train_mb_size,
             train_epochs=train_epochs,
@@ -112,7 +116,7 @@ class AMStrategy(SupervisedTemplate):
             self.learner.model.load_state_dict(self.model.state_dict())
             self.model = self.learner.model
         self.learner.sync_parameters()  # a grown output head (IncrementalClassifier) joins its group
-        self.optimizer = self.learner.optimizers()[0]
+        self.optimizer = self.learner.optimizer
         self.optimized_param_id = {name: p for name, p in self.model.named_parameters()}
 
     # ------------------------------------------------------------------------------- data loading
@@ -134,19 +138,8 @@ class AMStrategy(SupervisedTemplate):
     def forward(self):
         if not self.is_training:
             return super().forward()
-        # Logits for the metrics and the plugins: the hidden part without a graph, the output block
-        # with one. An alternating-minimization learner runs its step's own forward pass here and
-        # reuses it in the step; other learners keep BatchNorm running statistics for their step.
-        blocks = self.learner.blocks
-        forward_for_step = getattr(self.learner, "forward_for_step", None)
-        if forward_for_step is not None:
-            codes, _ = forward_for_step(self.mb_x)
-        else:
-            with frozen_batchnorm_stats(self.model), torch.no_grad():
-                codes, _ = blocks.forward_with_codes(self.mb_x)
-        last = codes[-1].detach() if codes else self.mb_x
-        with frozen_batchnorm_stats(self.model):
-            return blocks.output(last)
+        # The learner's own training forward pass, reused by its step on this batch.
+        return self.learner.forward_for_step(self.mb_x)
 
     # ------------------------------------------------------------------------------ the update
     def training_epoch(self, **kwargs) -> None:

@@ -1,102 +1,208 @@
-"""Pieces shared by the scripts: the MLP, learners by name with user overrides, held-out accuracy.
+"""Pieces shared by the scripts: options derived from the learner registry, checked options, the MLP.
 
-The learner classes stay the single source of hyperparameter defaults: scripts pass only the values
-the user set (``None`` means "the learner's own default"), and :func:`learner_default` reads a
-default from the class signature when a help text wants to show it.
+Every learner option of the scripts comes from :data:`amstream.LEARNERS` and each class's
+``defaults`` (:mod:`amstream.hparams`): ``--mu`` exists because a registered learner declares
+``mu``, its help text, type, range and per-learner defaults are that declaration's, and a learner
+registered later gets its options with no edit here. ``--NAME VALUE`` sets ``NAME`` for every
+chosen learner that declares it; ``--set LEARNER.NAME=VALUE`` sets it for one learner only.
+Options left out keep each learner's own default (or the caller's, e.g. the DQN agent's TD
+settings).
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from amstream import LEARNERS
 from amstream.data import Dataset
+from amstream.hparams import HParam
 
 __all__ = [
-    "LEARNER_NAMES", "HPARAM_OPTIONS", "build_mlp", "make_learner", "evaluate_accuracy",
-    "HelpFormatter", "learner_default", "describe_defaults", "hparam_help", "add_hparam_arguments", "overrides_for",
-    "parse_int_list", "parse_name_list",
+    "Parser", "HelpFormatter", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
+    "learner_options", "make_learner", "build_mlp", "evaluate_accuracy", "parse_int_list", "parse_name_list",
 ]
 
-LEARNER_NAMES: tuple[str, ...] = tuple(LEARNERS)
-AM_LEARNERS = ("am-adam", "am-mem")
 
-#: command-line hyperparameter -> (learners it applies to, constructor keyword of those learners)
-HPARAM_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "mu": (AM_LEARNERS, "mu"),
-    "code_steps": (AM_LEARNERS, "code_steps"),
-    "code_lr": (AM_LEARNERS, "code_lr"),
-    "lr": (("am-adam",), "lr"),
-    "lr_out": (AM_LEARNERS, "lr_out"),
-    "prox": (AM_LEARNERS, "prox"),
-    "reduction": (AM_LEARNERS, "reduction"),
-    "bn_stats": (AM_LEARNERS, "bn_stats"),
-    "output_fit": (AM_LEARNERS, "output_fit"),
-    "memory": (("am-mem",), "memory"),
-    "forget": (("am-mem",), "forget"),
-    "solver": (("am-mem",), "solver"),
-    "damping": (("am-mem",), "damping"),
-    "damping_scale": (("am-mem",), "damping_scale"),
-    "bp_lr": (("backprop",), "lr"),
-    "lr_halve_every": (LEARNER_NAMES, "lr_halve_every"),
-}
+def learner_names() -> tuple[str, ...]:
+    """The registered learners, in registration order (read at call time: the registry may grow)."""
+    return tuple(LEARNERS)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except ``None`` (whose help text says what it means)."""
+    """Shows each option's default, except ``None`` and ``False`` (whose help text says what they mean)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
-#: command-line hyperparameter -> (help text without its default, argparse type, choices)
-HPARAM_HELP: dict[str, tuple[str, type, tuple | None]] = {
-    "mu": ("AM penalty weight mu_0 (am-adam, am-mem)", float, None),
-    "code_steps": ("code-update steps per batch (am-adam, am-mem)", int, None),
-    "code_lr": ("code-update step size (am-adam, am-mem)", float, None),
-    "lr": ("Adam learning rate of the hidden layers of am-adam", float, None),
-    "lr_out": ("Adam learning rate of the output layer (am-adam, am-mem)", float, None),
-    "bp_lr": ("learning rate of backprop", float, None),
-    "prox": ("AM proximity term: paper (detached anchor) or official (the reference code's, zero "
-             "gradient)", str, ("paper", "official")),
-    "reduction": ("AM code-loss reduction: mean (the reference code: hidden codes move ~1/(batch*width) "
-                  "as far as the last one) or sum (the objective summed over samples)", str, ("mean", "sum")),
-    "bn_stats": ("AM BatchNorm running statistics: forward (from the plain forward pass only) or all "
-                 "(also every code and weight step, as the reference code)", str, ("forward", "all")),
-    "output_fit": ("AM output layer fitted at the updated last code (codes: the paper) or at the forward one "
-                   "(forward: the task loss's own gradient for that layer)", str, ("codes", "forward")),
-    "memory": ("AM-mem co-activation memory: sum, mean or forget (exponential forgetting by --forget)",
-               str, ("sum", "mean", "forget")),
-    "forget": ("AM-mem forgetting factor eta with --memory forget", float, None),
-    "solver": ("AM-mem weight solve: sweep (one Gauss-Seidel sweep per batch, as the reference) or "
-               "solve (Cholesky)", str, ("sweep", "solve")),
-    "damping": ("AM-mem proximal damping of the weight solve, in units of the memory's diagonal", float, None),
-    "damping_scale": ("AM-mem damping per input: mean (one weight, the mean of diag A: inputs of small scale "
-                      "learn slowly) or diagonal (A_jj per input: scale-free)", str, ("mean", "diagonal")),
-}
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage dump), ending with a hint to ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
 
 
-def hparam_help(option: str, defaults: dict[str, dict] | None = None) -> str:
-    """The help text of a hyperparameter option, ending with the learners' defaults (their own, or
-    those of ``defaults``, as in :func:`describe_defaults`)."""
-    return f"{HPARAM_HELP[option][0]} (default: {describe_defaults(option, defaults)})"
+# --------------------------------------------------------------------------------- checked options
+def _checker(flag: str, h: HParam) -> Callable[[str], object]:
+    """An argparse ``type``: the text parsed and checked against ``h`` (type, range, choices)."""
+
+    def parse(text: str):
+        try:
+            value = h.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        try:
+            return h.check(flag, value)
+        except ValueError as err:
+            if h.choices is not None:  # the message lists the choices and the closest one
+                raise argparse.ArgumentTypeError(str(err).replace(f"invalid {flag}: ", "")) from None
+            raise argparse.ArgumentTypeError(f"must be {h.describe()}, got {text}") from None
+
+    parse.__name__ = h.type.__name__ if h.type in (int, float, str) else "value"  # argparse's "invalid X value"
+    return parse
 
 
-def add_hparam_arguments(parser, options: Iterable[str], defaults: dict[str, dict] | None = None) -> None:
-    """Add ``--mu``, ``--code-lr``, ... (default None: the learner's own value, or the caller's
-    ``defaults`` for it) to an argparse parser."""
-    for option in options:
-        _, type_, choices = HPARAM_HELP[option]
-        parser.add_argument("--" + option.replace("_", "-"), type=type_, choices=choices, default=None,
-                            help=hparam_help(option, defaults).replace("%", "%%"))
+def add_option(parser, flag: str, h: HParam, **kwargs) -> None:
+    """Add ``flag`` with ``h``'s default, help, type and range check (``--batch-size 0`` is then a
+    one-line error naming the allowed range, never a traceback)."""
+    if h.type is bool:
+        parser.add_argument(flag, action="store_true", help=h.help, **kwargs)
+        return
+    text = h.help
+    if h.range is not None or h.per_layer:
+        text += f" [{h.describe()}]"
+    parser.add_argument(flag, type=_checker(flag, h), default=h.default, choices=h.choices,
+                        help=text.replace("%", "%%"), **kwargs)
 
 
+# ------------------------------------------------------------------------------ learner options
+def learner_options(names: Iterable[str] | None = None) -> dict[str, list[tuple[str, HParam]]]:
+    """Hyperparameter name -> ``[(learner, declaration), ...]`` over the command-line hyperparameters
+    of the learners ``names`` (default: every registered learner)."""
+    options: dict[str, list[tuple[str, HParam]]] = {}
+    for name in names or learner_names():
+        for key, h in LEARNERS[name].defaults.items():
+            if h.cli:
+                options.setdefault(key, []).append((name, h))
+    return options
+
+
+def _shared_declaration(owners: list[tuple[str, HParam]]) -> HParam:
+    """One declaration for an option that several learners declare: the widest check that each of
+    them still applies itself (a value is checked again by every learner that takes it)."""
+    first = owners[0][1]
+    if len(owners) == 1:
+        return first
+    choices = None
+    if first.choices is not None:
+        choices = tuple(dict.fromkeys(c for _, h in owners for c in (h.choices or ())))
+    same_range = all(h.range == first.range for _, h in owners)
+    return HParam(first.default, first.help, first.type, first.range if same_range else None, choices,
+                  optional=any(h.optional for _, h in owners), per_layer=first.per_layer)
+
+
+def _option_help(key: str, owners: list[tuple[str, HParam]], defaults_for: Callable[[str], dict] | None) -> str:
+    by_help: dict[str, list[str]] = {}
+    for name, h in owners:
+        by_help.setdefault(h.help, []).append(name)
+    text = next(iter(by_help)) if len(by_help) == 1 else "; ".join(
+        f"{', '.join(names)}: {help_}" for help_, names in by_help.items())
+    shared = _shared_declaration(owners)
+    if shared.range is not None and shared.choices is None:
+        text += f" [{shared.describe()}]"
+    shown = []
+    for name, h in owners:
+        value = h.default
+        if defaults_for is not None:
+            value = defaults_for(name).get(key, value)
+        if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+            value = value[0]
+        shown.append(f"{name} {value}")
+    return f"{text} (default: {', '.join(shown)})"
+
+
+def add_learner_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None, *,
+                          defaults_for: Callable[[str], dict] | None = None, exclude: Iterable[str] = (),
+                          title: str | None = None) -> None:
+    """One ``--NAME`` option per command-line hyperparameter of the registered learners, and ``--set``.
+
+    Args:
+        names: the learners whose hyperparameters are offered (default: all registered).
+        defaults_for: ``learner -> {hyperparameter: value}`` shown as the defaults where the caller
+            overrides the class's own (the DQN agent's TD settings).
+        exclude: hyperparameters the script sets itself (no option).
+    """
+    names = tuple(names or learner_names())
+    group = parser.add_argument_group(title or "learner hyperparameters (declared by each learner class; "
+                                      "left out: each learner's own default)")
+    exclude = set(exclude)
+    for key, owners in learner_options(names).items():
+        if key in exclude:
+            continue
+        flag = "--" + key.replace("_", "-")
+        shared = _shared_declaration(owners)
+        group.add_argument(flag, dest=key, type=_checker(flag, shared), default=None, choices=shared.choices,
+                           metavar=None if shared.choices else key.upper(),
+                           help=_option_help(key, owners, defaults_for).replace("%", "%%"))
+    group.add_argument("--set", dest="learner_set", action="append", default=[], metavar="LEARNER.NAME=VALUE",
+                       type=_set_parser(names, exclude),
+                       help="set a hyperparameter of one learner only, e.g. --set backprop.lr=0.003 (repeatable)")
+
+
+def _set_parser(names: tuple[str, ...], exclude: set[str]) -> Callable[[str], tuple[str, str, object]]:
+    def parse(text: str) -> tuple[str, str, object]:
+        target, sep, value = text.partition("=")
+        learner, dot, key = target.strip().partition(".")
+        if not sep or not dot:
+            raise argparse.ArgumentTypeError(f"expected LEARNER.NAME=VALUE, got {text!r}")
+        if learner not in names:
+            raise argparse.ArgumentTypeError(f"unknown learner {learner!r} in {text!r}; choose from {', '.join(names)}")
+        declared = LEARNERS[learner].defaults
+        if key not in declared or not declared[key].cli or key in exclude:
+            options = [k for k, h in declared.items() if h.cli and k not in exclude]
+            raise argparse.ArgumentTypeError(f"{learner} has no option {key!r}; it has {', '.join(options)}")
+        return learner, key, _checker(f"{learner}.{key}", declared[key])(value.strip())
+
+    parse.__name__ = "--set"
+    return parse
+
+
+def learner_kwargs(name: str, args: argparse.Namespace) -> dict:
+    """The constructor keywords for learner ``name`` from the parsed options: every ``--NAME`` it
+    declares that was given, then its ``--set`` entries."""
+    values = vars(args)
+    kwargs = {key: values[key] for key in LEARNERS[name].defaults
+              if LEARNERS[name].defaults[key].cli and values.get(key) is not None}
+    for learner, key, value in values.get("learner_set", []):
+        if learner == name:
+            kwargs[key] = value
+    return kwargs
+
+
+def make_learner(name: str, model: nn.Module, device: str | torch.device = "auto", **kwargs):
+    """Build the registered learner ``name`` on ``model``.
+
+    Raises:
+        ValueError: unknown learner, an option the learner does not take, an invalid value, or a
+            model the learner cannot train (``UnsupportedModelError``, e.g. AM-mem and BatchNorm).
+    """
+    if name not in LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; choose from {', '.join(learner_names())}")
+    return LEARNERS[name](model, device=device, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ models, data
 def build_mlp(d_in: int | tuple, hidden: list[int], n_classes: int, batchnorm: bool = False) -> nn.Sequential:
     """``Flatten -> [Linear -> (BatchNorm1d) -> ReLU] per hidden width -> Linear(n_classes)``.
 
@@ -116,39 +222,6 @@ def build_mlp(d_in: int | tuple, hidden: list[int], n_classes: int, batchnorm: b
     return nn.Sequential(*layers)
 
 
-def make_learner(name: str, model: nn.Module, device: str | torch.device = "auto", **overrides):
-    """Build the learner ``name`` (a key of :data:`amstream.LEARNERS`) on ``model``.
-
-    ``overrides`` are constructor keywords; ``None`` values are dropped so the class default holds.
-
-    Raises:
-        ValueError: unknown learner, an option the learner does not take, or an invalid value
-            (the learner's own check), also when the model does not suit it (AM-mem and BatchNorm).
-    """
-    if name not in LEARNERS:
-        raise ValueError(f"unknown learner {name!r}; choose from {', '.join(LEARNER_NAMES)}")
-    kwargs = {k: v for k, v in overrides.items() if v is not None}
-    cls = LEARNERS[name]
-    accepted = _accepted_keywords(cls)
-    if accepted is not None and (unknown := sorted(set(kwargs) - accepted)):
-        raise ValueError(f"learner {name!r} does not take option(s) {', '.join(unknown)}")
-    return cls(model, device=device, **kwargs)
-
-
-def overrides_for(name: str, options: dict) -> dict:
-    """The constructor keywords for learner ``name`` among the user-set ``options``.
-
-    ``options`` maps the names of :data:`HPARAM_OPTIONS` (e.g. ``vars(args)``) to values; ``None``
-    values and options that do not apply to ``name`` are left out.
-    """
-    out = {}
-    for option, (learners, keyword) in HPARAM_OPTIONS.items():
-        value = options.get(option)
-        if value is not None and name in learners:
-            out[keyword] = value
-    return out
-
-
 @torch.no_grad()
 def evaluate_accuracy(learner, dataset: Dataset, batch_size: int = 1000) -> float:
     """Accuracy of ``learner.predict`` on ``dataset``, in batches (the learner is not changed)."""
@@ -160,67 +233,6 @@ def evaluate_accuracy(learner, dataset: Dataset, batch_size: int = 1000) -> floa
         out = learner.predict(dataset.x[start:start + batch_size])
         correct += int((out.argmax(dim=-1).cpu() == dataset.y[start:start + batch_size]).sum())
     return correct / n
-
-
-# ------------------------------------------------------------------------------------- defaults
-def _init_signatures(cls) -> Iterable[inspect.Signature]:
-    """``__init__`` signatures along the MRO, as far as each one forwards ``**kwargs``."""
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        sig = inspect.signature(vars(klass)["__init__"])
-        yield sig
-        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-            return
-
-
-def _accepted_keywords(cls) -> set[str] | None:
-    names: set[str] = set()
-    for sig in _init_signatures(cls):
-        names |= {n for n, p in sig.parameters.items()
-                  if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
-        last = sig
-    if any(p.kind is p.VAR_KEYWORD for p in last.parameters.values()):
-        return None  # forwards to something we cannot see: let the class complain
-    return names
-
-
-@functools.cache
-def _default_hparams(name: str) -> dict:
-    """``hparams()`` of learner ``name`` built with no options on a tiny model (global RNG untouched).
-
-    Reading an instance rather than the signature also sees values the constructor derives (such
-    as the per-code list of ``code_lr``).
-    """
-    with torch.random.fork_rng(devices=[]):
-        model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-        learner = LEARNERS[name](model, device="cpu")
-    return dict(getattr(learner, "hparams", dict)())
-
-
-def learner_default(name: str, keyword: str):
-    """The default of constructor keyword ``keyword`` of learner ``name`` (None if unknown).
-
-    Per-code lists (``code_lr``) are shown as one value when all entries are equal.
-    """
-    value = _default_hparams(name).get(keyword)
-    if value is None:
-        for sig in _init_signatures(LEARNERS[name]):
-            param = sig.parameters.get(keyword)
-            if param is not None and param.default is not inspect.Parameter.empty:
-                return param.default
-    if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
-        return value[0]
-    return value
-
-
-def describe_defaults(option: str, defaults: dict[str, dict] | None = None) -> str:
-    """``"am-adam 0.003, am-mem 0.003"``: the learners' own defaults behind a CLI option, or those
-    of ``defaults`` (learner name -> constructor keywords) where it sets them."""
-    learners, keyword = HPARAM_OPTIONS[option]
-    defaults = defaults or {}
-    return ", ".join(f"{name} {defaults.get(name, {}).get(keyword, learner_default(name, keyword))}"
-                     for name in learners)
 
 
 # -------------------------------------------------------------------------------------- parsing

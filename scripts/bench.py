@@ -34,29 +34,35 @@ from amstream.memory import (  # noqa: E402
 )
 from amstream.utils import resolve_device  # noqa: E402
 
-from _common import build_mlp, parse_int_list  # noqa: E402
+from _common import Parser, add_option, build_mlp, parse_int_list  # noqa: E402
+from amstream.hparams import HParam  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    count = "[1, inf)"
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_option(p, "--threads", HParam(None, "torch CPU threads (default: torch's own)", int, count, optional=True))
     p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
     p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP")
-    p.add_argument("--batch-size", type=int, default=200, help="samples per step")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per learner pair")
-    p.add_argument("--steps", type=int, default=10, help="steps per learner per round")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps per learner before timing")
-    p.add_argument("--solve-rounds", type=int, default=7, help="interleaved timing rounds of the solvers")
-    p.add_argument("--solve-repeats", type=int, default=3, help="repeats per solver and round (the best counts)")
+    add_option(p, "--batch-size", HParam(200, "samples per step", int, count))
+    add_option(p, "--rounds", HParam(20, "interleaved timing rounds per learner pair", int, count))
+    add_option(p, "--steps", HParam(10, "steps per learner per round", int, count))
+    add_option(p, "--warmup", HParam(10, "untimed steps per learner before timing", int, "[0, inf)"))
+    add_option(p, "--solve-rounds", HParam(7, "interleaved timing rounds of the solvers", int, count))
+    add_option(p, "--solve-repeats", HParam(3, "repeats per solver and round (the best counts)", int, count))
     p.add_argument("--skip-solve", action="store_true", help="skip the AM-mem solver benchmark")
     p.add_argument("--skip-strategy", action="store_true",
                    help="skip the Avalanche AMStrategy overhead benchmark (it imports avalanche: ~8 s)")
-    p.add_argument("--strategy-rounds", type=int, default=5, help="interleaved epochs per side")
-    p.add_argument("--strategy-samples", type=int, default=6000,
-                   help="training samples of the Split-MNIST experience used for the overhead epochs")
-    return p.parse_args(argv)
+    add_option(p, "--strategy-rounds", HParam(5, "interleaved epochs per side", int, count))
+    add_option(p, "--strategy-samples", HParam(6000, "training samples of the Split-MNIST experience used for the "
+                                               "overhead epochs", int, count))
+    args = p.parse_args(argv)
+    try:
+        parse_int_list(args.hidden)
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def _sync(device: torch.device) -> None:

@@ -15,6 +15,7 @@ PNG heat map of the matrices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -25,56 +26,83 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 
 import torch  # noqa: E402
 
-from amstream import set_seed  # noqa: E402
+from amstream import UnsupportedModelError, set_seed  # noqa: E402
+from amstream.hparams import HParam  # noqa: E402
 from amstream.logging import make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import LEARNER_NAMES, add_hparam_arguments, build_mlp, make_learner, overrides_for  # noqa: E402
+from _common import add_option, build_mlp, learner_names, make_learner  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
 PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_common.HelpFormatter)
+    p = _common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", default="split-digits", choices=BENCHMARK_NAMES,
                    help="scenario built from the local data files (split-digits needs none)")
-    p.add_argument("--learner", default="am-adam,am-mem,backprop",
-                   help=f"comma-separated learners to compare, from {', '.join(LEARNER_NAMES)}")
+    p.add_argument("--learner", default=",".join(learner_names()),
+                   help=f"comma-separated learners to compare, from {', '.join(learner_names())}")
     p.add_argument("--plugins", default="", help=f"comma-separated Avalanche plugins, from {', '.join(PLUGIN_NAMES)}")
-    p.add_argument("--experiences", type=int, default=None, help="number of experiences (default: the benchmark's)")
+    add_option(p, "--experiences", HParam(None, "number of experiences (default: the benchmark's)", int, "[1, inf)",
+                                          optional=True))
     p.add_argument("--task-incremental", action="store_true", help="one task label per experience")
-    p.add_argument("--online", type=int, default=None, metavar="SIZE",
-                   help="train each experience as an online stream of sub-experiences of SIZE samples")
-    p.add_argument("--epochs", type=int, default=1, help="passes over each (sub-)experience")
-    p.add_argument("--batch-size", type=int, default=16, help="training mini-batch size")
+    add_option(p, "--online", HParam(None, "train each experience as an online stream of sub-experiences of "
+                                     "SIZE samples", int, "[1, inf)", optional=True), metavar="SIZE")
+    add_option(p, "--epochs", HParam(1, "passes over each (sub-)experience", int, "[1, inf)"))
+    add_option(p, "--batch-size", HParam(16, "training mini-batch size", int, "[1, inf)"))
+    add_option(p, "--eval-batch-size", HParam(512, "evaluation mini-batch size", int, "[1, inf)"))
     p.add_argument("--hidden", default="100,100", help="hidden widths of the ReLU MLP")
     p.add_argument("--growing-head", action="store_true",
                    help="end the MLP in Avalanche's IncrementalClassifier, which adds output units as new classes arrive")
-    p.add_argument("--subset", type=int, default=None, help="MNIST-family benchmarks: keep the first N training samples")
-    p.add_argument("--mem-size", type=int, default=500, help="replay / GDumb buffer size")
-    p.add_argument("--ewc-lambda", type=float, default=10.0, help="EWC and RWalk penalty weight")
+    add_option(p, "--subset", HParam(None, "MNIST-family benchmarks: keep the first N training samples", int,
+                                     "[1, inf)", optional=True))
+    add_option(p, "--mem-size", HParam(500, "replay / GDumb buffer size", int, "[1, inf)"))
+    add_option(p, "--ewc-lambda", HParam(10.0, "EWC and RWalk penalty weight", range="[0, inf)"))
     p.add_argument("--ewc-mode", default=None, choices=("separate", "online"),
                    help="EWC importance bookkeeping (default: separate; online with --online, since Avalanche "
                         "counts every sub-experience as an experience and separate mode would keep one copy each)")
-    p.add_argument("--ewc-decay", type=float, default=0.9, help="decay factor of EWC's online mode")
-    p.add_argument("--si-lambda", type=float, default=1.0, help="SI penalty weight")
-    p.add_argument("--mas-lambda", type=float, default=1.0, help="MAS penalty weight")
-    p.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF distillation weight (acts on the output layer)")
-    p.add_argument("--bp-optimizer", default="adam", choices=("adam", "sgd"), help="optimizer of the backprop learner")
-    add_hparam_arguments(p, ("bp_lr", "mu", "code_steps", "code_lr", "lr", "lr_out", "reduction",
-                             "memory", "forget", "solver", "damping", "damping_scale"))
+    add_option(p, "--ewc-decay", HParam(0.9, "decay factor of EWC's online mode", range="[0, 1]"))
+    add_option(p, "--si-lambda", HParam(1.0, "SI penalty weight", range="[0, inf)"))
+    add_option(p, "--mas-lambda", HParam(1.0, "MAS penalty weight", range="[0, inf)"))
+    add_option(p, "--lwf-alpha", HParam(1.0, "LwF distillation weight (acts on the output layer)", range="[0, inf)"))
+    _common.add_learner_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the class order, the weights and the data order")
     p.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
+    add_option(p, "--threads", HParam(None, "torch CPU threads (default: 1 on the CPU)", int, "[1, inf)",
+                                      optional=True))
     p.add_argument("--data-dir", default=None, help="root of the data files (default: AMSTREAM_DATA)")
     p.add_argument("--logdir", default="runs", help="TensorBoard root: one folder per learner")
     p.add_argument("--plot", default=None, help="PNG heat map of the accuracy matrices (default: <logdir>/continual-<benchmark>.png)")
     p.add_argument("--json", default=None, help="also write the results (matrices, metrics, seconds, options) to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress output from Avalanche")
+    p.add_argument("--quiet", action="store_true", help="no progress output: neither Avalanche's per-iteration "
+                   "log nor its warnings")
     return p
+
+
+@contextlib.contextmanager
+def avalanche_warnings(quiet: bool):
+    """Show each of Avalanche's warnings once (none with ``quiet``).
+
+    Avalanche 0.6's ``@deprecated`` calls ``warnings.simplefilter("once", DeprecationWarning)`` at
+    every call, which overrides any filter set here, so ReplayPlugin's deprecated
+    ``storage_policy.update`` printed its warning at every experience (146 times for one online
+    Split-digits run). Filtering where the warning is shown is the one place that holds.
+    """
+    seen: set[tuple] = set()
+    show = warnings.showwarning
+
+    def filtered(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if "avalanche" in str(filename) and (quiet or key in seen):
+            return
+        seen.add(key)
+        show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = filtered
+        yield
 
 
 def make_plugins(names: list[str], args):
@@ -116,21 +144,18 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     from scenarios.strategy import AMStrategy
 
     set_seed(args.seed)
-    overrides = overrides_for(name, vars(args))
-    if name == "backprop":
-        overrides["optimizer"] = args.bp_optimizer
     model = build_mlp(input_shape, _common.parse_int_list(args.hidden), n_classes)
     if args.growing_head:
         from avalanche.models import IncrementalClassifier
 
         last = model[-1]
         model[-1] = IncrementalClassifier(last.in_features, initial_out_features=2)
-    learner = make_learner(name, model, device, **overrides)
+    learner = make_learner(name, model, device, **_common.learner_kwargs(name, args))
     run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}")
     loggers = [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()])
     # accuracy, loss, forgetting and BWT that also work on online streams, the accuracy matrix, timing
     evaluator = default_cl_evaluator(loggers=loggers, online=bool(args.online))
-    strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=512,
+    strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=args.eval_batch_size,
                           plugins=make_plugins(plugin_names, args), evaluator=evaluator, eval_every=-1)
     start = time.perf_counter()
     for i, experience in enumerate(benchmark.train_stream):
@@ -147,14 +172,15 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     for p in evaluator.loggers:
         if hasattr(p, "writer"):
             p.writer.close()
-    return {"matrix": matrix, "seconds": seconds, "run_dir": run_dir, "steps": learner.step_count, **summarize(matrix)}
+    return {"matrix": matrix, "seconds": seconds, "run_dir": run_dir, "steps": learner.step_count,
+            "hparams": learner.hparams(), **summarize(matrix)}
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        learners = _common.parse_name_list(args.learner, LEARNER_NAMES, "learner")
+        learners = _common.parse_name_list(args.learner, learner_names(), "learner")
         plugin_names = _common.parse_name_list(args.plugins, PLUGIN_NAMES, "plugin") if args.plugins else []
         _common.parse_int_list(args.hidden)
         device = resolve_device(args.device)
@@ -185,13 +211,16 @@ def main(argv=None) -> None:
           f"plugins: {', '.join(plugin_names) or 'none'}" + (f", online sub-experiences of {args.online}" if args.online else ""))
 
     results = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # ReplayPlugin's storage_policy.update (Avalanche 0.6)
+    with avalanche_warnings(args.quiet):
         for name in learners:
             try:
                 results[name] = run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes)
-            except ValueError as err:  # a model the learner cannot decompose, an unsupported option
+            except UnsupportedModelError as err:
+                print(f"note: skipping {name}: {' '.join(str(err).split())}")
+            except ValueError as err:  # an unsupported option or plugin
                 parser.error(f"{name}: {' '.join(str(err).split())}")
+    if not results:
+        parser.error("no learner can train this model; see the notes above")
 
     for name, r in results.items():
         print(f"\naccuracy matrix, {name} (row: after training experience i; column: test experience j)")
@@ -210,7 +239,7 @@ def main(argv=None) -> None:
         record = {"options": {k: v for k, v in vars(args).items()},
                   "results": {n: {k: (str(v) if k == "run_dir" else v) for k, v in r.items()} for n, r in results.items()}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
         print(f"Results: {args.json}")
     print(f"\nTensorBoard logs: {', '.join(str(r['run_dir']) for r in results.values())}  (tensorboard --logdir {args.logdir})")
     print(f"Plot: {plot}")

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 import torch  # noqa: E402
 
 import _common  # noqa: E402
+from _common import add_option  # noqa: E402
 from amstream import LEARNERS  # noqa: E402
+from amstream.hparams import HParam  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 #: "solved" scores for the curves and the first-step column (the environments' reward thresholds)
@@ -37,58 +39,63 @@ THRESHOLDS = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "MountainCar-v0": -110
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agents import DQN_LEARNER_DEFAULTS
+    from agents.networks import DEFAULT_LEARNING_RATE, td_learner_settings
     from agents.tasks import TASK_SEQUENCES
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_common.HelpFormatter)
+    steps, positive = "[1, inf)", "(0, inf)"
+    p = _common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id (discrete actions)")
     p.add_argument("--tasks", default=None, choices=sorted(TASK_SEQUENCES),
                    help="run a continual task sequence instead of --env (then --steps-per-task per task)")
     p.add_argument("--rescale-obs", action="store_true",
                    help="rescale observations from the observation space's bounds to [-1, 1] (needs finite bounds; "
                         "MountainCar's velocity is otherwise ~1/20 of its position's scale)")
-    p.add_argument("--steps-per-task", type=int, default=50_000, help="environment steps on each task with --tasks")
+    add_option(p, "--steps-per-task", HParam(50_000, "environment steps on each task with --tasks", int, steps))
     p.add_argument("--learner", default="am-adam", help=f"comma-separated learners, from {', '.join(LEARNERS)}")
     p.add_argument("--seed", type=int, default=1, help="seed of a single run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed), e.g. 1,2,3,4,5")
-    p.add_argument("--total-timesteps", type=int, default=500_000, help="environment steps per run")
-    p.add_argument("--n-envs", type=int, default=1, help="sub-environments stepped together (SyncVectorEnv)")
+    add_option(p, "--total-timesteps", HParam(500_000, "environment steps per run", int, steps))
+    add_option(p, "--n-envs", HParam(1, "sub-environments stepped together (SyncVectorEnv)", int, steps))
     g = p.add_argument_group("DQN (defaults: CleanRL's dqn.py)")
-    g.add_argument("--learning-rate", type=float, default=None,
-                   help="Adam rate of the value network: am-adam's lr and lr_out, am-mem's lr_out, backprop's lr "
-                        "(default: 2.5e-4, CleanRL's)")
+    rates = "; ".join(f"{name}: {', '.join(k for k, h in cls.defaults.items() if h.learning_rate)}"
+                      for name, cls in LEARNERS.items() if any(h.learning_rate for h in cls.defaults.values()))
+    add_option(g, "--learning-rate", HParam(DEFAULT_LEARNING_RATE, "rate of every learning-rate hyperparameter "
+                                            f"of the learners ({rates}; CleanRL's 2.5e-4); --lr, --lr-out... "
+                                            "set one of them", range=positive))
     g.add_argument("--hidden", default="120,84", help="hidden widths of the Q-network")
-    g.add_argument("--buffer-size", type=int, default=10_000, help="replay buffer capacity")
-    g.add_argument("--batch-size", type=int, default=128, help="transitions per update")
-    g.add_argument("--gamma", type=float, default=0.99, help="discount")
-    g.add_argument("--learning-starts", type=int, default=10_000, help="environment steps before the first update")
-    g.add_argument("--train-frequency", type=int, default=10, help="environment steps per update")
-    g.add_argument("--gradient-steps", type=int, default=1,
-                   help="updates (batches) each time an update is due, as SB3's gradient_steps")
-    g.add_argument("--target-network-frequency", type=int, default=500, help="environment steps per target update")
-    g.add_argument("--tau", type=float, default=1.0, help="target update: 1 = copy, < 1 = Polyak average")
-    g.add_argument("--exploration-fraction", type=float, default=0.5, help="fraction of the run over which epsilon falls")
-    g.add_argument("--start-e", type=float, default=1.0, help="initial epsilon")
-    g.add_argument("--end-e", type=float, default=0.05, help="final epsilon")
+    add_option(g, "--buffer-size", HParam(10_000, "replay buffer capacity", int, steps))
+    add_option(g, "--batch-size", HParam(128, "transitions per update", int, steps))
+    add_option(g, "--gamma", HParam(0.99, "discount", range="[0, 1]"))
+    add_option(g, "--learning-starts", HParam(10_000, "environment steps before the first update", int, "[0, inf)"))
+    add_option(g, "--train-frequency", HParam(10, "environment steps per update", int, steps))
+    add_option(g, "--gradient-steps", HParam(1, "updates (batches) each time an update is due, as SB3's "
+                                             "gradient_steps", int, steps))
+    add_option(g, "--target-network-frequency", HParam(500, "environment steps per target update", int, steps))
+    add_option(g, "--tau", HParam(1.0, "target update: 1 = copy, < 1 = Polyak average", range="(0, 1]"))
+    add_option(g, "--exploration-fraction", HParam(0.5, "fraction of the run over which epsilon falls",
+                                                   range="(0, 1]"))
+    add_option(g, "--start-e", HParam(1.0, "initial epsilon", range="[0, 1]"))
+    add_option(g, "--end-e", HParam(0.05, "final epsilon", range="[0, 1]"))
     g.add_argument("--double-dqn", action="store_true", help="Double DQN targets")
     g.add_argument("--td-loss", default="mse", choices=("mse", "huber"), help="TD loss")
-    a = p.add_argument_group("amstream learners (default: the agent's TD settings, agents.DQN_LEARNER_DEFAULTS)")
-    _common.add_hparam_arguments(a, ("mu", "code_steps", "code_lr", "reduction", "output_fit", "memory", "forget",
-                                   "solver", "damping", "damping_scale"), defaults=DQN_LEARNER_DEFAULTS)
+    _common.add_learner_arguments(
+        p, defaults_for=lambda name: td_learner_settings(name, DEFAULT_LEARNING_RATE),
+        title="learner hyperparameters (default: each learner's TD settings, agents.td_learner_settings)")
     o = p.add_argument_group("evaluation and output")
-    o.add_argument("--eval-every", type=int, default=None, help="steps between greedy evaluations (default: 20 per run)")
-    o.add_argument("--eval-episodes", type=int, default=10, help="episodes per periodic evaluation")
-    o.add_argument("--final-eval-episodes", type=int, default=20, help="episodes of the final evaluation")
+    add_option(o, "--eval-every", HParam(None, "steps between greedy evaluations (default: 20 per run)", int,
+                                         steps, optional=True))
+    add_option(o, "--eval-episodes", HParam(10, "episodes per periodic evaluation", int, steps))
+    add_option(o, "--final-eval-episodes", HParam(20, "episodes of the final evaluation", int, steps))
     o.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
+    add_option(o, "--threads", HParam(None, "torch CPU threads (default: 1 on the CPU)", int, steps, optional=True))
     o.add_argument("--logdir", default="runs", help="TensorBoard root")
     o.add_argument("--plot", default=None, help="PNG of the curves or return matrices (default: <logdir>/rl-<env>.png)")
     o.add_argument("--json", default=None, help="also write the results to this JSON file")
     o.add_argument("--save", default=None, help="save the last run's agent here (agents.DQNAgent.load resumes it)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
-    o.add_argument("--jobs", type=int, default=1,
-                   help="runs (learner x seed) in parallel processes; on the CPU each takes --threads threads, so "
-                        "up to one job per core (the runs and their results are the same as one by one)")
+    add_option(o, "--jobs", HParam(1, "runs (learner x seed) in parallel processes; on the CPU each takes --threads "
+                                   "threads, so up to one job per core (the runs and their results are the same as "
+                                   "one by one)", int, steps))
     return p
 
 
@@ -100,13 +107,10 @@ def env_spec(args):
 
 
 def agent_kwargs(args, name: str) -> dict:
-    learner_kwargs = _common.overrides_for(name, vars(args))
-    if args.learning_rate is not None:
-        keys = {"am-adam": ("lr", "lr_out"), "am-mem": ("lr_out",), "backprop": ("lr",)}[name]
-        learner_kwargs.update({k: args.learning_rate for k in keys})
     return dict(
         learner=name, n_envs=args.n_envs, hidden=tuple(_common.parse_int_list(args.hidden)),
-        learner_kwargs=learner_kwargs, buffer_size=args.buffer_size, batch_size=args.batch_size, gamma=args.gamma,
+        learning_rate=args.learning_rate, learner_kwargs=_common.learner_kwargs(name, args),
+        buffer_size=args.buffer_size, batch_size=args.batch_size, gamma=args.gamma,
         learning_starts=args.learning_starts, train_frequency=args.train_frequency, gradient_steps=args.gradient_steps,
         target_update_interval=args.target_network_frequency, tau=args.tau,
         exploration_fraction=args.exploration_fraction, start_e=args.start_e, end_e=args.end_e,
@@ -205,10 +209,6 @@ def main(argv=None) -> None:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [args.seed]
         _common.parse_int_list(args.hidden)
         resolve_device(args.device)  # an unknown device: fail now
-        if args.total_timesteps < 1 or args.steps_per_task < 1:
-            raise ValueError("--total-timesteps and --steps-per-task must be >= 1")
-        if args.jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         if args.tasks and args.rescale_obs:
             raise ValueError("--rescale-obs applies to --env, not to --tasks")
         if not args.tasks:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Stream a data set through online learners and compare them on the same stream.
 
-Every learner (AM-Adam, AM-mem, backprop) gets the same MLP with the same initial weights and sees
-the same samples in the same order. Evaluation is prequential (test-then-train): each mini-batch is
-first predicted and scored, then learned. After each pass over the stream (an epoch) the held-out
-accuracy on the test split is measured.
+Every learner (by default every one registered in ``amstream.LEARNERS``) gets the same MLP with the
+same initial weights and sees the same samples in the same order. Evaluation is prequential
+(test-then-train): each mini-batch is first predicted and scored, then learned. After each pass
+over the stream (an epoch) the held-out accuracy on the test split is measured. A learner that
+cannot train the MLP (AM-mem and --batchnorm) is skipped with a note.
 
 Streams:
   digits, mnist, fashion-mnist: the train split, in a seeded random order that is fixed per epoch
@@ -14,17 +15,15 @@ Streams:
       measures the fit to the most recent period rather than generalization to unseen data.
 
 Run ``python scripts/stream.py --help`` for the options. TensorBoard: ``tensorboard --logdir runs``
-(every scalar is plotted against the number of samples seen).
+(every scalar is plotted against the number of samples seen; a resumed run continues its folder).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, scripts/_plots.py
@@ -32,136 +31,96 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from amstream import PrequentialResult, iter_prequential, load_checkpoint, save_checkpoint, set_seed  # noqa: E402
+from amstream import (  # noqa: E402
+    LEARNERS, PrequentialResult, UnsupportedModelError, iter_prequential, load_checkpoint, save_checkpoint, set_seed,
+)
 from amstream.data import DATASETS, data_dir, iter_samples, load_dataset  # noqa: E402
+from amstream.hparams import HParam  # noqa: E402
 from amstream.logging import TensorBoardLogger, make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import LEARNER_NAMES, build_mlp, evaluate_accuracy, hparam_help, make_learner  # noqa: E402
+from _common import add_option, build_mlp, evaluate_accuracy, learner_names, make_learner  # noqa: E402
 
-
-def _opt(default, help: str, **argparse_kwargs):
-    """A dataclass field that carries its command-line help (and argparse extras)."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-@dataclass
-class Args:
-    # --- data
-    dataset: str = _opt("digits", "data set; digits is embedded (scikit-learn's 8x8 digits, 1,438 "
-                        "train / 359 test samples) and needs no files", choices=DATASETS)
-    data_dir: str | None = _opt(None, "root of the real data files (default: $AMSTREAM_DATA if set, "
-                                f"else ~/.cache/amstream; now {data_dir()})", type=str)
-    max_samples: int | None = _opt(None, "use only the first N samples of the training stream "
-                                   "(for smoke tests; default: all)", type=int)
-    # --- learners and model
-    learner: str = _opt(",".join(LEARNER_NAMES), "comma-separated learners to compare, from "
-                        f"{', '.join(LEARNER_NAMES)}")
-    hidden: str = _opt("100,100", "comma-separated hidden widths of the ReLU MLP ('' = no hidden layer)")
-    batchnorm: bool = _opt(False, "add BatchNorm1d after each hidden Linear (am-mem does not support "
-                           "it and is skipped)")
-    batch_size: int = _opt(10, "samples per learning step (mini-batch of the stream)")
-    epochs: int = _opt(1, "passes over the training stream (1 = a pure single-pass stream)")
-    device: str = _opt("auto", "torch device: auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    threads: int | None = _opt(None, "torch CPU threads (default: 1 when the device is the CPU: the "
-                               "per-batch operations are small, and extra threads gain little on idle "
-                               "cores but slow every step badly on busy ones)", type=int)
-    seed: int = _opt(0, "seed of the initial weights (the same for every learner) and of the stream order")
-    # --- hyperparameters: None = the learner's own default
-    mu: float | None = _opt(None, hparam_help("mu"), type=float)
-    code_steps: int | None = _opt(None, hparam_help("code_steps"), type=int)
-    code_lr: float | None = _opt(None, hparam_help("code_lr"), type=float)
-    lr: float | None = _opt(None, hparam_help("lr"), type=float)
-    lr_out: float | None = _opt(None, hparam_help("lr_out"), type=float)
-    bp_lr: float | None = _opt(None, hparam_help("bp_lr"), type=float)
-    bp_optimizer: str = _opt("adam", "optimizer of backprop", choices=("adam", "sgd"))
-    lr_halve_epochs: int | None = _opt(None, "halve every learning rate each N epochs (converted to "
-                                       "steps; default: constant rates)", type=int)
-    prox: str | None = _opt(None, hparam_help("prox"), type=str, choices=("paper", "official"))
-    reduction: str | None = _opt(None, hparam_help("reduction"), type=str, choices=("mean", "sum"))
-    bn_stats: str | None = _opt(None, hparam_help("bn_stats"), type=str, choices=("forward", "all"))
-    output_fit: str | None = _opt(None, hparam_help("output_fit"), type=str, choices=("codes", "forward"))
-    memory: str | None = _opt(None, hparam_help("memory"), type=str, choices=("sum", "mean", "forget"))
-    forget: float | None = _opt(None, hparam_help("forget"), type=float)
-    solver: str | None = _opt(None, hparam_help("solver"), type=str, choices=("sweep", "solve"))
-    damping: float | None = _opt(None, hparam_help("damping"), type=float)
-    damping_scale: str | None = _opt(None, hparam_help("damping_scale"), type=str, choices=("mean", "diagonal"))
-    # --- evaluation and output
-    eval_every: int | None = _opt(None, "samples between points of the prequential curve (default: "
-                                  "about 100 points per run)", type=int)
-    log_every: int = _opt(10, "steps between TensorBoard records of the step statistics")
-    logdir: str = _opt("runs", "TensorBoard root: one run folder <dataset>-<learner>-<time> per learner")
-    plot: str | None = _opt(None, "PNG of the accuracy curves (default: <logdir>/stream-<dataset>.png)",
-                            type=str)
-    # --- checkpoints
-    checkpoint: str | None = _opt(None, "checkpoint file; one per learner, named PATH with the learner "
-                                  "inserted before the suffix (ck.pt -> ck-am-adam.pt); written "
-                                  "atomically every --checkpoint-every steps and at the end",
-                                  type=str, metavar="PATH")
-    checkpoint_every: int = _opt(500, "steps between checkpoints (with --checkpoint)")
-    resume: bool = _opt(False, "continue from the --checkpoint files exactly where they stopped "
-                        "(a learner without a checkpoint starts from scratch)")
-    stop_after_steps: int | None = _opt(None, "for tests: simulate an interruption: stop after N steps "
-                                        "of this process, right after saving a checkpoint", type=int)
-    quiet: bool = _opt(False, "no progress bars")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows ``(default: X)`` except where the default is None/False (the help explains those)."""
-
-    def _get_help_string(self, action):
-        help = action.help or ""
-        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
-                and "%(default)" not in help:
-            help += " (default: %(default)s)"
-        return help
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+POSITIVE = "[1, inf)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="stream.py", formatter_class=_HelpFormatter,
-        description="Stream a data set through online learners (AM-Adam, AM-mem, backprop) and "
-        "compare their prequential (test-then-train) and held-out accuracy.",
+    parser = _common.Parser(
+        prog="stream.py",
+        description="Stream a data set through online learners and compare their prequential "
+        "(test-then-train) and held-out accuracy.",
         epilog="elec2 is streamed in time order (split 'all'); its held-out set is the last 20% of "
         "that stream. The image data sets stream their train split, shuffled per epoch.",
     )
-    for f in dataclasses.fields(Args):
-        meta = dict(f.metadata)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", **meta)
-        else:
-            meta.setdefault("type", type(f.default))
-            parser.add_argument(flag, default=f.default, **meta)
+    d = parser.add_argument_group("data")
+    d.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="data set; digits is embedded (scikit-learn's 8x8 digits, 1,438 train / 359 test "
+                   "samples) and needs no files")
+    d.add_argument("--data-dir", default=None, help="root of the real data files (default: $AMSTREAM_DATA if "
+                   f"set, else ~/.cache/amstream; now {data_dir()})")
+    add_option(d, "--max-samples", HParam(None, "use only the first N samples of the training stream (for "
+                                          "smoke tests; default: all)", int, POSITIVE, optional=True))
+    m = parser.add_argument_group("learners and model")
+    m.add_argument("--learner", default=",".join(learner_names()),
+                   help=f"comma-separated learners to compare, from {', '.join(learner_names())}")
+    m.add_argument("--hidden", default="100,100", help="comma-separated hidden widths of the ReLU MLP "
+                   "('' = no hidden layer)")
+    m.add_argument("--batchnorm", action="store_true", help="add BatchNorm1d after each hidden Linear "
+                   "(learners that cannot train it, such as am-mem, are skipped)")
+    add_option(m, "--batch-size", HParam(10, "samples per learning step (mini-batch of the stream)", int, POSITIVE))
+    add_option(m, "--epochs", HParam(1, "passes over the training stream (1 = a pure single-pass stream)", int,
+                                     POSITIVE))
+    add_option(m, "--lr-halve-epochs", HParam(None, "halve every learning rate each N epochs (converted to "
+                                              "--lr-halve-every steps; default: constant rates)", int, POSITIVE,
+                                              optional=True))
+    m.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    add_option(m, "--threads", HParam(None, "torch CPU threads (default: 1 when the device is the CPU: the "
+                                      "per-batch operations are small, and extra threads gain little on idle "
+                                      "cores but slow every step badly on busy ones)", int, POSITIVE,
+                                      optional=True))
+    m.add_argument("--seed", type=int, default=0, help="seed of the initial weights (the same for every "
+                   "learner) and of the stream order")
+    _common.add_learner_arguments(parser)
+    o = parser.add_argument_group("evaluation and output")
+    add_option(o, "--eval-every", HParam(None, "samples between points of the prequential curve (default: "
+                                         "about 100 points per run)", int, POSITIVE, optional=True))
+    add_option(o, "--log-every", HParam(10, "steps between TensorBoard records of the step statistics", int,
+                                        POSITIVE))
+    o.add_argument("--logdir", default="runs", help="TensorBoard root: one run folder <dataset>-<learner>-<time> "
+                   "per learner")
+    o.add_argument("--plot", default=None, help="PNG of the accuracy curves (default: <logdir>/stream-<dataset>.png)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    c = parser.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file; one per learner, named PATH with the learner inserted before the "
+                   "suffix (ck.pt -> ck-am-adam.pt); written atomically every --checkpoint-every steps and at "
+                   "the end")
+    add_option(c, "--checkpoint-every", HParam(500, "steps between checkpoints (with --checkpoint)", int, POSITIVE))
+    c.add_argument("--resume", action="store_true", help="continue from the --checkpoint files exactly where "
+                   "they stopped, TensorBoard folders included; a missing file is an error (see --allow-fresh)")
+    c.add_argument("--allow-fresh", action="store_true", help="with --resume: a learner whose checkpoint file "
+                   "does not exist starts from scratch instead of stopping the run")
+    add_option(c, "--stop-after-steps", HParam(None, "for tests: simulate an interruption: stop after N steps "
+                                               "of this process, right after saving a checkpoint", int, POSITIVE,
+                                               optional=True))
     return parser
 
 
-def parse_args(argv=None) -> tuple[Args, argparse.ArgumentParser]:
+def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = build_parser()
-    args = Args(**vars(parser.parse_args(argv)))
-    for name in ("batch_size", "epochs", "max_samples", "eval_every", "log_every", "checkpoint_every",
-                 "lr_halve_epochs", "stop_after_steps", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    args = parser.parse_args(argv)
     try:
-        _common.parse_name_list(args.learner, LEARNER_NAMES, "learner")
-        _common.parse_int_list(args.hidden)
+        args.learners = _common.parse_name_list(args.learner, learner_names(), "learner")
+        args.hidden_widths = _common.parse_int_list(args.hidden)
     except ValueError as err:
         parser.error(str(err))
     if args.resume and not args.checkpoint:
         parser.error("--resume needs --checkpoint PATH")
+    if args.allow_fresh and not args.resume:
+        parser.error("--allow-fresh only applies with --resume")
     if args.batchnorm and args.batch_size < 2:
         parser.error("--batchnorm needs --batch-size >= 2 (batch statistics of one sample are undefined)")
-    if args.batchnorm and _common.parse_name_list(args.learner, LEARNER_NAMES) == ["am-mem"]:
-        parser.error("am-mem does not support --batchnorm (its hidden layers must be plain Linear); "
-                     "drop --batchnorm or add another learner")
     return args, parser
 
 
@@ -175,6 +134,11 @@ def clean_errors(parser: argparse.ArgumentParser):
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}{hint}\n")
 
 
+def checkpoint_path(path: str, learner: str) -> Path:
+    p = Path(path)
+    return p.with_name(f"{p.stem}-{learner}{p.suffix}")
+
+
 def checkpoint_config(path: Path) -> dict | None:
     """The stream settings a checkpoint of this script was made with (None if unreadable)."""
     try:
@@ -183,176 +147,209 @@ def checkpoint_config(path: Path) -> dict | None:
         return None
 
 
-def checkpoint_path(path: str, learner: str) -> Path:
-    p = Path(path)
-    return p.with_name(f"{p.stem}-{learner}{p.suffix}")
+def check_resumable(args, learners: list[str]) -> None:
+    """With --resume, every learner's checkpoint must exist unless --allow-fresh: a mistyped path
+    must not silently start the run over."""
+    if not args.resume:
+        return
+    missing = [str(checkpoint_path(args.checkpoint, n)) for n in learners
+               if not checkpoint_path(args.checkpoint, n).is_file()]
+    if missing and not args.allow_fresh:
+        raise ValueError(f"--resume: no checkpoint at {', '.join(missing)}; check --checkpoint (the learner's name "
+                         "is inserted before the suffix), or add --allow-fresh to start those learners from scratch")
+
+
+def load_data(args):
+    """The training stream and the held-out set."""
+    if args.dataset == "elec2":
+        train, test = load_dataset("elec2", "all", args.data_dir), load_dataset("elec2", "test", args.data_dir)
+    else:
+        train, test = load_dataset(args.dataset, "train", args.data_dir), load_dataset(args.dataset, "test", args.data_dir)
+    if args.max_samples is not None and args.max_samples < len(train):
+        train = train.subset(range(args.max_samples))
+    if args.batchnorm and len(train) % args.batch_size == 1:
+        train = train.subset(range(len(train) - 1))
+        print("note: dropped the last training sample so that no BatchNorm batch has one sample")
+    return train, test
+
+
+class Run:
+    """One learner's pass over the stream: its position, counts and logs, saved and restored."""
+
+    def __init__(self, name: str, learner, args, stream_config: dict) -> None:
+        self.name, self.learner, self.args, self.stream_config = name, learner, args, stream_config
+        self.epoch, self.index, self.batches, self.elapsed, self.rolled_back = 0, 0, 0, 0.0, 0
+        self.result, self.test_curve = PrequentialResult(), []
+        self.run_dir: Path | None = None
+        self.ck_path = checkpoint_path(args.checkpoint, name) if args.checkpoint else None
+
+    def resume(self) -> None:
+        ck = self.ck_path
+        if not (self.args.resume and ck.is_file()):
+            if self.args.resume:
+                print(f"{self.name}: no checkpoint at {ck}; starting from scratch (--allow-fresh)")
+            return
+        saved = checkpoint_config(ck)
+        if saved is not None and {k: v for k, v in saved.items() if k != "run_dir"} != self.stream_config:
+            diff = {k: v for k, v in saved.items() if k != "run_dir" and self.stream_config.get(k) != v} or saved
+            raise ValueError(f"checkpoint {ck} was made with other settings {diff}; this run has "
+                             f"{ {k: self.stream_config.get(k) for k in diff} }")
+        extra = load_checkpoint(ck, self.learner)  # CheckpointError (a ValueError) if it does not fit
+        self.epoch, self.index, self.batches = extra["epoch"], extra["index"], extra["batches"]
+        self.elapsed, self.rolled_back = extra["elapsed"], extra["rolled_back"]
+        self.result = PrequentialResult.from_state_dict(extra["prequential"])
+        self.test_curve = [tuple(p) for p in extra["test_curve"]]
+        run_dir = extra.get("run_dir")
+        if run_dir and Path(run_dir).is_dir():
+            self.run_dir = Path(run_dir)
+        where = (f"at epoch {self.epoch + 1}, sample {self.index}" if self.epoch < self.args.epochs
+                 else f"after epoch {self.epoch} (finished)")
+        print(f"{self.name}: resumed from {ck} {where} ({self.result.n_seen} samples seen, "
+              f"step {self.learner.step_count})")
+
+    def open_logger(self) -> TensorBoardLogger:
+        if self.run_dir is not None:  # continue the interrupted run's folder, without duplicate steps
+            return TensorBoardLogger(self.run_dir, purge_step=self.result.n_seen + 1)
+        self.run_dir = make_run_dir(self.args.logdir, f"{self.args.dataset}-{self.name}")
+        writer = TensorBoardLogger(self.run_dir)
+        skip = {"learner", "learners", "hidden_widths", "learner_set"}
+        hparams = {**{k: v for k, v in vars(self.args).items() if k not in skip
+                      and k not in _common.learner_options()}, "learner": self.name,
+                   **{f"{self.name}/{k}": v for k, v in self.learner.hparams().items()}}
+        writer.log_text("hparams", "\n".join(f"| {k} | {v} |" for k, v in
+                                             [("option", "value"), ("---", "---"), *hparams.items()]))
+        return writer
+
+    def save(self, epoch: int, index: int) -> None:
+        """Everything needed to continue exactly from (epoch, index)."""
+        if self.ck_path is not None:
+            save_checkpoint(self.ck_path, self.learner, epoch=epoch, index=index, batches=self.batches,
+                            elapsed=self.elapsed, rolled_back=self.rolled_back, prequential=self.result.state_dict(),
+                            test_curve=self.test_curve, config=self.stream_config, run_dir=str(self.run_dir))
+
+
+def stream_learner(run: Run, train, test, n_train: int, eval_every: int, budget: list[int]) -> bool:
+    """Test-then-train over the epochs left; returns False when --stop-after-steps interrupted it.
+    ``budget[0]`` counts the steps of this process, over all learners."""
+    args, learner = run.args, run.learner
+    order = "stream" if args.dataset == "elec2" else "shuffle"
+    writer = run.open_logger()
+    bar = tqdm(total=args.epochs * n_train, initial=run.result.n_seen, desc=f"{run.name:>8}", unit="sample",
+               disable=args.quiet, dynamic_ncols=True, leave=True)
+    try:
+        for epoch in range(run.epoch, args.epochs):
+            samples = iter_samples(train, order, seed=args.seed * 1000 + epoch, start=run.index)
+            n_at_epoch_start = run.result.n_seen - run.index
+            n_points = len(run.result.curve)
+            tick = time.perf_counter()
+            for result, info in iter_prequential(samples, learner, batch_size=args.batch_size,
+                                                 every=eval_every, result=run.result):
+                run.elapsed += time.perf_counter() - tick  # time in predict + learn (and the data)
+                run.batches += 1
+                budget[0] += 1
+                run.rolled_back += int(info.rolled_back)
+                bar.update(result.n_seen - n_at_epoch_start - run.index)
+                run.index = result.n_seen - n_at_epoch_start
+                if run.batches % args.log_every == 0:
+                    writer.log_step(info, result.n_seen)
+                    bar.set_postfix(acc=f"{result.accuracy:.3f}", refresh=False)
+                if len(result.curve) > n_points:
+                    n_points = len(result.curve)
+                    writer.record("prequential/accuracy", result.accuracy, result.n_seen)
+                if run.batches % args.checkpoint_every == 0:
+                    run.save(epoch, run.index)
+                if args.stop_after_steps and budget[0] >= args.stop_after_steps:
+                    run.save(epoch, run.index)
+                    return False
+                tick = time.perf_counter()
+            run.index = 0
+            test_acc = evaluate_accuracy(learner, test)
+            run.test_curve.append((epoch + 1, test_acc))
+            if args.epochs > 1:
+                tqdm.write(f"{run.name}: epoch {epoch + 1}/{args.epochs} held-out accuracy {test_acc:.4f}")
+            writer.record("test/accuracy", test_acc, run.result.n_seen)
+            run.save(epoch + 1, 0)
+        return True
+    finally:
+        bar.set_postfix(acc=f"{run.result.accuracy:.3f}")
+        bar.close()
+        writer.close()
+
+
+def print_summary(results: dict, args, n_train: int) -> None:
+    print()
+    # wall s: time in test-then-train steps only (no held-out evaluation, logging or checkpoints)
+    print(f"{'learner':<10} {'prequential':>11} {'held-out':>9} {'best (epoch)':>13} {'wall s':>8} "
+          f"{'samples/s':>10} {'rolled back':>11}")
+    for name, r in results.items():
+        best_epoch, best = max(r["test_curve"], key=lambda p: p[1]) if r["test_curve"] else (0, r["held_out"])
+        print(f"{name:<10} {r['prequential']:>11.4f} {r['held_out']:>9.4f} {f'{best:.4f} ({best_epoch})':>13} "
+              f"{r['seconds']:>8.2f} {r['samples_per_s']:>10.0f} {r['rolled_back']:>11d}")
+    print()
+    plot_path = Path(args.plot) if args.plot else Path(args.logdir) / f"stream-{args.dataset}.png"
+    import _plots  # Matplotlib is imported only here, when there is something to draw
+
+    _plots.plot_stream({n: r["curve"] for n, r in results.items()}, plot_path,
+                       test={n: r["test_curve"] for n, r in results.items()},
+                       epoch_samples=n_train if args.epochs > 1 else None,
+                       title=f"{args.dataset}: {n_train} samples x {args.epochs} epoch(s), batch {args.batch_size}")
+    print("TensorBoard logs: " + ", ".join(str(r["run_dir"]) for r in results.values())
+          + f"  (tensorboard --logdir {args.logdir})")
+    print(f"Plot: {plot_path}")
+    if args.checkpoint:
+        print("Checkpoints: " + ", ".join(str(checkpoint_path(args.checkpoint, n)) for n in results))
 
 
 def main(argv=None) -> None:
     args, parser = parse_args(argv)
     with clean_errors(parser):
-        learners = _common.parse_name_list(args.learner, LEARNER_NAMES, "learner")
-        hidden = _common.parse_int_list(args.hidden)
-        if args.batchnorm and "am-mem" in learners:
-            learners.remove("am-mem")
-            print("note: skipping am-mem: it does not support BatchNorm (--batchnorm)")
         device = resolve_device(args.device)
         if args.threads or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)
-
-        # ---- data: the training stream and the held-out set
-        if args.dataset == "elec2":
-            train = load_dataset("elec2", "all", args.data_dir)
-            test = load_dataset("elec2", "test", args.data_dir)
-        else:
-            train = load_dataset(args.dataset, "train", args.data_dir)
-            test = load_dataset(args.dataset, "test", args.data_dir)
-        if args.max_samples is not None and args.max_samples < len(train):
-            train = train.subset(range(args.max_samples))
-        if args.batchnorm and len(train) % args.batch_size == 1:
-            train = train.subset(range(len(train) - 1))
-            print("note: dropped the last training sample so that no BatchNorm batch has one sample")
-        order = "stream" if args.dataset == "elec2" else "shuffle"
+        check_resumable(args, args.learners)
+        train, test = load_data(args)
         n_train = len(train)
         steps_per_epoch = math.ceil(n_train / args.batch_size)
         eval_every = args.eval_every or max(args.batch_size, args.epochs * n_train // 100)
-        options = vars(args) | {"lr_halve_every": args.lr_halve_epochs and args.lr_halve_epochs * steps_per_epoch}
         # what defines the stream: a checkpoint made with other values cannot be continued
-        stream_config = {"dataset": args.dataset, "n_train": n_train, "hidden": hidden,
+        stream_config = {"dataset": args.dataset, "n_train": n_train, "hidden": args.hidden_widths,
                          "batchnorm": args.batchnorm, "batch_size": args.batch_size, "seed": args.seed}
         print(f"{args.dataset}: stream of {n_train} samples x {args.epochs} epoch(s) "
-              f"({'time order' if order == 'stream' else 'shuffled per epoch'}), held-out {len(test)}, "
-              f"MLP {list(train.x.shape[1:])} -> {hidden} -> {train.n_classes}, batch {args.batch_size}, "
+              f"({'time order' if args.dataset == 'elec2' else 'shuffled per epoch'}), held-out {len(test)}, "
+              f"MLP {list(train.x.shape[1:])} -> {args.hidden_widths} -> {train.n_classes}, batch {args.batch_size}, "
               f"device {device}")
 
-        results = {}  # learner -> summary
-        steps_this_process = 0
-        for name in learners:
-            # ---- learner: same initial weights for every learner
-            set_seed(args.seed)
-            model = build_mlp(tuple(train.x.shape[1:]), hidden, train.n_classes, args.batchnorm)
-            overrides = _common.overrides_for(name, options)
-            if name == "backprop":
-                overrides["optimizer"] = args.bp_optimizer
-            learner = make_learner(name, model, device, **overrides)
-            group_names = [g.get("name", f"group{i}") for opt in learner.optimizers()
-                           for i, g in enumerate(opt.param_groups)]
-
-            # ---- stream position and counts, possibly from a checkpoint
-            epoch, index, batches, elapsed, rolled_back = 0, 0, 0, 0.0, 0
-            result, test_curve = PrequentialResult(), []
-            ck_path = checkpoint_path(args.checkpoint, name) if args.checkpoint else None
-            if args.resume and ck_path.is_file():
-                saved = checkpoint_config(ck_path)
-                if saved is not None and saved != stream_config:
-                    diff = {k: v for k, v in saved.items() if stream_config.get(k) != v} or saved
-                    raise ValueError(f"checkpoint {ck_path} was made with other settings {diff}; "
-                                     f"this run has { {k: stream_config.get(k) for k in diff} }")
-                extra = load_checkpoint(ck_path, learner)  # CheckpointError (a ValueError) if it does not fit
-                epoch, index, batches = extra["epoch"], extra["index"], extra["batches"]
-                elapsed, rolled_back = extra["elapsed"], extra["rolled_back"]
-                result = PrequentialResult.from_state_dict(extra["prequential"])
-                test_curve = [tuple(p) for p in extra["test_curve"]]
-                where = (f"at epoch {epoch + 1}, sample {index}" if epoch < args.epochs
-                         else f"after epoch {epoch} (finished)")
-                print(f"{name}: resumed from {ck_path} {where} ({result.n_seen} samples seen, "
-                      f"step {learner.step_count})")
-            elif args.resume:
-                print(f"{name}: no checkpoint at {ck_path}; starting from scratch")
-
-            run_dir = make_run_dir(args.logdir, f"{args.dataset}-{name}")
-            writer = TensorBoardLogger(run_dir)
-            hparams = {**{k: v for k, v in vars(args).items() if k not in _common.HPARAM_OPTIONS},
-                       "learner": name, **{f"{name}/{k}": v for k, v in getattr(learner, "hparams", dict)().items()}}
-            writer.log_text("hparams", "\n".join(f"| {k} | {v} |" for k, v in
-                                                 [("option", "value"), ("---", "---"), *hparams.items()]))
-
-            def save(epoch, index):  # everything needed to continue exactly from (epoch, index)
-                if ck_path is not None:
-                    save_checkpoint(ck_path, learner, epoch=epoch, index=index, batches=batches, elapsed=elapsed,
-                                    rolled_back=rolled_back, prequential=result.state_dict(),
-                                    test_curve=test_curve, config=stream_config)
-
-            bar = tqdm(total=args.epochs * n_train, initial=result.n_seen, desc=f"{name:>8}", unit="sample",
-                       disable=args.quiet, dynamic_ncols=True, leave=True)
-            interrupted = False
-            for epoch in range(epoch, args.epochs):
-                # ---- one pass over the stream, test-then-train
-                samples = iter_samples(train, order, seed=args.seed * 1000 + epoch, start=index)
-                n_at_epoch_start = result.n_seen - index
-                n_points = len(result.curve)
-                tick = time.perf_counter()
-                for result, info in iter_prequential(samples, learner, batch_size=args.batch_size,
-                                                     every=eval_every, result=result):
-                    elapsed += time.perf_counter() - tick  # time in predict + learn (and the data)
-                    batches += 1
-                    steps_this_process += 1
-                    rolled_back += int(info.rolled_back)
-                    bar.update(result.n_seen - n_at_epoch_start - index)
-                    index = result.n_seen - n_at_epoch_start
-                    if batches % args.log_every == 0:
-                        writer.log_step(info, result.n_seen, group_names)
-                        bar.set_postfix(acc=f"{result.accuracy:.3f}", refresh=False)
-                    if len(result.curve) > n_points:
-                        n_points = len(result.curve)
-                        writer.record("prequential/accuracy", result.accuracy, result.n_seen)
-                    if batches % args.checkpoint_every == 0:
-                        save(epoch, index)
-                    if args.stop_after_steps and steps_this_process >= args.stop_after_steps:
-                        save(epoch, index)
-                        interrupted = True
-                        break
-                    tick = time.perf_counter()
-                if interrupted:
-                    break
-                # ---- end of the epoch: held-out accuracy
-                index = 0
-                test_acc = evaluate_accuracy(learner, test)
-                test_curve.append((epoch + 1, test_acc))
-                if args.epochs > 1:
-                    tqdm.write(f"{name}: epoch {epoch + 1}/{args.epochs} held-out accuracy {test_acc:.4f}")
-                writer.record("test/accuracy", test_acc, result.n_seen)
-                save(epoch + 1, 0)
-            bar.set_postfix(acc=f"{result.accuracy:.3f}")
-            bar.close()
-            writer.close()
-            if interrupted:
-                where = f"; resume with --resume (checkpoint {ck_path})" if ck_path else ""
-                print(f"stopped after {steps_this_process} steps (--stop-after-steps){where}")
+        results, budget = {}, [0]
+        for name in args.learners:
+            set_seed(args.seed)  # the same initial weights for every learner
+            model = build_mlp(tuple(train.x.shape[1:]), args.hidden_widths, train.n_classes, args.batchnorm)
+            kwargs = _common.learner_kwargs(name, args)
+            if args.lr_halve_epochs and "lr_halve_every" in LEARNERS[name].defaults:
+                kwargs.setdefault("lr_halve_every", args.lr_halve_epochs * steps_per_epoch)
+            try:
+                learner = make_learner(name, model, device, **kwargs)
+            except UnsupportedModelError as err:
+                print(f"note: skipping {name}: {' '.join(str(err).split())}")
+                continue
+            run = Run(name, learner, args, stream_config)
+            run.resume()
+            if not stream_learner(run, train, test, n_train, eval_every, budget):
+                where = f"; resume with --resume (checkpoint {run.ck_path})" if run.ck_path else ""
+                print(f"stopped after {budget[0]} steps (--stop-after-steps){where}")
                 return
-
+            result = run.result
             if not result.curve or result.curve[-1][0] != result.n_seen:
                 result.curve.append((result.n_seen, result.accuracy))
-            held_out = test_curve[-1][1] if test_curve else evaluate_accuracy(learner, test)
+            held_out = run.test_curve[-1][1] if run.test_curve else evaluate_accuracy(learner, test)
             results[name] = {
-                "prequential": result.accuracy, "held_out": held_out, "seconds": elapsed,
-                "samples_per_s": result.n_seen / elapsed if elapsed > 0 else float("nan"),
-                "rolled_back": rolled_back, "curve": list(result.curve), "test_curve": test_curve,
-                "run_dir": run_dir,
+                "prequential": result.accuracy, "held_out": held_out, "seconds": run.elapsed,
+                "samples_per_s": result.n_seen / run.elapsed if run.elapsed > 0 else float("nan"),
+                "rolled_back": run.rolled_back, "curve": list(result.curve), "test_curve": run.test_curve,
+                "run_dir": run.run_dir,
             }
-
-        # ---- summary
-        print()
-        # wall s: time in test-then-train steps only (no held-out evaluation, logging or checkpoints)
-        print(f"{'learner':<10} {'prequential':>11} {'held-out':>9} {'best (epoch)':>13} {'wall s':>8} "
-              f"{'samples/s':>10} {'rolled back':>11}")
-        for name, r in results.items():
-            best_epoch, best = max(r["test_curve"], key=lambda p: p[1]) if r["test_curve"] else (0, r["held_out"])
-            print(f"{name:<10} {r['prequential']:>11.4f} {r['held_out']:>9.4f} {f'{best:.4f} ({best_epoch})':>13} "
-                  f"{r['seconds']:>8.2f} {r['samples_per_s']:>10.0f} {r['rolled_back']:>11d}")
-        print()
-        plot_path = Path(args.plot) if args.plot else Path(args.logdir) / f"stream-{args.dataset}.png"
-        import _plots  # Matplotlib is imported only here, when there is something to draw
-
-        _plots.plot_stream({n: r["curve"] for n, r in results.items()}, plot_path,
-                           test={n: r["test_curve"] for n, r in results.items()},
-                           epoch_samples=n_train if args.epochs > 1 else None,
-                           title=f"{args.dataset}: {n_train} samples x {args.epochs} epoch(s), batch {args.batch_size}")
-        print("TensorBoard logs: " + ", ".join(str(r["run_dir"]) for r in results.values())
-              + f"  (tensorboard --logdir {args.logdir})")
-        print(f"Plot: {plot_path}")
-        if args.checkpoint:
-            print("Checkpoints: " + ", ".join(str(checkpoint_path(args.checkpoint, n)) for n in results))
+        if not results:
+            raise ValueError("no learner can train this model; see the notes above")
+        print_summary(results, args, n_train)
 
 
 if __name__ == "__main__":

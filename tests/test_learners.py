@@ -332,7 +332,7 @@ def test_output_fit_forward_steps_the_output_layer_on_its_backprop_gradient(cls,
     torch.testing.assert_close(forward_model[5].weight, out_layer.weight, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(forward_model[5].bias, out_layer.bias, rtol=1e-10, atol=1e-12)
     assert not torch.equal(codes_model[5].weight, forward_model[5].weight)
-    with pytest.raises(ValueError, match="output_fit must be one of"):
+    with pytest.raises(ValueError, match="invalid output_fit"):
         cls(mlp(), device="cpu", output_fit="backprop")
 
 
@@ -344,7 +344,7 @@ def test_prox_flag_changes_the_trajectory(digits):
         info = None
         for x, y in batches(train, n=3):
             info = learner.learn(x, y)
-        results[prox] = torch.stack(info.code_displacement)
+        results[prox] = torch.stack(info.diagnostics["am/code_displacement"])
     # The paper's proximity term pulls codes back towards their forward values.
     assert (results["paper"] < results["official"]).all()
 
@@ -370,8 +370,8 @@ def test_mu_ramp_and_learning_rate_halving(digits):
     mus, lrs = [], []
     for x, y in batches(train, n=5):
         info = learner.learn(x, y)
-        mus.append(info.mu)
-        lrs.append(info.lrs)
+        mus.append(info.diagnostics["am/mu"])
+        lrs.append(tuple(info.lrs.values()))
     assert mus == pytest.approx([0.01, 0.02, 0.03, 0.03, 0.03])
     assert lrs[0] == pytest.approx((0.004, 0.004, 0.002))
     assert lrs[2] == pytest.approx((0.002, 0.002, 0.001))
@@ -579,8 +579,8 @@ def test_a_growing_output_head_keeps_training(name, digits):
     for x, y in batches(train, n=60):
         learner.learn(x, y)
     assert learner.n_outputs == 10
-    group = next(g for g in learner.optimizers()[0].param_groups if g["name"] == "block1")
+    group = next(g for g in learner.optimizer.param_groups if g["name"] == "block1")
     assert any(p is head.classifier.weight for p in group["params"])
-    assert old_weight not in learner.optimizers()[0].state  # the replaced parameter left with its state
+    assert old_weight not in learner.optimizer.state  # the replaced parameter left with its state
     accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean()
     assert accuracy > 0.6  # all ten classes learned after the growth (chance: 0.1)

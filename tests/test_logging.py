@@ -82,13 +82,15 @@ def test_tensorboard_logger_writes_am_step_info(batch, tmp_path):
     learner = AMAdam(mlp(n_hidden=2), device="cpu", lr=3e-3, lr_out=3e-3, code_lr=0.1, mu=0.03)
     learner.learn(x[:16], y[:16])
     info = learner.learn(x[16:], y[16:])
-    assert len(info.local_losses) == 2 and len(info.code_displacement) == 2 and len(info.lrs) == 3
+    local, displacement = info.diagnostics["am/local_loss"], info.diagnostics["am/code_displacement"]
+    assert len(local) == 2 and len(displacement) == 2 and len(info.lrs) == 3
     names = [g["name"] for g in learner.optimizer.param_groups]
+    assert list(info.lrs) == names
 
     log_dir = tmp_path / "run"
     logger = TensorBoardLogger(log_dir)
-    logger.log_step(info, 5, names)
-    logger.log_step(info, 6)  # default group names
+    logger.log_step(info, 5)
+    logger.log_step(info, 6)
     logger.record("prequential/accuracy", 0.5, 7)
     logger.record("prequential/accuracy", torch.tensor(0.625), 8)
     logger.log_text("config", "AMAdam mu=0.03 code_lr=0.1")
@@ -98,22 +100,51 @@ def test_tensorboard_logger_writes_am_step_info(batch, tmp_path):
     scalars = read_scalars(log_dir)
     expected = {
         "train/task_loss": float(info.loss),
-        "am/mu": float(info.mu),
-        "am/local_loss/0": float(info.local_losses[0]),
-        "am/local_loss/1": float(info.local_losses[1]),
-        "am/code_displacement/0": float(info.code_displacement[0]),
-        "am/code_displacement/1": float(info.code_displacement[1]),
+        "am/mu": float(info.diagnostics["am/mu"]),
+        "am/local_loss/0": float(local[0]),
+        "am/local_loss/1": float(local[1]),
+        "am/code_displacement/0": float(displacement[0]),
+        "am/code_displacement/1": float(displacement[1]),
+        **{f"lr/{name}": lr for name, lr in info.lrs.items()},
     }
     for tag, value in expected.items():
         assert [s for s, _ in scalars[tag]] == [5, 6], tag
         assert all(v == approx(value) for _, v in scalars[tag]), tag
-    for i, name in enumerate(names):
-        assert scalars[f"lr/{name}"] == [(5, approx(info.lrs[i]))]
-        assert scalars[f"lr/group{i}"] == [(6, approx(info.lrs[i]))]
     assert scalars["am/mu"][0][1] == approx(0.03)
     assert scalars["prequential/accuracy"] == [(7, 0.5), (8, 0.625)]
-    assert set(scalars) == {*expected, *(f"lr/{n}" for n in names),
-                            *(f"lr/group{i}" for i in range(len(names))), "prequential/accuracy"}
+    assert set(scalars) == {*expected, "prequential/accuracy"}
+
+
+def test_tensorboard_logger_writes_any_diagnostics_without_knowing_them(tmp_path):
+    """A method's own records (an ADMM residual, a Frank-Wolfe gap, one value per layer) reach
+    TensorBoard under their own tags: the logger has no table of keys."""
+    from amstream import StepInfo
+
+    info = StepInfo(loss=torch.tensor(0.5), batch_size=4, lrs={"head": 0.1},
+                    diagnostics={"admm/primal_residual": torch.tensor(0.25), "admm/rho": 2.0,
+                                 "lowrank/explained_variance": (torch.tensor(0.9), 0.8)})
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_step(info, 11)
+    logger.close()
+    assert read_scalars(tmp_path) == {
+        "train/task_loss": [(11, 0.5)], "lr/head": [(11, approx(0.1))], "admm/primal_residual": [(11, 0.25)],
+        "admm/rho": [(11, 2.0)], "lowrank/explained_variance/0": [(11, approx(0.9))],
+        "lowrank/explained_variance/1": [(11, approx(0.8))]}
+
+
+def test_a_resumed_logger_continues_its_run_without_duplicate_steps(tmp_path):
+    """purge_step: what the interrupted run wrote from that step on is dropped, so a resumed run
+    that logs the same steps again leaves one value per step in the same folder."""
+    first = TensorBoardLogger(tmp_path)
+    for step in (100, 200, 300):
+        first.record("prequential/accuracy", step / 1000, step)
+    first.close()  # interrupted after step 300; the checkpoint was taken at step 200
+    resumed = TensorBoardLogger(tmp_path, purge_step=201)
+    for step in (300, 400):
+        resumed.record("prequential/accuracy", step / 1000 + 0.5, step)
+    resumed.close()
+    assert read_scalars(tmp_path)["prequential/accuracy"] == [
+        (100, approx(0.1)), (200, approx(0.2)), (300, approx(0.8)), (400, approx(0.9))]
 
 
 def test_tensorboard_logger_text_round_trips(tmp_path):
@@ -140,9 +171,9 @@ def test_tensorboard_logger_backprop_step_has_no_am_tags(batch, tmp_path):
     scalars = read_scalars(tmp_path)
     assert scalars["train/task_loss"] == [(3, approx(float(info.loss)))]
     assert not [tag for tag in scalars if tag.startswith("am/")]
-    assert scalars["lr/group0"] == [(3, approx(3e-3))]
-    assert scalars["lr/group1"] == [(3, approx(3e-3))]
-    assert set(scalars) == {"train/task_loss", "lr/group0", "lr/group1"}
+    assert scalars["lr/block0"] == [(3, approx(3e-3))]
+    assert scalars["lr/block1"] == [(3, approx(3e-3))]
+    assert set(scalars) == {"train/task_loss", "lr/block0", "lr/block1"}
 
 
 def test_tensorboard_logger_into_a_run_dir(tmp_path):
@@ -163,7 +194,6 @@ def test_null_logger_accepts_everything_and_writes_nothing(batch, tmp_path, monk
     info = learner.learn(x, y)
     logger = NullLogger()
     assert logger.log_step(info, 1) is None
-    assert logger.log_step(info, 2, ["block0", "block1"]) is None
     assert logger.record("prequential/accuracy", 0.5, 7) is None
     assert logger.record("prequential/accuracy", torch.tensor(0.5), 8) is None
     assert logger.log_text("config", "text") is None

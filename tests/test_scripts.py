@@ -152,11 +152,15 @@ def test_continual_online_stream(tmp_path):
 
 def test_continual_growing_head_hyperparameters_and_json(tmp_path):
     proc = run_continual("--learner", "am-adam,backprop", "--plugins", "replay", "--growing-head", "--lr", "0.002",
-                         "--bp-optimizer", "sgd", "--bp-lr", "0.05", "--quiet", "--logdir", str(tmp_path),
+                         "--optimizer", "sgd", "--set", "backprop.lr=0.05", "--quiet", "--logdir", str(tmp_path),
                          "--json", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["options"]["lr"] == 0.002 and record["options"]["growing_head"] is True
+    # --lr reaches every learner that declares lr, --set only the one it names
+    assert record["results"]["am-adam"]["hparams"]["lr"] == 0.002
+    assert record["results"]["backprop"]["hparams"]["lr"] == 0.05
+    assert record["results"]["backprop"]["hparams"]["optimizer"] == "sgd"
     for name in ("am-adam", "backprop"):
         result = record["results"][name]
         assert len(result["matrix"]) == 5 and all(len(row) == 5 for row in result["matrix"])

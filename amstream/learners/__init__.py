@@ -1,7 +1,22 @@
-"""Learners: every method behind one API (``step``, ``learn``, ``predict``, ``state_dict``)."""
+"""Learners: every method behind one API (``step``, ``learn``, ``predict``, ``state_dict``).
+
+:data:`LEARNERS` is the registry: a learner registered here is available to ``scripts/stream.py``,
+``scripts/continual.py``, ``scripts/rl.py``, ``scenarios.AMStrategy``, ``agents.DQNAgent`` and the
+generated conformance tests, with its options derived from its ``defaults``.
+"""
 from .altmin import AltMinLearner, AMAdam
 from .ammem import AMMem
 from .backprop import Backprop
-from .base import Learner, NonFiniteStepError, Penalty, StepInfo
+from .base import Learner, LossFn, NonFiniteStepError, Penalty, StepInfo
+from .blockwise import BlockLearner
+from .groups import ParameterGroups
 
-__all__ = ["Learner", "Penalty", "StepInfo", "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop"]
+#: name -> learner class (adding a learner: its module, one line here, its tests)
+LEARNERS: dict[str, type[Learner]] = {
+    "am-adam": AMAdam,
+    "am-mem": AMMem,
+    "backprop": Backprop,
+}
+
+__all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
+           "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop"]

@@ -15,7 +15,6 @@ layer's weights are fitted to its own input and output codes, independently of t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,11 @@ from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
 from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_grad, update_codes
+from ..hparams import HParam
 from ..schedules import apply_lr_halving_, mu_at
-from .base import Learner, LossFn, Penalty, StepInfo, add_penalty_grads_
+from .base import LossFn, Penalty, StepInfo
+from .blockwise import BlockLearner
+from .penalty import add_penalty_grads_
 
 __all__ = ["OUTPUT_FITS", "AMAdam", "AltMinLearner"]
 
@@ -32,104 +34,66 @@ __all__ = ["OUTPUT_FITS", "AMAdam", "AltMinLearner"]
 OUTPUT_FITS = ("codes", "forward")
 
 
-class AltMinLearner(Learner):
+class AltMinLearner(BlockLearner):
     """Base of the AM learners: forward with codes, top-down code update, weight fits.
 
     Subclasses choose which blocks their Adam optimizer trains (``_adam_blocks``) and may add a
-    different rule for the hidden weights (``_fit_hidden_extra``).
-
-    Args:
-        model: an ``nn.Sequential`` (see :mod:`amstream.blocks`).
-        mu: penalty weight ``mu_0`` of the objective (reference default 0.003).
-        d_mu: increment of mu per step; the ramp stops at ``mu_max`` (default ``10 * mu``).
-        code_steps: Nesterov-momentum steps per code and batch (reference 5).
-        code_lr: code step size, one value or one per hidden code (reference 0.3).
-        code_momentum: Nesterov momentum of the code steps (reference 0.9).
-        cap_code_steps: cap each hidden code's step size at 1/L, L the curvature bound of its
-            objective (:func:`amstream.functional.hidden_code_step_cap`), so that code steps stay
-            stable when the next layer's weights grow (not in the reference, where a fixed step
-            made AM-mem blow up late in a Permuted-MNIST stream). Inactive while ``code_lr`` is
-            below the cap, as it practically always is with the reference's mean-reduced objective.
-        lr_out: Adam learning rate of the output block (reference 0.008).
-        weight_steps: Adam steps per batch on each local loss (reference 1).
-        lr_halve_every: halve every learning rate each this many steps (reference: every 8 epochs).
-        lambda_c: L1 weight on the codes (reference 0).
-        reduction: ``"mean"`` (reference: every code loss is a mean over its elements, so hidden
-            codes move about 1/(B d) as far as the last one) or ``"sum"`` (the objective summed over
-            the batch: per-element code steps independent of batch size and width). See
-            :func:`amstream.functional.code_objective`.
-        prox: ``"paper"`` (detached proximity anchor, the paper's intent) or ``"official"`` (the
-            reference code's zero-gradient proximity term, to compare with its numbers).
-        bn_stats: ``"forward"``: BatchNorm running statistics are updated only by the plain forward
-            pass; ``"all"``: also by every code and weight step, as in the reference code (bug A8).
-        fast: closed-form gradients for blocks ``Linear(activation(c))`` (same values as autograd,
-            far fewer kernel launches); Conv/BatchNorm/custom blocks always use autograd.
-        output_fit: where the output block is fitted to the task loss. ``"codes"`` (the paper and
-            the reference code): at the updated last code, whose task loss the code step has
-            already reduced, so the output layer sees only the residual (which Adam rescales to
-            full-size steps). ``"forward"``: at the forward pass's last code, the task loss's own
-            gradient for that layer (as backprop's); the hidden layers still fit the codes. For
-            bootstrapped regression (DQN) the residual fit let the Q-values run away (measured,
-            ``agents.DQN_LEARNER_DEFAULTS``); on the digits stream the paper's rule had the
-            better prequential accuracy (BENCHMARKS.md, section 7), so it stays the default.
+    different rule for the hidden weights (``_fit_hidden_extra``). The proximity term's official
+    flavour (``prox="official"``), BatchNorm statistics from every step (``bn_stats="all"``) and
+    the mean-reduced objective reproduce the reference code (``IBM/online-alt-min``); the step-size
+    cap, the sum reduction and ``output_fit="forward"`` are new here.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        criterion: nn.Module | None = None,
-        mu: float = 0.003,
-        d_mu: float = 0.0,
-        mu_max: float | None = None,
-        code_steps: int = 5,
-        code_lr: float | Sequence[float] = 0.3,
-        code_momentum: float = 0.9,
-        cap_code_steps: bool = True,
-        lr_out: float = 0.008,
-        weight_steps: int = 1,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        lr_halve_every: int | None = None,
-        lambda_c: float = 0.0,
-        reduction: str = "mean",
-        prox: str = "paper",
-        bn_stats: str = "forward",
-        fast: bool = True,
-        output_fit: str = "codes",
-        device: str | torch.device = "auto",
-        on_nonfinite: str = "warn",
-        validate: bool = True,
-        input_shape: tuple | None = None,
-    ) -> None:
-        _check_positive(mu=mu, code_lr=code_lr, lr_out=lr_out)
-        _check_nonnegative(d_mu=d_mu, lambda_c=lambda_c, code_momentum=code_momentum)
-        if int(code_steps) < 0 or int(weight_steps) < 1:
-            raise ValueError(f"need code_steps >= 0 and weight_steps >= 1, got {code_steps}, {weight_steps}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if prox not in PROX_MODES:
-            raise ValueError(f"prox must be one of {PROX_MODES}, got {prox!r}")
-        if bn_stats not in ("forward", "all"):
-            raise ValueError(f"bn_stats must be 'forward' or 'all', got {bn_stats!r}")
-        if output_fit not in OUTPUT_FITS:
-            raise ValueError(f"output_fit must be one of {OUTPUT_FITS}, got {output_fit!r}")
-        super().__init__(model, criterion=criterion, device=device, on_nonfinite=on_nonfinite,
-                         validate=validate, input_shape=input_shape)
+    defaults = {
+        "mu": HParam(0.003, "penalty weight mu_0 of the objective (reference 0.003)", range="(0, inf)"),
+        "d_mu": HParam(0.0, "increment of mu per step; the ramp stops at mu_max", range="[0, inf)"),
+        "mu_max": HParam(None, "cap of the mu ramp (None: 10 * mu, as the reference)", range="(0, inf)",
+                         optional=True),
+        "code_steps": HParam(5, "Nesterov-momentum steps per code and batch (reference 5)", int, "[0, inf)"),
+        "code_lr": HParam(0.3, "code step size, one value or one per hidden code (reference 0.3)",
+                          range="(0, inf)", per_layer=True),
+        "code_momentum": HParam(0.9, "Nesterov momentum of the code steps (reference 0.9)", range="[0, 1)"),
+        "cap_code_steps": HParam(True, "cap each hidden code's step size at 1/L, L the curvature bound of its "
+                                 "objective, so code steps stay stable when the next layer's weights grow "
+                                 "(new here; inactive while code_lr is below the cap)", bool),
+        "lr_out": HParam(0.008, "Adam learning rate of the output layer (reference 0.008)", range="(0, inf)",
+                         learning_rate=True),
+        "weight_steps": HParam(1, "Adam steps per batch on each local loss (reference 1)", int, "[1, inf)"),
+        "betas": HParam((0.9, 0.999), "Adam's (beta1, beta2)", object, cli=False),
+        "adam_eps": HParam(1e-8, "Adam's epsilon", range="(0, inf)", cli=False),
+        "lr_halve_every": HParam(None, "halve every learning rate each this many steps (None: constant; the "
+                                 "reference halves every 8 epochs)", int, "[1, inf)", optional=True),
+        "lambda_c": HParam(0.0, "L1 weight on the codes (reference 0)", range="[0, inf)"),
+        "reduction": HParam("mean", "code-loss reduction: mean (the reference: hidden codes move about "
+                            "1/(batch*width) as far as the last one) or sum (the objective summed over "
+                            "samples: per-element steps independent of batch size and width)", str,
+                            choices=REDUCTIONS),
+        "prox": HParam("paper", "proximity term: paper (detached anchor, the paper's intent) or official (the "
+                       "reference code's, whose gradient is exactly zero)", str, choices=PROX_MODES),
+        "bn_stats": HParam("forward", "BatchNorm running statistics: forward (from the plain forward pass only) "
+                           "or all (also every code and weight step, as the reference code)", str,
+                           choices=("forward", "all")),
+        "fast": HParam(True, "closed-form gradients for blocks Linear(activation(c)) (the same values as "
+                       "autograd, far fewer kernel launches); other blocks always use autograd", bool),
+        "output_fit": HParam("codes", "where the output layer is fitted to the task loss: codes (the paper: at "
+                             "the updated last code, so it sees the residual) or forward (at the forward "
+                             "code: the task loss's own gradient for that layer; new here, BENCHMARKS.md "
+                             "section 7)", str, choices=OUTPUT_FITS),
+    }
+    #: TD regression: fitting the output layer at the forward codes kept bootstrapped Q-values from
+    #: running away (BENCHMARKS.md, section 7)
+    presets = {"td": {"output_fit": "forward"}}
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
         n_codes = len(self.blocks.hidden)
-        if isinstance(code_lr, (int, float)):
-            code_lrs = [float(code_lr)] * n_codes
+        if isinstance(self.code_lr, list):
+            if len(self.code_lr) != n_codes:
+                raise ValueError(f"code_lr has {len(self.code_lr)} values but the model has {n_codes} codes")
+            self.code_lrs = list(self.code_lr)
         else:
-            code_lrs = [float(v) for v in code_lr]
-            if len(code_lrs) != n_codes:
-                raise ValueError(f"code_lr has {len(code_lrs)} values but the model has {n_codes} codes")
-        self.mu, self.d_mu, self.mu_max = float(mu), float(d_mu), mu_max
-        self.code_steps, self.code_lrs, self.code_momentum = int(code_steps), code_lrs, float(code_momentum)
-        self.lr_out, self.weight_steps, self.lr_halve_every = float(lr_out), int(weight_steps), lr_halve_every
-        self.lambda_c, self.prox, self.bn_stats, self.fast = float(lambda_c), prox, bn_stats, bool(fast)
-        self.reduction, self.cap_code_steps, self.output_fit = reduction, bool(cap_code_steps), output_fit
+            self.code_lrs = [self.code_lr] * n_codes
         self._last_codes: list[torch.Tensor] = []
-        self._pending_forward: tuple | None = None
         # One parameter group per block, so that schedulers and plugins that call zero_grad or read
         # param_groups reach every layer. Blocks whose weights are solved rather than stepped
         # (AM-mem's hidden layers) get lr 0 and "solved": True; they never have a gradient at
@@ -143,7 +107,7 @@ class AltMinLearner(Learner):
         ]
         for g in groups:
             g["initial_lr"] = g["lr"]
-        self.optimizer = torch.optim.Adam(groups, betas=betas, eps=adam_eps, foreach=True)
+        self.optimizer = torch.optim.Adam(groups, betas=tuple(self.betas), eps=self.adam_eps, foreach=True)
         self._on_parameters_changed()
 
     def _on_parameters_changed(self) -> None:
@@ -165,49 +129,28 @@ class AltMinLearner(Learner):
         """Weight rule for hidden blocks outside Adam (AM-mem); returns their local losses."""
         return []
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]
-
     # ------------------------------------------------------------------------------------ step
     @property
     def current_mu(self) -> float:
         return mu_at(self.step_count, self.mu, self.d_mu, self.mu_max)
 
     @torch.no_grad()
-    def forward_for_step(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Run the next step's forward pass ahead of it: returns ``(codes, output)``.
-
-        For callers that need the network output before the update (``AMStrategy`` hands the
-        logits to Avalanche's metrics and plugins): the next :meth:`step` on the same batch, with
-        the weights unchanged, reuses these codes instead of computing them again. BatchNorm
-        running statistics are updated here, as the step's own forward pass would.
-        """
-        self.sync_parameters()
-        x = self._prepare_inputs(x, training=True)
+    def _forward_for_step(self, x: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        """The step's own forward pass (codes; BatchNorm running statistics update here), and the
+        output layer applied again to the detached last code, with a graph: a penalty on the
+        output reaches the output layer only, as every hidden layer fits its own codes."""
         codes, out = self.blocks.forward_with_codes(x)
-        # Holding x keeps its memory from being reused by another batch while the pass is pending.
-        self._pending_forward = (x, self._batch_key(x), self._weight_versions(), codes, out)
-        return codes, out
-
-    def _prepare_inputs(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
-        pending = self._pending_forward
-        if training and pending is not None and x is pending[0] and pending[1] == self._batch_key(x):
-            return x  # checked by forward_for_step and unchanged since
-        return super()._prepare_inputs(x, training=training)
-
-    @staticmethod
-    def _batch_key(x: torch.Tensor) -> tuple:
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
-
-    def _weight_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.model.parameters())
+        last = codes[-1] if codes else x
+        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+            logits = self.blocks.output(last)
+        return (codes, out), logits
 
     def _forward_pass(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The forward codes of ``x``: those of :meth:`forward_for_step` if it ran on this very
         batch with the current weights, else a fresh no-grad pass."""
-        pending, self._pending_forward = self._pending_forward, None
-        if pending is not None and pending[1] == self._batch_key(x) and pending[2] == self._weight_versions():
-            return pending[3], pending[4]
+        pending = self._take_pending(x)
+        if pending is not None:
+            return pending
         with torch.no_grad():
             return self.blocks.forward_with_codes(x)
 
@@ -245,8 +188,8 @@ class AltMinLearner(Learner):
             for n, c in zip(new_codes, codes)
         )
         return StepInfo(
-            loss=loss, local_losses=tuple(local), code_displacement=displacement, mu=mu,
-            lrs=tuple(g["lr"] for g in self.optimizer.param_groups), batch_size=x.shape[0],
+            loss=loss, batch_size=x.shape[0], lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
+            diagnostics={"am/mu": mu, "am/local_loss": tuple(local), "am/code_displacement": displacement},
         )
 
     def _adam_params(self) -> list[torch.nn.Parameter]:
@@ -309,15 +252,6 @@ class AltMinLearner(Learner):
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
         return super()._check_tensors(info) + list(self._last_codes)
 
-    def hparams(self) -> dict:
-        return {
-            "mu": self.mu, "d_mu": self.d_mu, "mu_max": self.mu_max, "code_steps": self.code_steps,
-            "code_lr": self.code_lrs, "code_momentum": self.code_momentum,
-            "cap_code_steps": self.cap_code_steps, "output_fit": self.output_fit, "lr_out": self.lr_out,
-            "weight_steps": self.weight_steps, "lr_halve_every": self.lr_halve_every,
-            "lambda_c": self.lambda_c, "reduction": self.reduction, "prox": self.prox, "bn_stats": self.bn_stats,
-        }
-
 
 class AMAdam(AltMinLearner):
     """AM-Adam: alternating minimization whose weight rule is Adam on each layer's local loss.
@@ -325,11 +259,6 @@ class AMAdam(AltMinLearner):
     Hidden block l minimizes ``MSE(f_l(c_{l-1}), c_l) [+ lambda_w mean|W_l|]`` and the output block
     the task loss ``L(f_out(c_L), y)``, with one Adam parameter group per block (Choromanska et al.,
     ICML 2019, Sec. 3). Defaults follow the reference code (``IBM/online-alt-min``).
-
-    Args:
-        lr: Adam learning rate of the hidden blocks (reference 0.008).
-        lambda_w: L1 weight on the hidden weights (reference 0).
-        **kwargs: see :class:`AltMinLearner`.
 
     Example:
         >>> import torch
@@ -342,11 +271,22 @@ class AMAdam(AltMinLearner):
         torch.Size([2, 3])
     """
 
-    def __init__(self, model: nn.Module, *, lr: float = 0.008, lambda_w: float = 0.0, **kwargs) -> None:
-        _check_positive(lr=lr)
-        _check_nonnegative(lambda_w=lambda_w)
-        self.lr, self.lambda_w = float(lr), float(lambda_w)
-        super().__init__(model, **kwargs)
+    defaults = {
+        **AltMinLearner.defaults,
+        "lr": HParam(0.008, "Adam learning rate of the hidden layers (reference 0.008)", range="(0, inf)",
+                     learning_rate=True),
+        "lambda_w": HParam(0.0, "L1 weight on the hidden weights (reference 0)", range="[0, inf)"),
+    }
+    #: TD regression: the reference mu (0.003, tuned for cross-entropy) weighs a TD loss 333x against
+    #: the codes' proximity and the loss grew; mu = 1.0 learned CartPole (BENCHMARKS.md, section 7)
+    presets = {"td": {**AltMinLearner.presets["td"], "mu": 1.0}}
+    conformance_cases = {
+        "": {"one_sample": ({"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03}, 0.60)},  # measured 0.719
+        "official": {"kwargs": {"prox": "official"},
+                     "one_sample": ({"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03}, 0.60)},
+        "bn": {"model": "mlp-bn"},
+        "cnn": {"model": "cnn", "one_sample": ({"lr": 3e-3, "lr_out": 3e-3, "mu": 0.3}, 0.20)},  # measured 0.287
+    }
 
     def _block_lr(self, block: Block) -> float:
         return self.lr_out if block is self.blocks.output else self.lr
@@ -356,20 +296,3 @@ class AMAdam(AltMinLearner):
         if self.lambda_w:
             loss = loss + self.lambda_w * sum(p.abs().mean() for p in block.parameters() if p.dim() > 1)
         return loss
-
-    def hparams(self) -> dict:
-        return {**super().hparams(), "lr": self.lr, "lambda_w": self.lambda_w}
-
-
-def _check_positive(**values) -> None:
-    for name, value in values.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for v in items:
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"invalid {name}: {value!r} (must be > 0)")
-
-
-def _check_nonnegative(**values) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"invalid {name}: {value!r} (must be >= 0)")

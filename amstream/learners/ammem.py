@@ -20,7 +20,8 @@ from torch import nn
 
 from ..blocks import Block, UnsupportedModelError
 from ..memory import gauss_seidel_sweep_, memory_solve, proximal_sweep, update_memory_
-from .altmin import AltMinLearner, _check_nonnegative
+from ..hparams import HParam, override
+from .altmin import AltMinLearner
 
 __all__ = ["AMMem"]
 
@@ -30,83 +31,50 @@ DAMPING_SCALES = ("mean", "diagonal")
 
 
 class AMMem(AltMinLearner):
-    """AM-mem learner.
+    """AM-mem learner: hidden weights solved from co-activation memories, output layer by Adam.
 
-    Defaults. The reference code has no driver script for AM-mem, so these were chosen here, on
-    digits (batch 1, 10, 32) and MNIST (batch 200); BENCHMARKS.md has the runs. AM-Adam's
-    ``mu=0.003, code_lr=0.3`` make the last code move several times its own norm on the first
-    batches, and an exact solve follows it and diverges. With the reference's mean-reduced code
-    losses the lower codes barely move, so the lower layers stay near their initialization (one
-    MNIST epoch: 77-86%). What works on both data sets: the objective summed over samples
-    (``reduction="sum"``), memories that forget (``forget=0.3``) so that the solve stops fitting
-    codes made by old weights, and a damped solve (``damping=1.0``) that keeps rarely-active
-    inputs from getting huge weights (one MNIST epoch: 93.4%; digits at batch 1: 84%).
-
-    Args:
-        mu, code_lr, reduction: as in :class:`AltMinLearner`, with AM-mem's own defaults.
-        memory: ``"sum"`` (running sums, the reference's eta = 0), ``"mean"`` (running means: same
-            solution, bounded magnitudes) or ``"forget"`` (exponential forgetting by ``forget``).
-        forget: forgetting factor eta in ``A <- (1 - eta) A + eta a^T a`` when ``memory="forget"``.
-        solver: ``"sweep"`` (one exact Gauss-Seidel sweep per batch, warm-started, as the reference)
-            or ``"solve"`` (the converged fixed point, by Cholesky).
-        sweeps: Gauss-Seidel sweeps per batch with ``solver="sweep"``.
-        damping: weight of a proximal term ``(lam/2) ||W - W_old||^2`` with ``lam = damping *
-            mean(diag A)``, which turns the system into ``W (A + lam I) = B + lam W_old`` (0: the
-            reference's undamped system).
-        damping_scale: how ``lam`` is scaled per input. ``"mean"``: one ``lam`` for every input, as
-            above; an input whose second moment is far below the mean diagonal then moves only a
-            ``A_jj / (A_jj + lam)`` fraction of its exact step per sweep (MountainCar's velocity,
-            ~1e-4 against ~0.4, moves 0.02% a sweep). ``"diagonal"``: ``lam_j = damping * A_jj``
-            (Levenberg-Marquardt's scaling), so every input's column moves ``1 / (1 + damping)`` of
-            its exact coordinate step, whatever the input's scale. Measured (BENCHMARKS.md, section
-            7): slightly worse on digits (prequential 87.0% against 89.5%) and divergent on
-            MountainCar, where rarely-active ReLU inputs (tiny ``A_jj``) lose the mean's brake.
-        lambda_w: L1 weight (in units of ``A_jj``, as the reference); > 0 switches to FISTA.
-        prox_iterations: FISTA iterations per batch when ``lambda_w > 0``.
-        ridge: relative ridge of the full solve (with single samples the memories stay
-            rank-deficient for a long time); ``eps``: diagonal guard of the sweep.
-        memory_dtype: dtype of A and B (default: the model's; float64 keeps long sums exact).
-        **kwargs: code-update and output-layer options of :class:`AltMinLearner`.
+    The reference code has no driver script for AM-mem, so its defaults were chosen here on digits
+    and MNIST (BENCHMARKS.md, section 3): the objective summed over samples, memories that forget
+    (the solve stops fitting codes made by old weights) and a damped solve. New here, besides those
+    defaults: the damping (a proximal term), running means and forgetting, the exact Cholesky solve
+    and the blocked (GEMM + triangular solve) form of the reference's Gauss-Seidel sweep, which
+    gives the same result as its column loop.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        mu: float = 0.3,
-        code_lr: float = 0.1,
-        reduction: str = "sum",
-        memory: str = "forget",
-        forget: float = 0.3,
-        solver: str = "sweep",
-        sweeps: int = 1,
-        lambda_w: float = 0.0,
-        prox_iterations: int = 10,
-        ridge: float = 1e-3,
-        damping: float = 1.0,
-        damping_scale: str = "mean",
-        eps: float = 1e-10,
-        memory_dtype: torch.dtype | None = None,
-        **kwargs,
-    ) -> None:
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if damping_scale not in DAMPING_SCALES:
-            raise ValueError(f"damping_scale must be one of {DAMPING_SCALES}, got {damping_scale!r}")
-        if memory == "forget" and not 0.0 < forget <= 1.0:
-            raise ValueError(f"forget must be in (0, 1] with memory='forget', got {forget!r}")
-        _check_nonnegative(lambda_w=lambda_w, ridge=ridge, eps=eps, damping=damping)
-        if int(sweeps) < 1 or int(prox_iterations) < 1:
-            raise ValueError("sweeps and prox_iterations must be >= 1")
-        self.memory, self.forget, self.solver = memory, float(forget), solver
-        self.sweeps, self.lambda_w, self.prox_iterations = int(sweeps), float(lambda_w), int(prox_iterations)
-        self.ridge, self.eps = float(ridge), float(eps)
-        self.damping, self.damping_scale = float(damping), damping_scale
-        super().__init__(model, mu=mu, code_lr=code_lr, reduction=reduction, **kwargs)
+    defaults = {
+        **override(AltMinLearner.defaults, mu=0.3, code_lr=0.1, reduction="sum"),
+        "memory": HParam("forget", "co-activation memory: sum (running sums, the reference), mean (running "
+                         "means: the same solution, bounded magnitudes) or forget (exponential forgetting by "
+                         "forget)", str, choices=MEMORY_MODES),
+        "forget": HParam(0.3, "forgetting factor eta of memory='forget': A <- (1 - eta) A + eta a^T a",
+                         range="(0, 1]"),
+        "solver": HParam("sweep", "weight solve: sweep (Gauss-Seidel sweeps per batch, warm-started, as the "
+                         "reference) or solve (the converged fixed point, by Cholesky)", str, choices=SOLVERS),
+        "sweeps": HParam(1, "Gauss-Seidel sweeps per batch with solver='sweep'", int, "[1, inf)"),
+        "lambda_w": HParam(0.0, "L1 weight (in units of A_jj, as the reference); > 0 switches to FISTA",
+                           range="[0, inf)"),
+        "prox_iterations": HParam(10, "FISTA iterations per batch when lambda_w > 0", int, "[1, inf)", cli=False),
+        "ridge": HParam(1e-3, "relative ridge of the full solve (single samples leave the memories "
+                        "rank-deficient for a long time)", range="[0, inf)", cli=False),
+        "damping": HParam(1.0, "weight of the proximal term (lam/2)||W - W_old||^2 of the solve, in units of "
+                          "the memory's diagonal: W (A + lam I) = B + lam W_old (0: the reference's "
+                          "undamped system)", range="[0, inf)"),
+        "damping_scale": HParam("mean", "how lam is scaled per input: mean (one lam, damping * mean(diag A): "
+                                "inputs of small scale learn slowly) or diagonal (lam_j = damping * A_jj: "
+                                "scale-free, Levenberg-Marquardt's scaling)", str, choices=DAMPING_SCALES),
+        "eps": HParam(1e-10, "diagonal guard of the sweep", range="[0, inf)", cli=False),
+        "memory_dtype": HParam(None, "dtype of A and B (None: the model's; torch.float64 keeps long sums "
+                               "exact)", object, optional=True, cli=False),
+    }
+    conformance_cases = {
+        "": {"one_sample": ({}, 0.60)},  # measured 0.769
+        "solve": {"kwargs": {"solver": "solve", "memory": "mean"}, "one_sample": ({}, 0.60)},  # 0.749
+    }
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
         self._check_hidden_blocks()
-        self.memory_dtype = memory_dtype or next(self.model.parameters()).dtype
+        self.memory_dtype = self.memory_dtype or next(self.model.parameters()).dtype
         self._memories: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in self.blocks.hidden:
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
@@ -185,15 +153,11 @@ class AMMem(AltMinLearner):
         return [t for pair in self._memories for t in pair]
 
     def _extra_state(self) -> dict:
-        return {"memories": [[A, Bm] for A, Bm in self._memories], "samples_seen": self.samples_seen}
+        return {"memories": [[A, Bm] for A, Bm in self._memories]}
 
     def _load_extra_state(self, state: dict) -> None:
         for (A, Bm), (A_new, B_new) in zip(self._memories, state["memories"]):
             A.copy_(A_new)
             Bm.copy_(B_new)
-        self.samples_seen = int(state["samples_seen"])
-
-    def hparams(self) -> dict:
-        return {**super().hparams(), "memory": self.memory, "forget": self.forget, "solver": self.solver,
-                "sweeps": self.sweeps, "damping": self.damping,
-                "damping_scale": self.damping_scale, "lambda_w": self.lambda_w, "ridge": self.ridge}
+        if "samples_seen" in state:  # checkpoints of format 1 kept the counter here
+            self.samples_seen = int(state["samples_seen"])

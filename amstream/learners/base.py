@@ -5,87 +5,63 @@ update on a sample or mini-batch, where ``loss_fn(output) -> scalar`` is the tas
 loss lets a DQN agent pass a masked TD loss and Avalanche pass plugin penalties). ``learn(x, y)``
 is ``step`` with the learner's criterion. Learners never print or log: they return a
 :class:`StepInfo` record and callers decide what to do with it.
+
+:class:`Learner` knows nothing of how a method updates the weights: it accepts any ``nn.Module``.
+Methods that work layer by layer build on :class:`~amstream.learners.blockwise.BlockLearner`.
+A method declares its hyperparameters once, in ``defaults`` (:mod:`amstream.hparams`), and is made
+available everywhere by one line in :data:`amstream.LEARNERS`.
 """
 from __future__ import annotations
 
 import abc
+import inspect
 import time
 import warnings
-from collections.abc import Callable
-from typing import NamedTuple, Union
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from ..blocks import Blocks, blocks_from_sequential
+from .. import hparams as hp
 from ..stream import StreamingMixin
 from ..utils import resolve_device
-from ..validation import (
-    InputError,
-    check_batchnorm_batch,
-    check_inputs,
-    check_targets,
-    is_classification_criterion,
-)
+from ..validation import InputSpec, is_classification_criterion
+from .groups import named_parameter_groups, sync_groups_
+from .state import check_model_state, clone_tensors, optimizer_tensors
 
-__all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn", "Penalty", "add_penalty_grads_"]
+__all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn", "Penalty"]
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 #: a scalar function of the model's parameters added to the objective (EWC, SI, L2 to a reference):
 #: a callable returning the penalty, recomputed at every weight step, or a tensor with its graph
-Penalty = Union[Callable[[], torch.Tensor], torch.Tensor, None]
-
-
-def add_penalty_grads_(penalty: Penalty, params: list[torch.nn.Parameter]) -> None:
-    """Add ``d penalty / d p`` to ``p.grad`` for each parameter (no-op for None).
-
-    A penalty that depends on parameters only is separable across layers, so each layer can take
-    its own part in its local update; no gradient travels through the network.
-    """
-    if penalty is None:
-        return
-    with torch.enable_grad():
-        value = penalty() if callable(penalty) else penalty
-        if not (isinstance(value, torch.Tensor) and value.dim() == 0):
-            raise ValueError(f"penalty must be a scalar tensor, got {type(value).__name__} "
-                             f"of shape {getattr(value, 'shape', None)}")
-        if not value.requires_grad:
-            return  # a constant: no gradient
-        grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=not callable(penalty))
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g.detach().clone()
-            else:
-                p.grad.add_(g)
+Penalty = Callable[[], torch.Tensor] | torch.Tensor | None
 
 
 class NonFiniteStepError(RuntimeError):
     """A step produced NaN/Inf weights, codes or losses; it was rolled back before this was raised."""
 
 
-class StepInfo(NamedTuple):
+@dataclass(frozen=True)
+class StepInfo:
     """What one step did. Tensors are detached and stay on the device (no host sync to build it).
 
     Attributes:
         loss: task loss of the network output before the update.
-        local_losses: per hidden block, the weight-fitting loss (empty for backprop).
-        code_displacement: per hidden code, ``||c_new - c_forward|| / ||c_forward||``.
-        mu: the penalty weight used in this step (0 for backprop).
-        lrs: learning rate of each parameter group, in order.
         batch_size: number of samples in the step.
+        lrs: learning rate of each parameter group, by group name.
+        diagnostics: the method's own records, by TensorBoard tag: a scalar (``"am/mu"``) or a
+            tuple with one value per layer (``"am/local_loss"``), tensors or floats. Loggers write
+            every entry without knowing the method.
         rolled_back: True when the step produced non-finite values and was undone.
         seconds: wall time of the step (host clock; on a GPU it may not include queued kernels).
     """
 
     loss: torch.Tensor
-    local_losses: tuple = ()
-    code_displacement: tuple = ()
-    mu: float = 0.0
-    lrs: tuple = ()
     batch_size: int = 0
+    lrs: Mapping[str, float] = field(default_factory=dict)
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
     rolled_back: bool = False
     seconds: float = 0.0
 
@@ -97,33 +73,34 @@ class _Snapshot:
         self._shadows: list[torch.Tensor] = []
         self._sources: list[torch.Tensor] = []
 
+    @torch.no_grad()  # a copy recorded by autograd would chain every step's graph to the next
     def take(self, tensors: list[torch.Tensor]) -> None:
         if len(tensors) != len(self._shadows) or any(
             s.shape != t.shape or s.dtype != t.dtype or s.device != t.device
             for s, t in zip(self._shadows, tensors)
         ):
-            self._shadows = [torch.empty_like(t) for t in tensors]
+            self._shadows = [torch.empty_like(t, requires_grad=False) for t in tensors]
         self._sources = tensors
         if tensors:
             torch._foreach_copy_(self._shadows, tensors)
 
+    @torch.no_grad()
     def restore(self) -> None:
         if self._sources:
-            with torch.no_grad():
-                torch._foreach_copy_(self._sources, self._shadows)
+            torch._foreach_copy_(self._sources, self._shadows)
+
+    def release(self) -> None:
+        self._sources = []
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], set[int]]:
-    tensors = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor):
-                    tensors.append(value)
-    return tensors, {id(p) for p in optimizer.state}
+class _PendingForward(NamedTuple):
+    x: torch.Tensor  # held so that its memory is not reused by another batch meanwhile
+    key: tuple
+    weights: tuple
+    payload: Any
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """One host sync: the max-abs of every tensor, all at once."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
@@ -132,59 +109,101 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
 
 
+_COMMON = [
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in (
+        ("criterion", None), ("device", "auto"), ("on_nonfinite", "warn"), ("validate", True),
+        ("input_shape", None))),
+]
+
+
 class Learner(StreamingMixin, abc.ABC):
-    """Base class. Subclasses implement ``_step`` and list their optimizers and extra state.
+    """Base class of every method. Subclasses set ``self.optimizer`` and implement ``_step``.
 
     Args:
-        model: an ``nn.Sequential`` network (see :mod:`amstream.blocks`).
+        model: any ``nn.Module`` mapping a batch ``(B, *sample_shape)`` to outputs ``(B, ...)``
+            (methods that work layer by layer need an ``nn.Sequential``: see ``BlockLearner``).
         criterion: the default task loss for :meth:`learn`; ``nn.CrossEntropyLoss()`` if None.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         on_nonfinite: ``"warn"`` (roll back, warn, flag in StepInfo) or ``"raise"`` (roll back and
             raise :class:`NonFiniteStepError`).
         validate: check every batch at the boundary (shape, dtype, NaN/Inf, label range).
-        input_shape: the shape of one sample; if None it is fixed by the first batch.
+        input_shape: the shape of one sample, ``None`` for a dimension of any length (the time
+            steps of a sequence); if None it is fixed by the first batch (models with a recurrent
+            layer then take sequences of any length).
+        **hyperparameters: the class's ``defaults`` (see below).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        criterion: nn.Module | None = None,
-        device: str | torch.device = "auto",
-        on_nonfinite: str = "warn",
-        validate: bool = True,
-        input_shape: tuple | None = None,
-    ) -> None:
+    #: hyperparameter declarations: name -> HParam (the single source of defaults, types, ranges)
+    defaults: ClassVar[Mapping[str, hp.HParam]] = {}
+    #: settings for a kind of task, over the defaults; ``"td"``: regression on bootstrapped targets
+    #: (temporal-difference learning), used by ``agents.DQNAgent`` for a learner given by name
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: configurations of the generated conformance suite (tests/test_conformance.py): name suffix ->
+    #: {"kwargs": {...}, "model": "mlp" | "mlp-bn" | "cnn" | "gru", "one_sample": (kwargs, accuracy floor)}
+    conformance_cases: ClassVar[Mapping[str, Mapping[str, Any]]] = {"": {}}
+    #: plain attributes a step may change, restored together with the tensors on rollback
+    _counters: ClassVar[tuple[str, ...]] = ("step_count",)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = hp.signature(_COMMON, cls.defaults)
+        if cls.__doc__ and "Hyperparameters (declared" not in cls.__doc__ and cls.defaults:
+            cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\n" + hp.docstring(cls.defaults)
+
+    def __init__(self, model: nn.Module, *, criterion: nn.Module | None = None, device: str | torch.device = "auto",
+                 on_nonfinite: str = "warn", validate: bool = True, input_shape: tuple | None = None,
+                 **hyperparameters: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        if not any(True for _ in model.parameters()):
+            raise ValueError(f"the model ({type(model).__name__}) has no parameters, so nothing can be trained")
+        self.__dict__.update(hp.resolve(type(self).__name__, self.defaults, hyperparameters))
         self.device = resolve_device(device)
         self.model = model.to(self.device)
-        self.blocks: Blocks = blocks_from_sequential(self.model)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-        self.on_nonfinite = on_nonfinite
-        self.validate = validate
+        self.on_nonfinite, self.validate = on_nonfinite, bool(validate)
         self.step_count = 0
-        self.input_shape: tuple | None = None  # per-sample shape, fixed by the first accepted batch
-        self.n_outputs: int | None = None
-        self._pending_shape: tuple | None = None  # (sample shape, outputs) of a batch being checked
+        recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
+        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.inputs = InputSpec(self._probe, self.device, input_shape=input_shape,
+                                variable_dims=(0,) if recurrent else (), min_train_batch=2 if has_batchnorm else 1)
         self._snapshot = _Snapshot()
+        self._pending: _PendingForward | None = None
         self._synced_parameters = self._parameter_ids()
         self._init_stream()
         self.model.train()
-        if input_shape is not None:
-            self._fix_input_shape(tuple(input_shape))
+        self.inputs.declare(next(self.model.parameters()).dtype)
 
     # ----------------------------------------------------------------------------------- contract
-    #: plain attributes a step may change, restored together with the tensors on rollback
-    _counters: tuple[str, ...] = ("step_count",)
-
     @abc.abstractmethod
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
-        """One update on a validated batch (the method's own rule); returns its StepInfo."""
+        """One update on a validated batch (the method's own rule); returns its StepInfo.
+
+        The output of :meth:`forward_for_step` on this very batch, if any, is
+        ``self._take_pending(x)``.
+        """
+
+    #: the torch optimizer holding the learner's named parameter groups (set by the subclass)
+    optimizer: torch.optim.Optimizer
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every torch optimizer the learner steps (their state is guarded and checkpointed)."""
-        return []
+        return [self.optimizer]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The named parameter groups (one per layer or block), as schedulers and plugins see them."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """The model's parameters in the named groups of the learner's optimizer."""
+        return named_parameter_groups(self.model)
 
     def _extra_tensors(self) -> list[torch.Tensor]:
         """Learner-owned tensors mutated by a step besides weights and optimizer state."""
@@ -196,6 +215,31 @@ class Learner(StreamingMixin, abc.ABC):
     def _load_extra_state(self, state: dict) -> None:
         pass
 
+    def _probe(self, sample_shape: tuple, dtype: torch.dtype | None) -> torch.Tensor:
+        """One zero sample through the model, in eval mode and without a graph (no state changes)."""
+        dtype = dtype or next(self.model.parameters()).dtype
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model(torch.zeros((1, *sample_shape), dtype=dtype, device=self.device))
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def input_shape(self) -> tuple | None:
+        """The accepted per-sample shape (``None`` entries: any length), once fixed."""
+        return self.inputs.sample_shape
+
+    @property
+    def n_outputs(self) -> int | None:
+        """The model's number of outputs (classes), once the input shape is fixed."""
+        return self.inputs.n_outputs
+
+    def hparams(self) -> dict:
+        """The learner's hyperparameters (for logs and run tables): every declared one, by name."""
+        return {name: getattr(self, name) for name in self.defaults}
+
     # ------------------------------------------------------------------------------ growing models
     def _parameter_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for p in self.model.parameters())
@@ -203,41 +247,16 @@ class Learner(StreamingMixin, abc.ABC):
     def sync_parameters(self) -> bool:
         """Follow a model whose layers were replaced, such as a classifier that adds units when new
         classes appear (Avalanche's ``IncrementalClassifier``). Runs before every step; returns
-        True when the parameters had changed.
-
-        Each block's optimizer group takes the block's current parameters. New parameters start
-        with fresh optimizer state and replaced ones lose theirs (what Avalanche does for its own
-        optimizers); the number of outputs, which bounds the accepted labels, is read again.
-
-        Raises:
-            ValueError: an optimizer group that does not belong to a block (a custom optimizer
-                factory that renamed its groups) while the parameters changed.
-        """
+        True when the parameters had changed: each named group takes its layers' current
+        parameters, new ones start with fresh optimizer state, and the number of outputs, which
+        bounds the accepted labels, is read again."""
         ids = self._parameter_ids()
         if ids == self._synced_parameters:
             return False
+        groups = self._named_groups()
         for opt in self.optimizers():
-            for group in opt.param_groups:
-                name = str(group.get("name", ""))
-                if not (name.startswith("block") and name[5:].isdigit()):
-                    raise ValueError(
-                        f"the model's parameters changed, but optimizer group {name!r} belongs to no "
-                        "block; keep the per-block groups ('block<i>') that the learner creates"
-                    )
-                group["params"] = self.blocks[int(name[5:])].parameters()
-            live = {p for group in opt.param_groups for p in group["params"]}
-            for p in [p for p in opt.state if p not in live]:
-                del opt.state[p]
-        if self.input_shape is not None:
-            with torch.no_grad():
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    dtype = next(self.model.parameters()).dtype
-                    out = self.model(torch.zeros((1, *self.input_shape), dtype=dtype, device=self.device))
-                finally:
-                    self.model.train(was_training)
-            self.n_outputs = out.shape[-1] if out.dim() > 1 else 1
+            sync_groups_(opt, groups)
+        self.inputs.reprobe()
         self._synced_parameters = ids
         self._on_parameters_changed()
         return True
@@ -250,53 +269,67 @@ class Learner(StreamingMixin, abc.ABC):
         """One update on a batch ``x`` of shape ``(B, *sample_shape)`` for the loss ``loss_fn(output)``.
 
         ``penalty``: an optional scalar function of the parameters (a callable, or a tensor with its
-        graph) minimized together with the loss, e.g. a continual-learning regularizer. Each layer
-        adds its gradient to its own update (AM-mem: only its Adam-trained output layer).
+        graph) minimized together with the loss, e.g. a continual-learning regularizer.
 
         Bad input raises :class:`~amstream.validation.InputError` (a ``ValueError``) and changes
         nothing. A step that yields non-finite weights, codes or loss is undone.
         """
         self.sync_parameters()
-        return self._guarded_step(self._prepare_inputs(x, training=True), loss_fn, penalty)
-
-    def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
-        if self._pending_shape is not None:  # the batch passed every check: its shape is now fixed
-            self.input_shape, self.n_outputs = self._pending_shape
-            self._pending_shape = None
-        start = time.perf_counter()
-        guarded = self._guarded_tensors()
-        self._snapshot.take(guarded[0])
-        counters = {name: getattr(self, name) for name in self._counters}
-        try:
-            info = self._step(x, loss_fn, penalty)
-        except BaseException:
-            self._rollback(guarded[1], counters)
-            raise
-        if not all_finite(self._check_tensors(info)):
-            self._rollback(guarded[1], counters)
-            message = (
-                f"step {self.step_count} produced non-finite weights, codes or loss and was rolled "
-                "back (lower the learning rates or check the inputs)"
-            )
-            if self.on_nonfinite == "raise":
-                raise NonFiniteStepError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            return info._replace(rolled_back=True, seconds=time.perf_counter() - start)
-        self.step_count += 1
-        return info._replace(seconds=time.perf_counter() - start)
+        if not self._is_pending(x):
+            x, _ = self._check(x, None, training=True)
+        return self._guarded_step(x, loss_fn, penalty)
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
         """``step(x, lambda out: criterion(out, y), penalty)`` after checking the targets."""
         self.sync_parameters()
-        x = self._prepare_inputs(x, training=True)
-        y = self._prepare_targets(y, x)
+        x, y = self._check(x, y, training=True)
         criterion = self.criterion
         return self._guarded_step(x, lambda out: criterion(out, y), penalty)
+
+    def forward_for_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the next step's forward pass, computed ahead of the step.
+
+        For callers that need the network output before the update (``AMStrategy`` hands the
+        logits to Avalanche's metrics and plugins): the next :meth:`step` on the same batch, with
+        the weights unchanged, reuses this pass, so every training iteration runs one forward pass
+        and draws one set of dropout masks. The output carries the graph through which a penalty on
+        it (a distillation loss) reaches the learner: the whole network for backprop, the output
+        layer for methods that fit each layer to its own targets.
+        """
+        self.sync_parameters()
+        x, _ = self._check(x, None, training=True)
+        payload, out = self._forward_for_step(x)
+        self._pending = _PendingForward(x, self._batch_key(x), self._weight_versions(), payload)
+        return out
+
+    def _forward_for_step(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """``(payload for _step, output)``; by default the training forward pass with its graph."""
+        out = self.model(x)
+        return out, out
+
+    def _take_pending(self, x: torch.Tensor) -> Any:
+        """The payload of :meth:`forward_for_step` if it ran on this very batch with the current
+        weights (else None); it is used once."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.key == self._batch_key(x) and pending.weights == self._weight_versions():
+            return pending.payload
+        return None
+
+    def _is_pending(self, x: torch.Tensor) -> bool:
+        pending = self._pending
+        return pending is not None and x is pending.x and pending.key == self._batch_key(x)
+
+    @staticmethod
+    def _batch_key(x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+
+    def _weight_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Network output for a batch, in eval mode, without building a graph."""
-        x = self._prepare_inputs(x, training=False)
+        x, _ = self._check(x, None, training=False)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -305,99 +338,49 @@ class Learner(StreamingMixin, abc.ABC):
         finally:
             self.model.train(was_training)
 
-    # ------------------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict:
-        """Everything needed to continue exactly: weights, optimizer states, counters, memories."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers()],
-            "step_count": self.step_count,
-            "extra": self._extra_state(),
-            "input_shape": self.input_shape,
-        }
+    # ------------------------------------------------------------------------------ the guard
+    def _check(self, x, y, *, training: bool):
+        return self.inputs.check(x, y, training=training, validate=self.validate,
+                                 classification=is_classification_criterion(self.criterion))
 
-    def load_state_dict(self, state: dict) -> None:
-        optimizers = self.optimizers()
-        if len(state["optimizers"]) != len(optimizers):
-            raise ValueError(
-                f"state has {len(state['optimizers'])} optimizer states, this learner has "
-                f"{len(optimizers)}: was it saved from a different learner class or model?"
-            )
-        self.model.load_state_dict(state["model"])
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
-        self.step_count = int(state["step_count"])
-        self._load_extra_state(state.get("extra", {}))
-        shape = state.get("input_shape")
-        self.input_shape, self.n_outputs = None, None
-        if shape is not None:
-            self._fix_input_shape(tuple(shape))
-
-    # ---------------------------------------------------------------------------------- internals
-    def _prepare_inputs(self, x: torch.Tensor, *, training: bool) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            x = x.to(self.device, non_blocking=True)
-        if self.validate:
-            check_inputs(x)
-            self._probe_shape(tuple(x.shape), x.dtype)
-            check_batchnorm_batch(x, training=training, has_batchnorm=self.blocks.has_batchnorm)
-        return x
-
-    def _prepare_targets(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(y, torch.Tensor):
-            y = y.to(self.device, non_blocking=True)
-        if self.validate:
-            n_outputs = self.n_outputs if self._pending_shape is None else self._pending_shape[1]
-            check_targets(
-                y, batch_size=x.shape[0], n_outputs=n_outputs or 0,
-                classification=is_classification_criterion(self.criterion),
-            )
-        return y
-
-    @torch.no_grad()
-    def _probe_shape(self, shape: tuple, dtype: torch.dtype) -> None:
-        """Fix the sample shape on first use: one zero sample through the model in eval mode (no
-        state change) checks that it fits; later batches must have the same sample shape."""
-        sample_shape = shape[1:]
-        self._pending_shape = None
-        if self.input_shape is not None:
-            if sample_shape != self.input_shape:
-                expected = ", ".join(["batch", *map(str, self.input_shape)])
-                raise InputError(
-                    f"wrong input shape: expected inputs of shape ({expected}), got {shape}; the "
-                    "sample shape is fixed by the first batch (or input_shape=) and a batch needs a "
-                    "leading batch dimension"
-                )
-            return
-        was_training = self.model.training
-        self.model.eval()
+    def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
+        self.inputs.commit()  # the batch passed every check: its shape is now the learner's
+        start = time.perf_counter()
+        tensors, opt_keys = self._guarded_tensors()
+        self._snapshot.take(tensors)
+        counters = {name: getattr(self, name) for name in self._counters}
         try:
-            out = self.model(torch.zeros((1, *sample_shape), dtype=dtype, device=self.device))
-        except RuntimeError as err:
-            raise InputError(
-                f"inputs of sample shape {sample_shape} do not fit the model: {err}"
-            ) from None
+            info = self._step(x, loss_fn, penalty)
+            finite = _all_finite(self._check_tensors(info))
+        except BaseException:
+            self._rollback(opt_keys, counters)
+            raise
         finally:
-            self.model.train(was_training)
-        self._pending_shape = (sample_shape, out.shape[-1] if out.dim() > 1 else 1)
-
-    def _fix_input_shape(self, sample_shape: tuple) -> None:
-        self._probe_shape((1, *sample_shape), next(self.model.parameters()).dtype)
-        self.input_shape, self.n_outputs = self._pending_shape
-        self._pending_shape = None
+            self._pending = None
+        if not finite:
+            self._rollback(opt_keys, counters)
+            message = (f"step {self.step_count} produced non-finite weights, codes or loss and was rolled "
+                       "back (lower the learning rates or check the inputs)")
+            if self.on_nonfinite == "raise":
+                raise NonFiniteStepError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return replace(info, rolled_back=True, seconds=time.perf_counter() - start)
+        self._snapshot.release()
+        self.step_count += 1
+        return replace(info, seconds=time.perf_counter() - start)
 
     def _guarded_tensors(self) -> tuple[list[torch.Tensor], list[tuple[torch.optim.Optimizer, set]]]:
-        tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers()]
+        tensors = [*self.model.parameters(), *self.model.buffers()]
         opt_keys = []
         for opt in self.optimizers():
-            opt_tensors, keys = _optimizer_tensors(opt)
+            opt_tensors, keys = optimizer_tensors(opt)
             tensors += opt_tensors
             opt_keys.append((opt, keys))
-        tensors += self._extra_tensors()
-        return tensors, opt_keys
+        return tensors + self._extra_tensors(), opt_keys
 
     def _rollback(self, opt_keys: list, counters: dict) -> None:
         self._snapshot.restore()
+        self._snapshot.release()
         for name, value in counters.items():
             setattr(self, name, value)
         # Parameters that got optimizer state during the failed step go back to having none.
@@ -408,9 +391,49 @@ class Learner(StreamingMixin, abc.ABC):
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
         return [*self.model.parameters(), *self._extra_tensors(), info.loss.reshape(1)]
 
-    def hparams(self) -> dict:
-        """The learner's hyperparameters (for logs and run tables)."""
-        return {}
+    # ------------------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer states, counters, memories, the
+        stream's buffered samples. Like ``nn.Module.state_dict``, its tensors are the live ones."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers()],
+            "counters": {name: getattr(self, name) for name in self._counters},
+            "extra": self._extra_state(),
+            "input_shape": None if self.inputs.sample_shape is None else list(self.inputs.sample_shape),
+            "stream": self._stream_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state (copied: the learner shares no tensor with its source). A state that does
+        not fit raises a ``ValueError`` naming what differs, and changes nothing."""
+        if not isinstance(state, Mapping) or "model" not in state or "optimizers" not in state:
+            raise ValueError("not a learner state: expected the dict of Learner.state_dict()")
+        optimizers = self.optimizers()
+        if len(state["optimizers"]) != len(optimizers):
+            raise ValueError(f"state has {len(state['optimizers'])} optimizer states, this learner has "
+                             f"{len(optimizers)}: was it saved from a different learner class or model?")
+        check_model_state(self.model, state["model"])
+        state = clone_tensors(state)
+        backup = clone_tensors(self.state_dict())
+        try:
+            self._load(state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+            self._load(backup)
+            raise ValueError(f"the state does not fit this learner: {' '.join(str(err).split())}") from None
+
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers(), state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        counters = state.get("counters", {"step_count": state.get("step_count", 0)})
+        for name in self._counters:
+            setattr(self, name, type(getattr(self, name))(counters[name]))
+        self._load_extra_state(state.get("extra", {}))
+        self.inputs.reset(state.get("input_shape"))
+        self._load_stream_state(state.get("stream"))
+        self._pending = None
+        self._synced_parameters = self._parameter_ids()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(blocks={len(self.blocks)}, device={self.device}, steps={self.step_count})"
+        return f"{type(self).__name__}(model={type(self.model).__name__}, device={self.device}, steps={self.step_count})"

@@ -1,0 +1,60 @@
+"""The base of methods that work layer by layer: the model as an explicit list of blocks.
+
+Alternating minimization (and, later, LocoProp or dlADMM) fits every layer to its own input and
+target, so it needs the network as blocks ``lin(pre(c))`` whose outputs are the *codes*
+(:mod:`amstream.blocks`). :class:`BlockLearner` decomposes the ``nn.Sequential`` once, loudly,
+names one parameter group per block, and checks at the first batch that every Linear block sees one
+vector per sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocks import Blocks, blocks_from_sequential
+from ..validation import InputError
+from .base import Learner
+
+__all__ = ["BlockLearner"]
+
+
+class BlockLearner(Learner):
+    """A learner whose model is an ``nn.Sequential`` split into blocks (``self.blocks``).
+
+    Raises:
+        UnsupportedModelError: the model is not a Sequential of Linear/Conv/BatchNorm code layers
+            and parameter-free modules (the message names the layer that does not fit).
+    """
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        self.blocks: Blocks = blocks_from_sequential(model)  # before the first probe, which runs them
+        super().__init__(model, **kwargs)
+
+    def _named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        return [(f"block{b.index}", b.parameters()) for b in self.blocks if b.parameters()]
+
+    def _probe(self, sample_shape: tuple, dtype: torch.dtype | None) -> torch.Tensor:
+        """The zero-sample probe, run block by block: a Linear block must receive one vector per
+        sample, or its codes would not be the ``(batch, features)`` matrices the updates assume."""
+        dtype = dtype or next(self.model.parameters()).dtype
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                c = torch.zeros((1, *sample_shape), dtype=dtype, device=self.device)
+                for block in self.blocks:
+                    inner = block.pre(c)
+                    if isinstance(block.weight_layer, nn.Linear) and inner.dim() != 2:
+                        raise InputError(
+                            f"inputs of sample shape {tuple(sample_shape)} reach the Linear layer of block "
+                            f"{block.index} with shape {tuple(inner.shape)}: a block-wise learner needs one "
+                            "vector per sample there. Flatten the samples (nn.Flatten), or train a sequence "
+                            "model with a learner that accepts any module (backprop)")
+                    c = block.post(block.lin(inner))
+                return c
+        finally:
+            self.model.train(was_training)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(blocks={len(self.blocks)}, device={self.device}, "
+                f"steps={self.step_count})")

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_stream", "plot_accuracy_matrices", "plot_score_matrices", "plot_learning_curves"]
+__all__ = ["plot_stream", "plot_accuracy_matrices", "plot_score_matrices", "plot_learning_curves", "plot_soak"]
 
 
 def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
@@ -140,6 +140,24 @@ def plot_learning_curves(curves: dict[str, list[list[tuple[int, float]]]], path:
     ax.legend(loc="best")
     if title:
         ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_soak(series: dict[str, list[tuple[int, float]]], path: str | Path, *,
+              title: str = "resident memory while streaming") -> Path:
+    """Resident memory (MB) against samples streamed, one line per learner and phase."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for name, points in series.items():
+        ax.plot([s for s, _ in points], [r for _, r in points], label=name)
+    ax.set_xlabel("samples streamed (learn_one)")
+    ax.set_ylabel("RSS (MB)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

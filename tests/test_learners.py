@@ -1,13 +1,11 @@
-"""Conformance suite: every learner obeys the same contract (DESIGN.md, "Tests").
-
-Each check runs over every learner configuration in ``CASES``: resume equivalence, determinism,
-learning on real data, graph-free prediction, bad input leaving the state unchanged, rollback of
-non-finite steps, batch size one, CPU/GPU agreement.
+"""Method-specific behaviour of the learners (the contract every learner shares is checked by the
+generated conformance suite, ``test_conformance.py``): the AM fast path, output fit, proximity
+flag, BatchNorm statistics, schedules, AM-mem's solves, penalties, growing output heads, and models
+that only some learners accept.
 """
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -15,55 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import amstream
+from learner_cases import GRUClassifier, as_rows, batches, conformance_cases, mlp, small_cnn
 from state_utils import assert_same_state, snapshot
 
-from amstream import AMAdam, AMMem, Backprop, InputError, NonFiniteStepError
+from amstream import AMAdam, AMMem, Backprop, InputError
 from amstream.data import load_digits
 
-
-def mlp(batchnorm: bool = False) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, 32)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(32))
-    layers += [nn.ReLU(), nn.Linear(32, 32)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(32))
-    layers += [nn.ReLU(), nn.Linear(32, 10)]
-    return nn.Sequential(*layers)
-
-
-def small_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
-    )
-
-
-# name -> (factory(model) -> learner, model factory, has BatchNorm). The reference defaults were
-# tuned for batches of 200; these small-batch settings come from sweeps on the digits data.
-CASES = {
-    "am-adam": (lambda m, **kw: AMAdam(m, **kw), mlp, False),
-    "am-adam-official": (lambda m, **kw: AMAdam(m, prox="official", **kw), mlp, False),
-    "am-adam-bn": (lambda m, **kw: AMAdam(m, **kw), lambda: mlp(batchnorm=True), True),
-    "am-adam-cnn": (lambda m, **kw: AMAdam(m, **kw), small_cnn, False),
-    "am-mem": (lambda m, **kw: AMMem(m, **kw), mlp, False),
-    "am-mem-solve": (lambda m, **kw: AMMem(m, solver="solve", memory="mean", **kw), mlp, False),
-    "backprop-adam": (lambda m, **kw: Backprop(m, **{"lr": 3e-3, **kw}), mlp, False),
-    "backprop-sgd": (lambda m, **kw: Backprop(m, optimizer="sgd", optimizer_kwargs={"momentum": 0.9},
-                                             **{"lr": 0.05, **kw}), mlp, False),
-}
-
-# A stream of single samples (batch size 1): settings from a sweep on the digits data, and a floor
-# below the held-out accuracy measured after 400 samples (in the comment; chance is 0.1).
-SINGLE_SAMPLE = {
-    "am-adam": ({"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03}, 0.60),  # 0.719
-    "am-adam-official": ({"lr": 3e-3, "lr_out": 3e-3, "code_lr": 0.1, "mu": 0.03}, 0.60),
-    "am-adam-cnn": ({"lr": 3e-3, "lr_out": 3e-3, "mu": 0.3}, 0.20),  # 0.287: convolutions learn slower
-    "am-mem": ({}, 0.60),  # 0.769
-    "am-mem-solve": ({}, 0.60),  # 0.749
-    "backprop-adam": ({}, 0.55),  # 0.702
-    "backprop-sgd": ({"lr": 0.01}, 0.30),  # 0.426
-}
+CASES = conformance_cases()
 
 
 @pytest.fixture(scope="module")
@@ -72,221 +28,7 @@ def digits():
 
 
 def make(name: str, seed: int = 0, device: str = "cpu", **kw):
-    factory, model_factory, _ = CASES[name]
-    torch.manual_seed(seed)
-    return factory(model_factory(), device=device, **kw)
-
-
-def batches(data, size: int = 32, n: int | None = None, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=g)
-    out = [(data.x[order[i:i + size]], data.y[order[i:i + size]]) for i in range(0, len(data) - size + 1, size)]
-    return out[:n] if n else out
-
-
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_resume_from_checkpoint_is_exact(name, digits, tmp_path):
-    train, _ = digits
-    data = batches(train, n=8)
-    straight = make(name)
-    for x, y in data:
-        straight.learn(x, y)
-
-    first = make(name)
-    for x, y in data[:4]:
-        first.learn(x, y)
-    amstream.save_checkpoint(tmp_path / "ck.pt", first)
-    resumed = make(name, seed=123)  # different initial weights: everything must come from the file
-    amstream.load_checkpoint(tmp_path / "ck.pt", resumed)
-    for x, y in data[4:]:
-        resumed.learn(x, y)
-    assert_same_state(straight.state_dict(), resumed.state_dict())
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_same_seed_same_trajectory(name, digits):
-    train, _ = digits
-    runs = []
-    for _ in range(2):
-        learner = make(name, seed=7)
-        losses = [learner.learn(x, y).loss for x, y in batches(train, n=5)]
-        runs.append((torch.stack(losses), snapshot(learner)))
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert_same_state(runs[0][1], runs[1][1])
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_learns_real_data(name, digits):
-    """Two passes over the digits training split: held-out accuracy well above chance (10%)."""
-    train, test = digits
-    learner = make(name)
-    losses = []
-    for epoch in range(2):
-        for x, y in batches(train, seed=epoch):
-            losses.append(float(learner.learn(x, y).loss))
-    accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean().item()
-    print(f"{name}: held-out {accuracy:.3f}, loss {sum(losses[:10]):.2f} -> {sum(losses[-10:]):.2f}")
-    assert accuracy > 0.55, f"{name}: held-out accuracy {accuracy:.3f}"
-    assert sum(losses[-10:]) < 0.9 * sum(losses[:10])
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_predict_builds_no_graph_and_keeps_mode(name, digits):
-    train, _ = digits
-    learner = make(name)
-    learner.learn(*batches(train, n=1)[0])
-    before = snapshot(learner)
-    out = learner.predict(train.x[:5])
-    assert out.shape == (5, 10)
-    grads = [None if p.grad is None else p.grad.clone() for p in learner.model.parameters()]
-    out = learner.predict(train.x[:5])
-    assert out.grad_fn is None and not out.requires_grad
-    assert learner.model.training
-    for g, p in zip(grads, learner.model.parameters()):
-        assert (g is None and p.grad is None) or torch.equal(g, p.grad)
-    assert_same_state(before, learner.state_dict())  # predicting never changes BatchNorm statistics
-
-
-BAD_INPUTS = {
-    "wrong shape": (lambda x, y: (x[:, :, :4, :4], y), r"expected inputs of shape \(batch, 1, 8, 8\)"),
-    "no batch dimension": (lambda x, y: (x[0], y[:1]), r"expected inputs of shape \(batch, 1, 8, 8\)"),
-    "other sample shape": (lambda x, y: (x.flatten(1), y), r"expected inputs of shape \(batch, 1, 8, 8\)"),
-    "integer dtype": (lambda x, y: ((x * 16).to(torch.int64), y), "floating point"),
-    "nan": (lambda x, y: (x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), y), "NaN or Inf"),
-    "inf": (lambda x, y: (torch.where(x > 0.5, float("inf"), x), y), "NaN or Inf"),
-    "label too large": (lambda x, y: (x, torch.full_like(y, 10)), "out of range"),
-    "negative label": (lambda x, y: (x, torch.full_like(y, -1)), "out of range"),
-    "float labels": (lambda x, y: (x, y.float()), "integer"),
-    "too few labels": (lambda x, y: (x, y[:-1]), "rows"),
-    "empty batch": (lambda x, y: (x[:0], y[:0]), "empty batch"),
-    "not a tensor": (lambda x, y: (x.numpy(), y), "torch.Tensor"),
-}
-
-
-@pytest.mark.parametrize("bad", BAD_INPUTS)
-@pytest.mark.parametrize("name", CASES)
-def test_bad_input_is_rejected_and_state_unchanged(name, bad, digits):
-    train, _ = digits
-    learner = make(name)
-    x, y = batches(train, n=2)[0]
-    learner.learn(x, y)
-    before = snapshot(learner)
-    corrupt, message = BAD_INPUTS[bad]
-    bx, by = corrupt(x, y)
-    with pytest.raises(ValueError, match=message):
-        learner.learn(bx, by)
-    assert_same_state(before, learner.state_dict())
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_first_batch_that_does_not_fit_the_model_is_rejected(name, digits):
-    train, _ = digits
-    learner = make(name)
-    before = snapshot(learner)
-    with pytest.raises(InputError, match="do not fit the model"):
-        learner.learn(train.x[:8, :, :4, :4], train.y[:8])
-    assert_same_state(before, learner.state_dict())
-    assert learner.input_shape is None
-    learner.learn(train.x[:8], train.y[:8])  # the right shape is still accepted afterwards
-    assert learner.input_shape == (1, 8, 8)
-
-
-@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[2]])
-def test_batch_of_one_with_batchnorm_is_rejected(name, digits):
-    train, _ = digits
-    learner = make(name)
-    before = snapshot(learner)
-    with pytest.raises(InputError, match="BatchNorm"):
-        learner.learn(train.x[:1], train.y[:1])
-    with pytest.raises(InputError, match="BatchNorm"):
-        learner.learn_one(train.x[0], int(train.y[0]))
-    assert_same_state(before, learner.state_dict())
-    assert learner.predict(train.x[:1]).shape == (1, 10)  # prediction of one sample is fine
-
-
-@pytest.mark.parametrize("name", [n for n, case in CASES.items() if not case[2]])
-def test_batch_size_one_stream(name, digits):
-    train, test = digits
-    settings, floor = SINGLE_SAMPLE[name]
-    learner = make(name, on_nonfinite="raise", **settings)
-    for i in range(400):
-        learner.learn_one(train.x[i], int(train.y[i]))
-    assert learner.step_count == 400
-    accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean().item()
-    assert accuracy > floor, f"{name}: accuracy {accuracy:.3f} after 400 single samples"
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_nonfinite_step_is_rolled_back(name, digits):
-    train, _ = digits
-    x, y = batches(train, n=1)[0]
-    learner = make(name, on_nonfinite="raise")
-    learner.learn(x, y)
-    before = snapshot(learner)
-    exploding = lambda out: F.cross_entropy(out * float("inf"), y)  # noqa: E731
-    with pytest.raises(NonFiniteStepError):
-        learner.step(x, exploding)
-    assert_same_state(before, learner.state_dict())
-
-    warn_learner = make(name)
-    warn_learner.learn(x, y)
-    before = snapshot(warn_learner)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        info = warn_learner.step(x, exploding)
-    assert info.rolled_back
-    assert any("rolled back" in str(w.message) for w in caught)
-    assert_same_state(before, warn_learner.state_dict())
-    assert not warn_learner.learn(x, y).rolled_back  # the learner goes on normally
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_step_takes_a_custom_loss(name, digits):
-    """A per-call loss (here a masked regression on one output per sample, as DQN does)."""
-    train, _ = digits
-    # The reference mu = 0.003 weighs the task loss 333x against the code penalty: right for
-    # cross-entropy on logits, far too strong for a regression target (measured: the loss grows).
-    learner = make(name, **({"mu": 0.3} if name.startswith("am-adam") else {}))
-    x, _ = batches(train, n=1)[0]
-    actions = torch.randint(0, 10, (len(x),))
-    targets = torch.randn(len(x))
-
-    def td_loss(out):
-        return F.smooth_l1_loss(out.gather(1, actions[:, None]).squeeze(1), targets)
-
-    first = td_loss(learner.predict(x))
-    for _ in range(60):
-        learner.step(x, td_loss)
-    assert td_loss(learner.predict(x)) < 0.7 * first
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", CASES)
-def test_cpu_and_gpu_agree(name, digits):
-    # float64 on both devices, so that the comparison checks the algorithm rather than float32
-    # summation order.
-    train, _ = digits
-    factory, model_factory, _ = CASES[name]
-    learners = {}
-    for device in ("cpu", "cuda"):
-        torch.manual_seed(0)
-        learners[device] = factory(model_factory().double(), device=device)
-    cpu, gpu = learners["cpu"], learners["cuda"]
-    for x, y in batches(train, n=5):
-        cpu.learn(x.double(), y)
-        gpu.learn(x.double(), y)
-    assert all(p.device.type == "cuda" for p in gpu.model.parameters())
-    # A Linear bias right before BatchNorm has no effect on the output and a zero true gradient:
-    # Adam turns its rounding noise into full-size steps of either sign, on each device its own.
-    no_effect = {f"{i}.bias" for i, (m, nxt) in enumerate(zip(cpu.model, list(cpu.model)[1:]))
-                 if isinstance(m, nn.Linear) and isinstance(nxt, nn.BatchNorm1d)}
-    for (name_, p), q in zip(cpu.model.named_parameters(), gpu.model.parameters()):
-        if name_ not in no_effect:
-            torch.testing.assert_close(p, q.cpu(), rtol=1e-7, atol=1e-9, msg=name_)
-    x = train.x[:64].double()
-    torch.testing.assert_close(cpu.predict(x), gpu.predict(x).cpu(), rtol=1e-7, atol=1e-9)
+    return CASES[name].make(seed=seed, device=device, **kw)
 
 
 # ------------------------------------------------------------------------------ method specifics
@@ -564,10 +306,10 @@ class GrowingHead(nn.Module):
 @pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop-adam"])
 def test_a_growing_output_head_keeps_training(name, digits):
     train, test = digits
-    factory = CASES[name][0]
     torch.manual_seed(0)
     head = GrowingHead(32, 2)
-    learner = factory(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), head), device="cpu")
+    learner = CASES[name].cls(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), head), device="cpu",
+                              **CASES[name].kwargs)
     first = train.subset(torch.nonzero(train.y < 2).squeeze(1))
     for x, y in batches(first, n=10):
         learner.learn(x, y)
@@ -584,3 +326,102 @@ def test_a_growing_output_head_keeps_training(name, digits):
     assert old_weight not in learner.optimizer.state  # the replaced parameter left with its state
     accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean()
     assert accuracy > 0.6  # all ten classes learned after the growth (chance: 0.1)
+
+
+# ------------------------------------------------------------------------ any module for backprop
+class TwoBranchCNN(nn.Module):
+    """Not a Sequential: two convolution branches whose features are concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.right = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(2 * 4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.left(x).flatten(1), self.right(x).flatten(1)], dim=1))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 24, batch_first=True)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("model, adapt, groups", [
+    (lambda: nn.Linear(64, 10), lambda x: x.flatten(1), ["model"]),
+    (TwoBranchCNN, lambda x: x, ["left", "right", "head"]),
+    (GRUClassifier, as_rows, ["gru", "head"]),
+    (LSTMClassifier, as_rows, ["lstm", "head"]),
+])
+def test_backprop_trains_any_module(model, adapt, groups, digits):
+    """A bare Linear, a CNN that is not a Sequential, GRU and LSTM sequence classifiers: one named
+    parameter group per top-level layer, and held-out accuracy far above chance after three passes."""
+    train, test = digits
+    torch.manual_seed(0)
+    learner = Backprop(model(), lr=3e-3, device="cpu")
+    assert [g["name"] for g in learner.param_groups] == groups
+    for epoch in range(3):
+        for x, y in batches(train, seed=epoch):
+            learner.learn(adapt(x), y)
+    accuracy = (learner.predict(adapt(test.x)).argmax(1) == test.y).float().mean().item()
+    assert accuracy > 0.6, accuracy
+
+
+def test_a_recurrent_model_takes_sequences_of_any_length(digits):
+    """The time dimension of a recurrent model's input may change from batch to batch (the feature
+    dimension may not), in learn, predict and learn_one."""
+    x = as_rows(digits[0].x[:32])
+    y = digits[0].y[:32]
+    torch.manual_seed(0)
+    learner = Backprop(GRUClassifier(), device="cpu")
+    learner.learn(x, y)
+    assert learner.input_shape == (None, 8)
+    learner.learn(x[:, :5], y)  # the first five rows only
+    assert learner.predict(x[:4, :3]).shape == (4, 10)
+    learner.learn_one(x[0, :6], int(y[0]))
+    with pytest.raises(InputError, match=r"expected inputs of shape \(batch, T, 8\)"):
+        learner.learn(x[..., :4], y)
+    declared = Backprop(GRUClassifier(), device="cpu", input_shape=(None, 8))
+    assert declared.input_shape == (None, 8)
+
+
+def test_block_learners_refuse_a_recurrent_model_and_name_it():
+    with pytest.raises(amstream.UnsupportedModelError, match="GRU"):
+        AMAdam(nn.Sequential(nn.GRU(8, 16, batch_first=True), nn.Linear(16, 10)), device="cpu")
+    with pytest.raises(amstream.UnsupportedModelError, match="nn.Sequential"):
+        AMAdam(GRUClassifier(), device="cpu")
+
+
+def test_a_sequence_batch_to_an_mlp_is_a_clear_error(digits):
+    """(batch, time, features) into an MLP without Flatten: a block-wise learner says which Linear
+    layer gets more than one vector per sample; backprop says the labels do not match the output."""
+    x, y = torch.randn(4, 5, 7), torch.randint(0, 2, (4,))
+    am = AMAdam(nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 2)), device="cpu")
+    before = snapshot(am)
+    with pytest.raises(InputError, match="Linear layer of block 0"):
+        am.learn(x, y)
+    assert_same_state(before, am.state_dict())
+    bp = Backprop(nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 2)), device="cpu")
+    with pytest.raises(InputError, match=r"class labels must have shape \(4, 2\)"):
+        bp.learn(x, y)
+    bp.learn(x.flatten(1)[:, :7], y)  # one vector per sample is fine
+
+
+def test_backprop_with_an_optimizer_class_or_factory(digits):
+    x, y = batches(digits[0], n=1)[0]
+    by_class = Backprop(mlp(), optimizer=torch.optim.SGD, lr=0.1, optimizer_kwargs={"momentum": 0.5}, device="cpu")
+    by_factory = Backprop(mlp(), optimizer=lambda groups: torch.optim.Adagrad(groups, lr=0.05), device="cpu")
+    for learner, kind in ((by_class, torch.optim.SGD), (by_factory, torch.optim.Adagrad)):
+        assert isinstance(learner.optimizer, kind)
+        learner.learn(x, y)
+    assert by_class.hparams()["optimizer"] == "SGD"
+    with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
+        Backprop(mlp(), optimizer=lambda groups: None, device="cpu")
+    with pytest.raises(ValueError, match="did you mean 'adam'"):
+        Backprop(mlp(), optimizer="adm", device="cpu")

@@ -50,18 +50,17 @@ class InputSpec:
         device: where accepted batches are moved.
         input_shape: the declared per-sample shape (``None`` entries vary), or None: fixed by the
             first batch.
-        variable_dims: positions in the sample shape that may vary between batches when the shape is
-            taken from the first batch (``(0,)``: the time dimension of a recurrent model).
+        recurrent: the model has a recurrent layer: when the shape is taken from the first batch,
+            samples of shape ``(time, features)`` may have any number of time steps.
         min_train_batch: the smallest training batch (2 with BatchNorm: batch statistics of one
             sample are undefined).
     """
 
     def __init__(self, probe: Callable[[tuple, torch.dtype], torch.Tensor], device: torch.device, *,
-                 input_shape: tuple | None = None, variable_dims: tuple[int, ...] = (),
-                 min_train_batch: int = 1) -> None:
+                 input_shape: tuple | None = None, recurrent: bool = False, min_train_batch: int = 1) -> None:
         self._probe = probe
         self.device = device
-        self.variable_dims = tuple(variable_dims)
+        self.recurrent = bool(recurrent)
         self.min_train_batch = int(min_train_batch)
         self.fixed: _Fixed | None = None
         self.pending: _Fixed | None = None
@@ -170,7 +169,7 @@ class InputSpec:
                     "batch needs a leading batch dimension")
             if self.fixed is not None:
                 return self.fixed
-        shape = tuple(None if i in self.variable_dims else s for i, s in enumerate(sample))
+        shape = (None, *sample[1:]) if self.recurrent and len(sample) == 2 else sample
         probed = self._probe_shape(sample, x.dtype)
         self.pending = _Fixed(shape, probed.output_shape)
         return self.pending

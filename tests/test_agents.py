@@ -15,8 +15,11 @@ from torch import nn
 from agents import DQNAgent, ReplayBuffer, td_targets
 from agents.envs import RescaledEnv
 from agents.tasks import TASK_SEQUENCES, Task, cartpole_physics, run_task_sequence
-from amstream import AMAdam
+import amstream
+from agents import td_learner_settings
+from amstream import AMAdam, Backprop
 from amstream.checkpoint import CheckpointError
+from doubles import RidgeHead
 
 
 class Counter(gym.Env):
@@ -230,7 +233,8 @@ def test_am_adam_clearly_beats_a_random_policy_on_cartpole():
     agent = DQNAgent("CartPole-v1", "am-adam", learning_starts=1000, train_frequency=4, batch_size=64,
                      target_update_interval=500, exploration_fraction=0.3, learner_kwargs={"lr": 1e-3, "lr_out": 1e-3},
                      device="cpu", seed=1)
-    assert agent.learner.output_fit == "forward"  # the agent's TD default (DQN_LEARNER_DEFAULTS)
+    assert agent.learner.output_fit == "forward"  # AM-Adam's TD preset
+    assert agent.learner.lr == 1e-3 and agent.learner.mu == 1.0  # the user's value over the preset's
     agent.learn(8000, progress_bar=False)
     mean, _ = agent.evaluate(10)
     assert mean > 4 * random_return, (mean, random_return)
@@ -298,3 +302,48 @@ def test_set_env_refuses_other_spaces():
     agent = small_agent("CartPole-v1")
     with pytest.raises(ValueError, match="differ"):
         agent.set_env("Acrobot-v1")
+
+
+# --------------------------------------------------------------------------- any learner
+class Countdown(gym.Env):
+    """Observation ``[t / length]``; reward 1 per step; terminal after ``length`` steps, so the true
+    value of every action at step t is ``sum_{k < length - t} gamma^k``."""
+
+    metadata: dict = {}
+
+    def __init__(self, length: int = 3):
+        self.length = length
+        self.observation_space = spaces.Box(0.0, 1.0, (1,), np.float32)
+        self.action_space = spaces.Discrete(2)
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t / self.length], np.float32), 1.0, self.t >= self.length, False, {}
+
+
+def test_a_learner_without_a_torch_optimizer_trains_the_value_network(monkeypatch):
+    """RidgeHead solves its output layer exactly and has no torch optimizer; registered in
+    amstream.LEARNERS alone, the agent builds it by name and it learns the true Q-values."""
+    monkeypatch.setitem(amstream.LEARNERS, "ridge-head", RidgeHead)
+    assert td_learner_settings("ridge-head") == {}  # no learning rate, no TD preset: its defaults
+    agent = small_agent(Countdown(3), "ridge-head", gamma=0.9, hidden=(64,), learner_kwargs={"eta": 0.5},
+                        target_update_interval=10, learning_starts=20, train_frequency=1)
+    assert isinstance(agent.learner, RidgeHead) and agent.learner.optimizer.param_groups[0]["name"] == "head"
+    agent.learn(1500, progress_bar=False)
+    q = agent.q_values(np.array([[0.0], [1 / 3], [2 / 3]], np.float32))
+    truth = torch.tensor([2.71, 1.9, 1.0])[:, None].expand(3, 2)
+    torch.testing.assert_close(q, truth, atol=0.1, rtol=0)
+
+
+def test_a_built_learner_gives_the_agent_its_device():
+    learner = Backprop(nn.Sequential(nn.Flatten(), nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2)), device="cpu")
+    agent = DQNAgent(Counter(), learner, buffer_size=100, learning_starts=10)  # device left at "auto"
+    assert agent.device == learner.device and agent.buffer.device == learner.device
+    with pytest.raises(ValueError, match="differs from the learner's device"):
+        DQNAgent(Counter(), learner, device="meta")

@@ -31,8 +31,10 @@ from avalanche.training.storage_policy import ClassBalancedBuffer, ReservoirSamp
 from avalanche.training.templates import SupervisedTemplate  # noqa: E402
 
 from amstream import AMAdam, AMMem, Backprop  # noqa: E402
+from doubles import RidgeHead, ridge_mlp  # noqa: E402
+from learner_cases import GRUClassifier, small_cnn  # noqa: E402
 from state_utils import assert_same_state  # noqa: E402
-from scenarios.benchmarks import split_digits, split_mnist  # noqa: E402
+from scenarios.benchmarks import online, split_digits, split_mnist  # noqa: E402
 from scenarios.strategy import UNSUPPORTED_PLUGINS, AMStrategy  # noqa: E402
 
 LEARNERS = {"am-adam": AMAdam, "am-mem": AMMem, "backprop": Backprop}
@@ -391,3 +393,102 @@ def test_incremental_classifier_grows_and_keeps_training(name, benchmark):
     accuracy = strategy.eval(benchmark.test_stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     # measured: AM-Adam 0.79, AM-mem 0.90, backprop 0.66 (ten classes, chance 0.1; replay buffer 200)
     assert accuracy > 0.5, accuracy
+
+
+# ------------------------------------------------------------- Avalanche's own strategies, exactly
+def dropout_mlp():
+    """Avalanche's SimpleMLP (one hidden layer, dropout 0.5): not an nn.Sequential."""
+    from avalanche.models import SimpleMLP
+
+    torch.manual_seed(0)
+    return SimpleMLP(num_classes=10, input_size=64, hidden_size=64, drop_rate=0.5)
+
+
+@pytest.mark.parametrize("protocol", ["naive", "online-naive-replay"])
+def test_backprop_reproduces_avalanche_naive_and_online_naive_exactly(protocol, benchmark):
+    """The same model (with dropout), optimizer, data and seeds through Avalanche's own strategy
+    and through AMStrategy with a Backprop learner: bit-identical weights and metrics. One forward
+    pass per iteration, so the same dropout masks are drawn in the same order."""
+    from avalanche.training import Naive, OnlineNaive
+
+    def plugins():
+        if protocol == "naive":
+            return None
+        return [ReplayPlugin(mem_size=100, storage_policy=ClassBalancedBuffer(100, adaptive_size=True))]
+
+    reference_model, learner_model = dropout_mlp(), dropout_mlp()
+    common = {"train_mb_size": 10, "eval_mb_size": 128, "device": "cpu"}
+    optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if protocol == "naive":
+            reference = Naive(model=reference_model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
+                              evaluator=quiet_evaluator(accuracy_metrics(stream=True), loss_metrics(stream=True)),
+                              **common)
+        else:
+            reference = OnlineNaive(model=reference_model, optimizer=optimizer, plugins=plugins(),
+                                    evaluator=quiet_evaluator(accuracy_metrics(stream=True), loss_metrics(stream=True)),
+                                    **common)
+        strategy = AMStrategy(learner=Backprop(learner_model, optimizer="sgd", lr=0.1, device="cpu"),
+                              plugins=plugins(), **common,
+                              evaluator=quiet_evaluator(accuracy_metrics(stream=True), loss_metrics(stream=True)))
+        for experience in benchmark.train_stream[:3]:
+            for s in (reference, strategy):
+                torch.manual_seed(1)  # the same shuffling and dropout masks on both sides
+                if protocol == "naive":
+                    s.train(experience)
+                else:
+                    s.train(online(experience, 10, seed=0), eval_streams=[])
+        for p, q in zip(reference.model.parameters(), strategy.model.parameters()):
+            assert torch.equal(p, q)
+        assert reference.eval(benchmark.test_stream) == strategy.eval(benchmark.test_stream)
+    assert strategy.learner.step_count == strategy.clock.train_iterations > 0
+
+
+# ----------------------------------------------------------------- any learner, any model
+class Rows(nn.Module):
+    """(B, 1, 8, 8) digits as sequences of 8 rows of 8 pixels."""
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], 8, 8)
+
+
+@pytest.mark.parametrize("model", ["gru", "cnn"])
+def test_backprop_trains_a_gru_and_a_cnn_through_the_strategy(model, benchmark):
+    torch.manual_seed(0)
+    net = nn.Sequential(Rows(), GRUClassifier()) if model == "gru" else small_cnn()
+    strategy = AMStrategy(learner=Backprop(net, lr=3e-3, device="cpu"), train_mb_size=16, train_epochs=4,
+                          plugins=[ReplayPlugin(mem_size=200)],
+                          evaluator=quiet_evaluator(accuracy_metrics(experience=True, stream=True)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for experience in benchmark.train_stream[:2]:
+            strategy.train(experience)
+    results = strategy.eval(benchmark.test_stream[:2])
+    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert accuracy > 0.5, accuracy  # four classes, chance 0.25
+    assert strategy.learner.step_count == strategy.clock.train_iterations
+
+
+def test_a_learner_without_a_torch_optimizer_works_with_replay_and_ewc(benchmark):
+    """RidgeHead solves its layer exactly and has no torch optimizer: the strategy's optimizer slot
+    holds its parameter groups (zero_grad, param_groups, an LR scheduler accept them), Replay feeds
+    it, EWC's penalty reaches it and changes its update."""
+    runs = {}
+    for label, plugins in (("replay", [ReplayPlugin(mem_size=300)]),
+                           ("replay+ewc", [ReplayPlugin(mem_size=300), EWCPlugin(ewc_lambda=1000.0)])):
+        learner = RidgeHead(ridge_mlp(), device="cpu")
+        scheduler = torch.optim.lr_scheduler.StepLR(learner.optimizer, step_size=1, gamma=0.5)
+        strategy = AMStrategy(learner=learner, train_mb_size=16, plugins=[*plugins, LRSchedulerPlugin(scheduler)],
+                              evaluator=quiet_evaluator(accuracy_metrics(stream=True)))
+        assert strategy.optimizer is learner.optimizer and [g["name"] for g in strategy.optimizer.param_groups] == ["head"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for experience in benchmark.train_stream:
+                strategy.train(experience)
+        runs[label] = (strategy, strategy.eval(benchmark.test_stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"])
+    for strategy, accuracy in runs.values():
+        assert accuracy > 0.5, accuracy  # ten classes from a replay buffer of 300, chance 0.1
+        assert strategy.learner.step_count == strategy.clock.train_iterations
+    heads = [s.model[-1].weight for s, _ in runs.values()]
+    assert not torch.equal(*heads)  # EWC's penalty changed the solves

@@ -249,3 +249,44 @@ def test_rl_bad_input_is_a_clean_error(args, message, tmp_path):
     proc = run_rl(*args, "--total-timesteps", "10", "--logdir", str(tmp_path))
     assert proc.returncode == 2
     assert message.lower() in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+# -------------------------------------------------------------- the registry is the only table
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_learner_registered_in_amstream_learners_is_available_to_every_script(monkeypatch, tmp_path, capsys):
+    """RidgeHead (tests/doubles.py) is registered in amstream.LEARNERS and nowhere else: stream.py,
+    continual.py and rl.py offer it, derive its options from its declared hyperparameters, and run it."""
+    import amstream
+    from doubles import RidgeHead
+
+    monkeypatch.setitem(amstream.LEARNERS, "ridge-head", RidgeHead)
+    stream, continual, rl = load_script("stream"), load_script("continual"), load_script("rl")
+    for script in (stream, continual, rl):
+        text = script.build_parser().format_help()
+        assert "ridge-head" in text and "--ridge RIDGE" in text and "--penalty-lr" in text
+
+    stream.main(["--learner", "ridge-head,backprop", "--max-samples", "300", "--ridge", "2.0", "--quiet",
+                 "--logdir", str(tmp_path / "stream")])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("ridge-head "))
+    assert float(row.split()[2]) > 0.3  # held-out accuracy of a ridge head on random ReLU features
+
+    continual.main(["--learner", "ridge-head", "--plugins", "replay,ewc", "--set", "ridge-head.ridge=3",
+                    "--quiet", "--logdir", str(tmp_path / "cl"), "--json", str(tmp_path / "cl.json")])
+    record = json.loads((tmp_path / "cl.json").read_text())
+    assert record["results"]["ridge-head"]["hparams"]["ridge"] == 3.0
+    assert record["results"]["ridge-head"]["average_accuracy"] > 0.3
+
+    rl.main(["--learner", "ridge-head", "--total-timesteps", "400", "--learning-starts", "100",
+             "--final-eval-episodes", "2", "--eval-episodes", "1", "--quiet", "--logdir", str(tmp_path / "rl"),
+             "--json", str(tmp_path / "rl.json")])
+    runs = json.loads((tmp_path / "rl.json").read_text())["runs"]
+    assert runs[0]["learner"] == "ridge-head" and runs[0]["final_mean"] > 0

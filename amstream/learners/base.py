@@ -129,8 +129,8 @@ class Learner(StreamingMixin, abc.ABC):
             raise :class:`NonFiniteStepError`).
         validate: check every batch at the boundary (shape, dtype, NaN/Inf, label range).
         input_shape: the shape of one sample, ``None`` for a dimension of any length (the time
-            steps of a sequence); if None it is fixed by the first batch (models with a recurrent
-            layer then take sequences of any length).
+            steps of a sequence); if None it is fixed by the first batch (a model with a recurrent
+            layer then takes ``(time, features)`` samples of any number of time steps).
         **hyperparameters: the class's ``defaults`` (see below).
     """
 
@@ -169,7 +169,7 @@ class Learner(StreamingMixin, abc.ABC):
         recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.inputs = InputSpec(self._probe, self.device, input_shape=input_shape,
-                                variable_dims=(0,) if recurrent else (), min_train_batch=2 if has_batchnorm else 1)
+                                recurrent=recurrent, min_train_batch=2 if has_batchnorm else 1)
         self._snapshot = _Snapshot()
         self._pending: _PendingForward | None = None
         self._synced_parameters = self._parameter_ids()

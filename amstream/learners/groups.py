@@ -51,7 +51,8 @@ class ParameterGroups(torch.optim.Optimizer):
 
     It is a real ``torch.optim.Optimizer``, so Avalanche plugins (``zero_grad``), learning-rate
     schedulers and ``LRSchedulerPlugin`` accept it; ``step`` does nothing, because the learner's
-    own step writes the weights, and it keeps no state.
+    own step writes the weights, and it keeps no state. A learner calls ``step()`` once at the end
+    of each of its updates, so that schedulers see steps in the order they expect.
     """
 
     def __init__(self, groups: Iterable[dict]) -> None:

@@ -221,17 +221,18 @@ def test_missing_file_is_a_checkpoint_error(tmp_path):
         load_checkpoint(tmp_path, learner)  # a folder is not a checkpoint either
 
 
-@pytest.mark.parametrize("content", [
-    pytest.param(os.urandom(4096), id="random-bytes"),
-    pytest.param(b"", id="empty"),
-    pytest.param(b"not a checkpoint\n" * 20, id="text"),
+@pytest.mark.parametrize("content, reason", [
+    pytest.param(os.urandom(4096), r"\(4096 bytes\): \w+Error: \S", id="random-bytes"),
+    pytest.param(b"", "the file is empty", id="empty"),
+    pytest.param(b"not a checkpoint\n" * 20, r"\(340 bytes\): \w+Error: \S", id="text"),
 ])
-def test_garbage_file_is_a_checkpoint_error(content, digits, tmp_path):
+def test_garbage_file_is_a_checkpoint_error_that_says_why(content, reason, digits, tmp_path):
+    """Never "cannot read checkpoint X:" and nothing more: the message gives the reason."""
     learner = trained("backprop", digits, n_batches=1)
     before = snapshot(learner)
     path = tmp_path / "ck.pt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=reason):
         load_checkpoint(path, learner)
     assert_same_state(before, learner.state_dict())
 
@@ -303,6 +304,8 @@ def test_checkpoint_of_another_model_shape_is_refused(name, digits, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "ck.pt", target)
     assert isinstance(err.value, ValueError)
+    # the message names the tensors that do not fit, with both shapes
+    assert "1.weight: saved (32, 64), model (16, 64)" in str(err.value), str(err.value)
     assert target.step_count == 2
     assert_same_state(before, target.state_dict())
     # the learner still works after the refusal

@@ -75,12 +75,44 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert "resumed from" in resumed.stdout
 
     assert table(resumed.stdout)["am-adam"]["prequential"] == table(straight.stdout)["am-adam"]["prequential"]
+    # the resumed run continued the interrupted run's TensorBoard folder, with no step logged twice
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = sorted((tmp_path / "runs").glob("digits-am-adam-*"))
+    assert len(folders) == 2  # the straight run's and the interrupted-then-resumed run's
+    resumed_dir = next(f for f in folders if str(f) in resumed.stdout)
+    acc = EventAccumulator(str(resumed_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("prequential/accuracy")]
+    assert steps == sorted(set(steps)) and steps[0] < 130 < steps[-1], steps
     a = torch.load(tmp_path / "a" / "ck-am-adam.pt", weights_only=True)
     b = torch.load(ckpt_b, weights_only=True)
     assert a["extra"]["prequential"] == b["extra"]["prequential"]  # same counts and curve
     assert a["extra"]["test_curve"] == b["extra"]["test_curve"]
     for key, value in a["learner"]["model"].items():
         assert torch.equal(value, b["learner"]["model"][key]), key
+
+
+def test_resume_with_a_mistyped_checkpoint_path_refuses_to_start_over(tmp_path):
+    common = ["--max-samples", "100", "--learner", "backprop", "--quiet", "--logdir", str(tmp_path / "runs")]
+    proc = run(*common, "--checkpoint", str(tmp_path / "typo.pt"), "--resume", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no checkpoint at" in proc.stderr and "typo-backprop.pt" in proc.stderr and "--allow-fresh" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
+    fresh = run(*common, "--checkpoint", str(tmp_path / "typo.pt"), "--resume", "--allow-fresh")
+    assert "starting from scratch" in fresh.stdout and (tmp_path / "typo-backprop.pt").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size: must be int >= 1, got 0"),
+    (["--mu", "-1"], "--mu: must be float > 0, got -1"),
+    (["--optimizer", "adm"], "did you mean 'adam'"),
+    (["--set", "backprop.mu=1"], "backprop has no option 'mu'"),
+])
+def test_bad_option_values_are_one_line_errors(args, message, tmp_path):
+    proc = run(*args, "--logdir", str(tmp_path), check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_learner_is_a_clean_error(tmp_path):
@@ -116,6 +148,13 @@ def test_bench_smoke(data_root):
     assert naive and float(naive[1]) > 0, proc.stdout
 
 
+def test_bench_bad_option_is_a_clean_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-size", "-5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--batch-size: must be int >= 1, got -5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bench_missing_data_is_a_clean_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -134,6 +173,7 @@ def run_continual(*args: str) -> subprocess.CompletedProcess:
 def test_continual_compares_learners_with_a_plugin(tmp_path):
     proc = run_continual("--learner", "am-adam,am-mem", "--plugins", "replay", "--quiet", "--logdir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
+    assert "DeprecationWarning" not in proc.stderr  # --quiet: not even Avalanche's replay warning
     rows = dict(re.findall(r"^(am-adam|am-mem)\s+([\d.]+)\s+[-\d.]+\s+[-\d.]+\s+\d+\s+[\d.]+$", proc.stdout, flags=re.M))
     assert set(rows) == {"am-adam", "am-mem"}, proc.stdout
     assert float(rows["am-mem"]) > 0.6  # replay on split digits: measured 0.93
@@ -171,6 +211,8 @@ def test_continual_growing_head_hyperparameters_and_json(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--plugins", "gem"], "unknown plugin"),
     (["--learner", "nope"], "unknown learner"),
+    (["--batch-size", "0"], "--batch-size: must be int >= 1, got 0"),
+    (["--batch-size", "-5"], "--batch-size: must be int >= 1, got -5"),
     (["--benchmark", "split-mnist", "--data-dir", "{tmp}"], "Missing data file"),
 ])
 def test_continual_bad_input_is_a_clean_error(args, message, tmp_path):

@@ -13,6 +13,7 @@ only once its step has been accepted.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -128,11 +129,13 @@ class InputSpec:
                 f"batch of {x.shape[0]} sample with BatchNorm in training mode: batch statistics need at "
                 f"least {self.min_train_batch} samples; use a micro-batch (batch_size >= 2) or a model "
                 "without BatchNorm")
-        flags = [torch.isfinite(x).all()]
+        # A sum is finite exactly when the elements are, unless it overflows: a non-finite sum is
+        # confirmed element by element (isfinite(x).all() is ~20x slower than a sum on the CPU).
+        flags = [x.sum()]
         if y is not None:
             flags += self._check_targets(y, x.shape[0], fixed.output_shape, classification)
         values = torch.stack([f.to(torch.float64) for f in flags]).tolist()  # the one host sync
-        if not values[0]:
+        if not math.isfinite(values[0]) and not bool(torch.isfinite(x).all()):
             raise InputError("inputs contain NaN or Inf values")
         if y is not None and len(values) == 3:  # class labels: their range
             lo, hi = int(values[1]), int(values[2])
@@ -140,7 +143,7 @@ class InputSpec:
             if lo < 0 or hi >= n:
                 raise InputError(f"class label out of range: labels must lie in [0, {n - 1}] for a model "
                                  f"with {n} outputs, got values in [{lo}, {hi}]")
-        elif y is not None and len(values) == 2 and not values[1]:
+        elif y is not None and len(values) == 2 and not math.isfinite(values[1]) and not bool(torch.isfinite(y).all()):
             raise InputError("targets contain NaN or Inf values")
         return x, y
 
@@ -183,7 +186,7 @@ class InputSpec:
         if not classification:
             if not y.is_floating_point():
                 raise InputError(f"regression targets must be floating point, got {y.dtype}")
-            return [torch.isfinite(y).all()]
+            return [y.sum()]
         if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
             raise InputError(f"class labels must be an integer tensor (torch.long), got {y.dtype}")
         expected = (batch, *output_shape[1:])

@@ -11,7 +11,9 @@ settings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -22,7 +24,7 @@ from amstream.data import Dataset
 from amstream.hparams import HParam
 
 __all__ = [
-    "Parser", "HelpFormatter", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
+    "Parser", "HelpFormatter", "avalanche_warnings", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
     "learner_options", "make_learner", "build_mlp", "evaluate_accuracy", "parse_int_list", "parse_name_list",
 ]
 
@@ -200,6 +202,31 @@ def make_learner(name: str, model: nn.Module, device: str | torch.device = "auto
     if name not in LEARNERS:
         raise ValueError(f"unknown learner {name!r}; choose from {', '.join(learner_names())}")
     return LEARNERS[name](model, device=device, **kwargs)
+
+
+@contextlib.contextmanager
+def avalanche_warnings(quiet: bool):
+    """Show each of Avalanche's warnings once (with ``quiet``: none, nor any DeprecationWarning).
+
+    Avalanche 0.6's ``@deprecated`` calls ``warnings.simplefilter("once", DeprecationWarning)`` at
+    every call, which overrides any filter set here, so ReplayPlugin's deprecated
+    ``storage_policy.update`` printed its warning at every experience (146 times for one online
+    Split-digits run). Filtering where the warning is shown is the one place that holds.
+    """
+    seen: set[tuple] = set()
+    show = warnings.showwarning
+
+    def filtered(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        from_avalanche = "avalanche" in str(filename) or "avalanche" in str(message).lower()
+        if (quiet and (from_avalanche or issubclass(category, DeprecationWarning))) or (from_avalanche and key in seen):
+            return
+        seen.add(key)
+        show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = filtered
+        yield
 
 
 # ------------------------------------------------------------------------------------ models, data

@@ -7,6 +7,9 @@
 2. AM-mem's weight solve: one Gauss-Seidel sweep as blocked triangular solves (and the full Cholesky solve)
    against the reference code's column-by-column sweep, on co-activation memories of real MNIST
    inputs at width 784 (+1 bias column).
+3. Avalanche: an epoch of AM-Adam through ``AMStrategy`` against its plain loop, and the
+   online-replay Split-MNIST protocol of Avalanche's continual-learning-baselines through
+   ``AMStrategy`` with a ``Backprop`` learner against Avalanche's own ``OnlineNaive``.
 
 Real MNIST batches are used (``AMSTREAM_DATA`` / ``--data-dir``). Results are printed as a Markdown
 table ready for BENCHMARKS.md, with the device and the command line.
@@ -34,7 +37,7 @@ from amstream.memory import (  # noqa: E402
 )
 from amstream.utils import resolve_device  # noqa: E402
 
-from _common import Parser, add_option, build_mlp, parse_int_list  # noqa: E402
+from _common import Parser, add_option, avalanche_warnings, build_mlp, parse_int_list  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 
 
@@ -57,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--strategy-rounds", HParam(5, "interleaved epochs per side", int, count))
     add_option(p, "--strategy-samples", HParam(6000, "training samples of the Split-MNIST experience used for the "
                                                "overhead epochs", int, count))
+    p.add_argument("--skip-online-replay", action="store_true",
+                   help="skip the online-replay protocol, AMStrategy (backprop) against Avalanche's OnlineNaive")
+    add_option(p, "--online-replay-rounds", HParam(3, "interleaved runs of the online-replay protocol per side", int,
+                                                   count))
+    add_option(p, "--online-replay-subset", HParam(None, "online replay: keep the first N MNIST training samples "
+                                                   "(default: all 60,000)", int, count, optional=True))
     args = p.parse_args(argv)
     try:
         parse_int_list(args.hidden)
@@ -239,6 +248,62 @@ def strategy_overhead(args, device) -> list[dict]:
             row("backprop-Adam, Avalanche's Naive.train (for scale)", "bp-naive", "bp-plain")]
 
 
+def online_replay_overhead(args, device) -> list[dict]:
+    """The online-replay Split-MNIST protocol of Avalanche's continual-learning-baselines
+    (``experiments/split_mnist/online_replay.py``): SimpleMLP (784-512-10, dropout 0.5), SGD at
+    0.1, sub-experiences and mini-batches of 10, class-balanced replay of 1,000 (adaptive), an
+    evaluation on the experiences seen after each one. Avalanche's ``OnlineNaive`` against
+    ``AMStrategy`` with a ``Backprop`` learner on the same model, seeds and data, in interleaved
+    rounds; the two must also end with the same accuracy (they train identically)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from avalanche.evaluation.metrics import accuracy_metrics
+        from avalanche.models import SimpleMLP
+        from avalanche.training import OnlineNaive
+        from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+        from avalanche.training.storage_policy import ClassBalancedBuffer
+        from scenarios.benchmarks import online, split_mnist
+        from scenarios.strategy import AMStrategy
+
+        benchmark = split_mnist(5, class_order=list(range(10)), root=args.data_dir, subset=args.online_replay_subset)
+
+    def run(side: str) -> tuple[float, float]:
+        with avalanche_warnings(quiet=True):
+            torch.manual_seed(0)
+            model = SimpleMLP(num_classes=10)
+            common = {"train_mb_size": 10, "eval_mb_size": 64, "device": device,
+                      "plugins": [ReplayPlugin(1000, storage_policy=ClassBalancedBuffer(1000, adaptive_size=True))],
+                      "evaluator": EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])}
+            if side == "online-naive":
+                strategy = OnlineNaive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **common)
+            else:
+                strategy = AMStrategy(learner=Backprop(model, optimizer="sgd", lr=0.1, device=device), **common)
+            start = time.perf_counter()
+            for t, experience in enumerate(benchmark.train_stream):
+                strategy.train(online(experience, 10, seed=0), eval_streams=[], num_workers=0, drop_last=True)
+                strategy.eval(benchmark.test_stream[: t + 1])
+            _sync(device)
+            seconds = time.perf_counter() - start
+            accuracy = strategy.evaluator.get_last_metrics()["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+        return seconds, accuracy
+
+    results: dict[str, list[tuple[float, float]]] = {"online-naive": [], "am-strategy": []}
+    for _ in range(args.online_replay_rounds):
+        for side in results:
+            results[side].append(run(side))
+    ratios = [a[0] / b[0] for a, b in zip(results["am-strategy"], results["online-naive"])]
+    n = sum(len(e.dataset) for e in benchmark.train_stream)
+    return [
+        {"what": f"Avalanche OnlineNaive ({n} training samples)", "s": statistics.median(t for t, _ in results["online-naive"]),
+         "ratio": 1.0, "accuracy": results["online-naive"][-1][1]},
+        {"what": "AMStrategy with a Backprop learner", "s": statistics.median(t for t, _ in results["am-strategy"]),
+         "ratio": statistics.median(ratios), "q1": _quantile(ratios, 0.25), "q3": _quantile(ratios, 0.75),
+         "accuracy": results["am-strategy"][-1][1]},
+    ]
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -291,6 +356,16 @@ def main(argv=None) -> None:
         for row in strategy_overhead(args, device):
             spread = f" [{row['q1']:.2f}, {row['q3']:.2f}]" if "q1" in row else ""
             print(f"| {row['what']} | {row['s']:.2f} | {row['ratio']:.2f}x{spread} |")
+    if not args.skip_online_replay:
+        print()
+        print("Online-replay Split-MNIST (continual-learning-baselines): the whole protocol, "
+              f"{args.online_replay_rounds} interleaved runs per side (median; ratio IQR in brackets)")
+        print()
+        print("| strategy | seconds | ratio to OnlineNaive | final stream accuracy |")
+        print("|---|---:|---:|---:|")
+        for row in online_replay_overhead(args, device):
+            spread = f" [{row['q1']:.2f}, {row['q3']:.2f}]" if "q1" in row else ""
+            print(f"| {row['what']} | {row['s']:.1f} | {row['ratio']:.2f}x{spread} | {row['accuracy']:.4f} |")
 
 
 if __name__ == "__main__":

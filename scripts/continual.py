@@ -15,7 +15,6 @@ PNG heat map of the matrices.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -79,30 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output: neither Avalanche's per-iteration "
                    "log nor its warnings")
     return p
-
-
-@contextlib.contextmanager
-def avalanche_warnings(quiet: bool):
-    """Show each of Avalanche's warnings once (none with ``quiet``).
-
-    Avalanche 0.6's ``@deprecated`` calls ``warnings.simplefilter("once", DeprecationWarning)`` at
-    every call, which overrides any filter set here, so ReplayPlugin's deprecated
-    ``storage_policy.update`` printed its warning at every experience (146 times for one online
-    Split-digits run). Filtering where the warning is shown is the one place that holds.
-    """
-    seen: set[tuple] = set()
-    show = warnings.showwarning
-
-    def filtered(message, category, filename, lineno, file=None, line=None):
-        key = (category, str(message))
-        if "avalanche" in str(filename) and (quiet or key in seen):
-            return
-        seen.add(key)
-        show(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = filtered
-        yield
 
 
 def make_plugins(names: list[str], args):
@@ -211,7 +186,7 @@ def main(argv=None) -> None:
           f"plugins: {', '.join(plugin_names) or 'none'}" + (f", online sub-experiences of {args.online}" if args.online else ""))
 
     results = {}
-    with avalanche_warnings(args.quiet):
+    with _common.avalanche_warnings(args.quiet):
         for name in learners:
             try:
                 results[name] = run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes)

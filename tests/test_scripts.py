@@ -132,7 +132,8 @@ def test_bench_smoke(data_root):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(data_root), "--rounds", "2",
          "--steps", "1", "--warmup", "1", "--solve-rounds", "1", "--solve-repeats", "1", "--threads", "1",
-         "--strategy-rounds", "1", "--strategy-samples", "400"],
+         "--strategy-rounds", "1", "--strategy-samples", "400", "--online-replay-rounds", "1",
+         "--online-replay-subset", "600"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -146,6 +147,10 @@ def test_bench_smoke(data_root):
     assert overhead and float(overhead[1]) > 0, proc.stdout
     naive = re.search(r"^\| backprop-Adam, Avalanche's Naive\.train [^|]*\| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M)
     assert naive and float(naive[1]) > 0, proc.stdout
+    # the online-replay protocol: AMStrategy (backprop) trains exactly as OnlineNaive, so equal accuracy
+    online = re.findall(r"^\| (Avalanche OnlineNaive|AMStrategy with a Backprop learner)[^|]*\| [\d.]+ \| [\d.]+x[^|]*\| "
+                        r"([\d.]+) \|$", proc.stdout, flags=re.M)
+    assert len(online) == 2 and online[0][1] == online[1][1], proc.stdout
 
 
 def test_bench_bad_option_is_a_clean_error():

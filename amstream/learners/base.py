@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -100,13 +101,24 @@ class _PendingForward(NamedTuple):
     payload: Any
 
 
+@torch.no_grad()
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One host sync: the max-abs of every tensor, all at once."""
+    """Whether every element of every tensor is finite, with one host sync in the common case.
+
+    A tensor's 2-norm is finite exactly when its elements are, unless the sum of squares overflows
+    (a norm above ~1.8e19 in float32); a non-finite norm is therefore confirmed element by element.
+    The 2-norm, a fused multi-tensor kernel, is about 30 times faster than the infinity norm or
+    ``isfinite`` on the CPU (measured: 45 us against 1.4 ms for a 784-512-10 MLP).
+    """
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
-    norms = torch._foreach_norm(tensors, float("inf"))
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+    norms = torch._foreach_norm(tensors, 2)
+    device = norms[0].device
+    total = torch.stack([n if n.device == device else n.to(device) for n in norms]).sum()  # dtypes promote
+    if math.isfinite(float(total)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 _COMMON = [
@@ -172,7 +184,7 @@ class Learner(StreamingMixin, abc.ABC):
                                 recurrent=recurrent, min_train_batch=2 if has_batchnorm else 1)
         self._snapshot = _Snapshot()
         self._pending: _PendingForward | None = None
-        self._synced_parameters = self._parameter_ids()
+        self._refresh_tensor_lists()
         self._init_stream()
         self.model.train()
         self.inputs.declare(next(self.model.parameters()).dtype)
@@ -241,8 +253,12 @@ class Learner(StreamingMixin, abc.ABC):
         return {name: getattr(self, name) for name in self.defaults}
 
     # ------------------------------------------------------------------------------ growing models
-    def _parameter_ids(self) -> tuple[int, ...]:
-        return tuple(id(p) for p in self.model.parameters())
+    def _refresh_tensor_lists(self) -> None:
+        # The step reuses these lists (walking the module tree costs ~10 us a time); a model whose
+        # layers are replaced is noticed by sync_parameters, which refreshes them.
+        self._params = list(self.model.parameters())
+        self._buffers = list(self.model.buffers())
+        self._synced_parameters = tuple(map(id, self._params))
 
     def sync_parameters(self) -> bool:
         """Follow a model whose layers were replaced, such as a classifier that adds units when new
@@ -250,14 +266,13 @@ class Learner(StreamingMixin, abc.ABC):
         True when the parameters had changed: each named group takes its layers' current
         parameters, new ones start with fresh optimizer state, and the number of outputs, which
         bounds the accepted labels, is read again."""
-        ids = self._parameter_ids()
-        if ids == self._synced_parameters:
+        if tuple(map(id, self.model.parameters())) == self._synced_parameters:
             return False
+        self._refresh_tensor_lists()
         groups = self._named_groups()
         for opt in self.optimizers():
             sync_groups_(opt, groups)
         self.inputs.reprobe()
-        self._synced_parameters = ids
         self._on_parameters_changed()
         return True
 
@@ -324,7 +339,7 @@ class Learner(StreamingMixin, abc.ABC):
         return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
 
     def _weight_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.model.parameters())
+        return tuple(p._version for p in self._params)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,7 +385,7 @@ class Learner(StreamingMixin, abc.ABC):
         return replace(info, seconds=time.perf_counter() - start)
 
     def _guarded_tensors(self) -> tuple[list[torch.Tensor], list[tuple[torch.optim.Optimizer, set]]]:
-        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors = [*self._params, *self._buffers]
         opt_keys = []
         for opt in self.optimizers():
             opt_tensors, keys = optimizer_tensors(opt)
@@ -389,7 +404,7 @@ class Learner(StreamingMixin, abc.ABC):
                 del opt.state[p]
 
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
-        return [*self.model.parameters(), *self._extra_tensors(), info.loss.reshape(1)]
+        return [*self._params, *self._extra_tensors(), info.loss.reshape(1)]
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -433,7 +448,7 @@ class Learner(StreamingMixin, abc.ABC):
         self.inputs.reset(state.get("input_shape"))
         self._load_stream_state(state.get("stream"))
         self._pending = None
-        self._synced_parameters = self._parameter_ids()
+        self._refresh_tensor_lists()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={type(self.model).__name__}, device={self.device}, steps={self.step_count})"

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from amstream import LEARNERS, set_seed
+from amstream import set_seed
 from amstream.learners import Learner
 from amstream.logging import NullLogger, TensorBoardLogger, make_run_dir
-from amstream.utils import resolve_device
 
 from .buffer import ReplayBuffer
 from .envs import EnvSpec, make_env_factory, make_vector_env
-from .networks import DEFAULT_LEARNING_RATE, q_network, td_learner_settings
+from .evaluation import evaluate_policy
+from .networks import DEFAULT_LEARNING_RATE, check_value_network, make_td_learner
 from .persistence import load_agent, save_agent
 from .td import TD_LOSSES, TDUpdate
 
@@ -120,9 +120,10 @@ class DQNAgent:
         self.obs_shape, self.n_actions = tuple(obs_space.shape), int(act_space.n)
 
         self.learner_name = learner if isinstance(learner, str) else type(learner).__name__
-        self.learner = self._make_learner(learner, hidden, learning_rate, learner_kwargs or {}, device)
+        self.learner = make_td_learner(learner, self.obs_shape, self.n_actions, hidden=hidden, seed=self.seed,
+                                       learning_rate=learning_rate, learner_kwargs=learner_kwargs, device=device)
         self.device = self.learner.device
-        self._check_network()
+        check_value_network(self.learner, self.obs_shape, self.n_actions)
         # Acting runs the network directly when eval mode changes nothing (no BatchNorm, no
         # Dropout): one forward pass per environment step without predict's checks and mode switches.
         self._plain_forward = not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
@@ -159,21 +160,6 @@ class DQNAgent:
         self._resume_run_dir: Path | None = None
 
     # ------------------------------------------------------------------------------ construction
-    def _make_learner(self, learner, hidden, learning_rate, learner_kwargs, device) -> Learner:
-        if isinstance(learner, Learner):
-            if learner_kwargs:
-                raise ValueError("learner_kwargs apply to a learner given by name, not to a built learner")
-            if device != "auto" and resolve_device(device) != learner.device:
-                raise ValueError(f"device={device!r} differs from the learner's device {learner.device}; "
-                                 "the agent lives on its learner's device")
-            return learner
-        if not isinstance(learner, str) or learner not in LEARNERS:
-            raise ValueError(f"unknown learner {learner!r}; choose from {', '.join(LEARNERS)} or pass a Learner")
-        torch.manual_seed(self.seed)
-        model = q_network(int(np.prod(self.obs_shape)), self.n_actions, tuple(hidden))
-        kwargs = {**td_learner_settings(learner, learning_rate), **learner_kwargs}
-        return LEARNERS[learner](model, device=resolve_device(device), **kwargs)
-
     @property
     def target(self) -> nn.Module:
         """The target network the TD targets bootstrap on."""
@@ -182,17 +168,6 @@ class DQNAgent:
     @property
     def gamma(self) -> float:
         return self.td.gamma
-
-    def _check_network(self) -> None:
-        probe = torch.zeros((1, *self.obs_shape), dtype=torch.float32)
-        try:
-            out = self.learner.predict(probe)
-        except (ValueError, RuntimeError) as err:
-            raise ValueError(f"observations of shape {self.obs_shape} do not fit the value network: "
-                             f"{' '.join(str(err).split())}") from None
-        if out.dim() != 2 or out.shape[1] != self.n_actions:
-            raise ValueError(f"the value network must output one value per action ({self.n_actions}), "
-                             f"got output shape {tuple(out.shape[1:])}")
 
     # ---------------------------------------------------------------------------------- acting
     def epsilon(self, step: int | None = None) -> float:
@@ -350,28 +325,13 @@ class DQNAgent:
         (a fresh copy of the training one unless ``env`` is given), greedy unless
         ``deterministic=False``. The evaluation seed is fixed (``seed``, default the agent's seed
         + 10,000), so the same network always gets the same score; training is not affected."""
-        if int(n_episodes) < 1:
-            raise ValueError(f"n_episodes must be >= 1, got {n_episodes!r}")
         factory = self.env_factory if env is None else make_env_factory(env)
-        eval_env = factory()
         rng_state = self._rng.bit_generator.state
-        returns = []
         try:
-            obs, _ = eval_env.reset(seed=self.seed + 10_000 if seed is None else seed)
-            for _ in range(int(n_episodes)):
-                total, done = 0.0, False
-                while not done:
-                    action = int(self._act(np.asarray(obs, dtype=np.float32)[None],
-                                           0.0 if deterministic else self.end_e)[0])
-                    obs, reward, terminated, truncated, _ = eval_env.step(action)
-                    total += float(reward)
-                    done = terminated or truncated
-                returns.append(total)
-                obs, _ = eval_env.reset()
+            return evaluate_policy(lambda obs: int(self._act(obs[None], 0.0 if deterministic else self.end_e)[0]),
+                                   factory, n_episodes, self.seed + 10_000 if seed is None else seed)
         finally:
-            eval_env.close()
             self._rng.bit_generator.state = rng_state  # evaluation never shifts training's randomness
-        return float(np.mean(returns)), float(np.std(returns))
 
     # -------------------------------------------------------------------------------- switching
     def set_env(self, env: EnvSpec, seed: int | None = None) -> None:

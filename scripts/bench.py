@@ -347,25 +347,32 @@ def main(argv=None) -> None:
             else:
                 print(f"| {row['solver']} | {row['ms']:.2f} | {row['speedup']:.1f}x [{row['q1']:.1f}, {row['q3']:.1f}] |")
     if not args.skip_strategy:
-        print()
-        print(f"Avalanche overhead: one epoch, first Split-MNIST experience, batch {args.batch_size}, "
-              f"{args.strategy_rounds} interleaved rounds (median; ratio IQR in brackets)")
-        print()
-        print("| epoch | seconds | ratio to the plain loop |")
-        print("|---|---:|---:|")
-        for row in strategy_overhead(args, device):
-            spread = f" [{row['q1']:.2f}, {row['q3']:.2f}]" if "q1" in row else ""
-            print(f"| {row['what']} | {row['s']:.2f} | {row['ratio']:.2f}x{spread} |")
+        _table(f"Avalanche overhead: one epoch, first Split-MNIST experience, batch {args.batch_size}, "
+               f"{args.strategy_rounds} interleaved rounds (median; ratio IQR in brackets)",
+               ["epoch", "seconds", "ratio to the plain loop"],
+               [[row["what"], f"{row['s']:.2f}", f"{row['ratio']:.2f}x{_spread(row)}"]
+                for row in strategy_overhead(args, device)])
     if not args.skip_online_replay:
-        print()
-        print("Online-replay Split-MNIST (continual-learning-baselines): the whole protocol, "
-              f"{args.online_replay_rounds} interleaved runs per side (median; ratio IQR in brackets)")
-        print()
-        print("| strategy | seconds | ratio to OnlineNaive | final stream accuracy |")
-        print("|---|---:|---:|---:|")
-        for row in online_replay_overhead(args, device):
-            spread = f" [{row['q1']:.2f}, {row['q3']:.2f}]" if "q1" in row else ""
-            print(f"| {row['what']} | {row['s']:.1f} | {row['ratio']:.2f}x{spread} | {row['accuracy']:.4f} |")
+        _table("Online-replay Split-MNIST (continual-learning-baselines): the whole protocol, "
+               f"{args.online_replay_rounds} interleaved runs per side (median; ratio IQR in brackets)",
+               ["strategy", "seconds", "ratio to OnlineNaive", "final stream accuracy"],
+               [[row["what"], f"{row['s']:.1f}", f"{row['ratio']:.2f}x{_spread(row)}", f"{row['accuracy']:.4f}"]
+                for row in online_replay_overhead(args, device)])
+
+
+def _spread(row: dict) -> str:
+    return f" [{row['q1']:.2f}, {row['q3']:.2f}]" if "q1" in row else ""
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table under its title; the first column left-aligned, the others right."""
+    print()
+    print(title)
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (len(columns) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

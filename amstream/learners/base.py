@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import inspect
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from ..stream import StreamingMixin
 from ..utils import resolve_device
 from ..validation import InputSpec, is_classification_criterion
 from .groups import named_parameter_groups, sync_groups_
-from .state import check_model_state, clone_tensors, optimizer_tensors
+from .state import Snapshot, all_finite, check_model_state, clone_tensors, optimizer_tensors
 
 __all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn", "Penalty"]
 
@@ -67,58 +66,11 @@ class StepInfo:
     seconds: float = 0.0
 
 
-class _Snapshot:
-    """Pre-allocated shadow copies of the tensors a step mutates, to undo a non-finite step."""
-
-    def __init__(self) -> None:
-        self._shadows: list[torch.Tensor] = []
-        self._sources: list[torch.Tensor] = []
-
-    @torch.no_grad()  # a copy recorded by autograd would chain every step's graph to the next
-    def take(self, tensors: list[torch.Tensor]) -> None:
-        if len(tensors) != len(self._shadows) or any(
-            s.shape != t.shape or s.dtype != t.dtype or s.device != t.device
-            for s, t in zip(self._shadows, tensors)
-        ):
-            self._shadows = [torch.empty_like(t, requires_grad=False) for t in tensors]
-        self._sources = tensors
-        if tensors:
-            torch._foreach_copy_(self._shadows, tensors)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        if self._sources:
-            torch._foreach_copy_(self._sources, self._shadows)
-
-    def release(self) -> None:
-        self._sources = []
-
-
 class _PendingForward(NamedTuple):
     x: torch.Tensor  # held so that its memory is not reused by another batch meanwhile
     key: tuple
     weights: tuple
     payload: Any
-
-
-@torch.no_grad()
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with one host sync in the common case.
-
-    A tensor's 2-norm is finite exactly when its elements are, unless the sum of squares overflows
-    (a norm above ~1.8e19 in float32); a non-finite norm is therefore confirmed element by element.
-    The 2-norm, a fused multi-tensor kernel, is about 30 times faster than the infinity norm or
-    ``isfinite`` on the CPU (measured: 45 us against 1.4 ms for a 784-512-10 MLP).
-    """
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(tensors, 2)
-    device = norms[0].device
-    total = torch.stack([n if n.device == device else n.to(device) for n in norms]).sum()  # dtypes promote
-    if math.isfinite(float(total)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 _COMMON = [
@@ -182,7 +134,7 @@ class Learner(StreamingMixin, abc.ABC):
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.inputs = InputSpec(self._probe, self.device, input_shape=input_shape,
                                 recurrent=recurrent, min_train_batch=2 if has_batchnorm else 1)
-        self._snapshot = _Snapshot()
+        self._snapshot = Snapshot()
         self._pending: _PendingForward | None = None
         self._refresh_tensor_lists()
         self._init_stream()
@@ -366,7 +318,7 @@ class Learner(StreamingMixin, abc.ABC):
         counters = {name: getattr(self, name) for name in self._counters}
         try:
             info = self._step(x, loss_fn, penalty)
-            finite = _all_finite(self._check_tensors(info))
+            finite = all_finite(self._check_tensors(info))
         except BaseException:
             self._rollback(opt_keys, counters)
             raise

@@ -1,4 +1,5 @@
-"""Learner states: copying them, listing optimizer tensors, and checking a model state before loading.
+"""Learner states: copying them, checking one before loading, and the guard of a step (a snapshot of
+the tensors it mutates, restored when it produced non-finite values).
 
 ``nn.Module.load_state_dict`` copies values into the module's own tensors, but a torch optimizer's
 ``load_state_dict`` keeps the tensors it is given when they already have the right device and
@@ -8,13 +9,14 @@ moments. Learners therefore load a deep copy (:func:`clone_tensors`).
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["clone_tensors", "optimizer_tensors", "check_model_state"]
+__all__ = ["Snapshot", "all_finite", "clone_tensors", "optimizer_tensors", "check_model_state"]
 
 
 def clone_tensors(obj):
@@ -70,3 +72,50 @@ def check_model_state(model: nn.Module, state: Mapping) -> None:
 
 def _first(items: list[str], n: int = 6) -> list[str]:
     return items[:n] + ([f"... ({len(items) - n} more)"] if len(items) > n else [])
+
+
+class Snapshot:
+    """Pre-allocated shadow copies of the tensors a step mutates, to undo a non-finite step."""
+
+    def __init__(self) -> None:
+        self._shadows: list[torch.Tensor] = []
+        self._sources: list[torch.Tensor] = []
+
+    @torch.no_grad()  # a copy recorded by autograd would chain every step's graph to the next
+    def take(self, tensors: list[torch.Tensor]) -> None:
+        if len(tensors) != len(self._shadows) or any(
+            s.shape != t.shape or s.dtype != t.dtype or s.device != t.device
+            for s, t in zip(self._shadows, tensors)
+        ):
+            self._shadows = [torch.empty_like(t, requires_grad=False) for t in tensors]
+        self._sources = tensors
+        if tensors:
+            torch._foreach_copy_(self._shadows, tensors)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._sources:
+            torch._foreach_copy_(self._sources, self._shadows)
+
+    def release(self) -> None:
+        self._sources = []
+
+
+@torch.no_grad()
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one host sync in the common case.
+
+    A tensor's 2-norm is finite exactly when its elements are, unless the sum of squares overflows
+    (a norm above ~1.8e19 in float32); a non-finite norm is therefore confirmed element by element.
+    The 2-norm, a fused multi-tensor kernel, is about 30 times faster than the infinity norm or
+    ``isfinite`` on the CPU (measured: 45 us against 1.4 ms for a 784-512-10 MLP).
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors, 2)
+    device = norms[0].device
+    total = torch.stack([n if n.device == device else n.to(device) for n in norms]).sum()  # dtypes promote
+    if math.isfinite(float(total)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

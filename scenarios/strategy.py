@@ -109,8 +109,8 @@ class AMStrategy(SupervisedTemplate):
         A plugin may have replaced ``strategy.model`` by another module (GDumb restarts from a copy
         of the initial model each experience): its weights are loaded into the learner's model,
         which stays the one that is trained and evaluated. A model that grew during Avalanche's
-        model adaptation (``IncrementalClassifier``) has its new parameters put in their block's
-        group (:meth:`Learner.sync_parameters`).
+        model adaptation (``IncrementalClassifier``) has its new parameters put in their layer's
+        named group (:meth:`Learner.sync_parameters`).
         """
         if self.model is not self.learner.model:
             self.learner.model.load_state_dict(self.model.state_dict())

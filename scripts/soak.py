@@ -14,27 +14,34 @@ at the end, and the slope of a least-squares line through the samples after warm
 
     python scripts/soak.py                                        # 2,000,000 + 200,000 samples each
     python scripts/soak.py --samples 200000 --single-samples 20000 --learner backprop
+    python scripts/soak.py --against c05dc48 --samples 300000     # the same stream on another revision
 """
 from __future__ import annotations
 
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+# Only the standard library and torch at the top: the worker processes re-import this file, and with
+# --against they import another revision's amstream, which may lack this tree's helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import Parser, add_option, learner_names, parse_name_list  # noqa: E402
-from amstream.hparams import HParam  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FEATURES = ("date", "day", "period", "nswprice", "nswdemand", "vicprice", "vicdemand", "transfer")
 
 
 def parse_args(argv=None):
+    from _common import Parser, add_option, learner_names, parse_name_list
+    from amstream.hparams import HParam
+
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--learner", default=",".join(learner_names()),
                    help=f"comma-separated learners, from {', '.join(learner_names())}")
@@ -44,6 +51,9 @@ def parse_args(argv=None):
     add_option(p, "--every", HParam(10_000, "samples between RSS readings", int, "[1, inf)"))
     add_option(p, "--warmup", HParam(0.1, "fraction of each phase before the flatness is measured", range="[0, 1)"))
     p.add_argument("--data-dir", default=None, help="root of the data files (default: AMSTREAM_DATA)")
+    p.add_argument("--against", default=None, metavar="REV",
+                   help="run the workers on this git revision of amstream (exported with git archive) instead "
+                        "of this tree, to measure before and after a change")
     p.add_argument("--json", default=None, help="write the RSS series and the summary to this JSON file")
     p.add_argument("--plot", default="runs/soak.png", help="PNG of RSS against samples")
     args = p.parse_args(argv)
@@ -84,7 +94,9 @@ def soak_one(name: str, args_dict: dict) -> dict:
             if (i + 1) % args_dict["every"] == 0 or i + 1 == n:
                 points.append((i + 1, _rss_mb()))
         series[phase] = {"points": points, "seconds": time.perf_counter() - start, "batch": batch}
-    return {"learner": name, "series": series, "steps": learner.step_count}
+    import amstream
+
+    return {"learner": name, "series": series, "steps": learner.step_count, "amstream": amstream.__file__}
 
 
 def summarize(points: list[tuple[int, float]], warmup: float) -> dict:
@@ -100,6 +112,17 @@ def summarize(points: list[tuple[int, float]], warmup: float) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.against:
+            # spawned workers start from this process's sys.path: the revision goes first
+            archive = subprocess.run(["git", "archive", args.against], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+            sys.path.insert(0, tmp)
+        results = run_workers(args)
+    report(results, args)
+
+
+def run_workers(args) -> list[dict]:
     settings = {k: getattr(args, k) for k in ("samples", "single_samples", "micro_batch", "every", "data_dir")}
     ctx = multiprocessing.get_context("spawn")
     results = []
@@ -112,7 +135,12 @@ def main(argv=None) -> None:
             s.update(summary)
             print(f"{name:>9} {phase:>11}: {s['points'][-1][0]:>9,} samples in {s['seconds']:7.0f} s, RSS "
                   f"{summary['rss_after_warmup']:.0f} -> {summary['rss_end']:.0f} MB, slope "
-                  f"{summary['slope_mb_per_100k']:+.2f} MB per 100k samples", flush=True)
+                  f"{summary['slope_mb_per_100k']:+.3f} MB per 100k samples ({r['amstream']})", flush=True)
+    return results
+
+
+def report(results: list[dict], args) -> None:
+    settings = {k: getattr(args, k) for k in ("samples", "single_samples", "micro_batch", "every", "against")}
     print()
     print(f"| learner | phase | samples | samples/s | RSS after warm-up (MB) | RSS at end (MB) | "
           f"slope after warm-up (MB per 100k samples) |")
@@ -121,7 +149,7 @@ def main(argv=None) -> None:
         for phase, s in r["series"].items():
             n = s["points"][-1][0]
             print(f"| {r['learner']} | {phase} ({s['batch']}) | {n:,} | {n / s['seconds']:,.0f} | "
-                  f"{s['rss_after_warmup']:.1f} | {s['rss_end']:.1f} | {s['slope_mb_per_100k']:+.2f} |")
+                  f"{s['rss_after_warmup']:.1f} | {s['rss_end']:.1f} | {s['slope_mb_per_100k']:+.3f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"options": settings, "results": results}, indent=1))

@@ -76,3 +76,9 @@ def test_a_subclass_declares_its_own_defaults():
     assert amstream.AMMem.defaults["mu"].default == 0.3 and amstream.AMAdam.defaults["mu"].default == 0.003
     assert amstream.AMMem(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)),
                           device="cpu").mu == 0.3
+
+
+def test_a_hyperparameter_may_not_shadow_the_learners_own_attributes():
+    with pytest.raises(TypeError, match=r"reserved names \['device'\]"):
+        type("Shadowing", (amstream.Backprop,), {"defaults": {**amstream.Backprop.defaults,
+                                                               "device": HParam("cpu", "where", str)}})

@@ -111,6 +111,11 @@ class Learner(StreamingMixin, abc.ABC):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        # each hyperparameter becomes an attribute: it must not shadow the learner's own
+        reserved = {p.name for p in _COMMON} | {"inputs", "step_count", "micro_batch", "defaults", "presets"}
+        clashes = sorted(reserved & set(cls.defaults))
+        if clashes:
+            raise TypeError(f"{cls.__name__}.defaults declares reserved names {clashes}")
         cls.__signature__ = hp.signature(_COMMON, cls.defaults)
         if cls.__doc__ and "Hyperparameters (declared" not in cls.__doc__ and cls.defaults:
             cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\n" + hp.docstring(cls.defaults)

@@ -301,6 +301,41 @@ def test_hyperparameters_are_declared_once_and_round_trip(name):
         case.make(not_a_hyperparameter=1)
 
 
+def invalid_values(h) -> list:
+    """Values that the declaration ``h`` refuses: outside its range, not among its choices."""
+    from amstream.hparams import parse_interval
+
+    values = []
+    if h.choices is not None and h.accepts is None:
+        values.append("not-a-choice")
+    if h.range is not None:
+        lo, hi, lo_in, hi_in = parse_interval(h.range)
+        if lo != float("-inf"):
+            values.append(lo - 1 if lo_in else lo)
+        if hi != float("inf"):
+            values.append(hi + 1 if hi_in else hi)
+    if h.type is bool:
+        values.append("yes")
+    return [int(v) if h.type is int and isinstance(v, float) and v.is_integer() else v for v in values]
+
+
+FIRST_CASE = list({c.registry_name: n for n, c in reversed(list(CASES.items()))}.values())  # one per learner
+
+
+@pytest.mark.parametrize("name", FIRST_CASE)
+def test_every_declared_range_is_enforced(name):
+    """From the declarations alone: each hyperparameter's out-of-range values and unknown choices
+    are refused with a ValueError naming it, before any state exists."""
+    case = CASES[name]
+    checked = 0
+    for key, h in case.cls.defaults.items():
+        for value in invalid_values(h):
+            with pytest.raises(ValueError, match=f"invalid {key}"):
+                case.make(**{key: value})
+            checked += 1
+    assert checked == sum(len(invalid_values(h)) for h in case.cls.defaults.values()) > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
 def test_cpu_and_gpu_agree(name, digits):

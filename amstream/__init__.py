@@ -7,10 +7,8 @@ the top layer down, then every layer's weights are fitted to its own input and o
 from .blocks import Sign, Step, StraightThrough, UnsupportedModelError, blocks_from_sequential
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .hparams import HParam
-from .learners import (
-    LEARNERS, AltMinLearner, AMAdam, AMMem, Backprop, BlockLearner, Learner, NonFiniteStepError, ParameterGroups,
-    StepInfo,
-)
+from . import learners as _learners
+from .learners import *  # noqa: F403 - every learner class and the registry, as amstream.learners lists them
 from .stream import PrequentialResult, iter_prequential, prequential
 from .utils import resolve_device, set_seed
 from .validation import InputError
@@ -18,9 +16,8 @@ from .validation import InputError
 __version__ = "0.1.0"
 
 __all__ = [
-    "AMAdam", "AMMem", "Backprop", "AltMinLearner", "BlockLearner", "Learner", "ParameterGroups", "HParam",
-    "StepInfo", "NonFiniteStepError",
-    "InputError", "UnsupportedModelError", "LEARNERS",
+    *_learners.__all__, "HParam",
+    "InputError", "UnsupportedModelError",
     "blocks_from_sequential", "Sign", "Step", "StraightThrough",
     "prequential", "iter_prequential", "PrequentialResult",
     "save_checkpoint", "load_checkpoint", "CheckpointError",

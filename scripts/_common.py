@@ -149,17 +149,26 @@ def add_learner_arguments(parser: argparse.ArgumentParser, names: Iterable[str] 
     group = parser.add_argument_group(title or "learner hyperparameters (declared by each learner class; "
                                       "left out: each learner's own default)")
     exclude = set(exclude)
+    taken = set(parser._option_string_actions)  # the script's own options keep their flags
+    offered, shadowed = [], []
     for key, owners in learner_options(names).items():
         if key in exclude:
             continue
         flag = "--" + key.replace("_", "-")
+        if flag in taken:
+            shadowed.append(key)
+            continue
+        offered.append(key)
         shared = _shared_declaration(owners)
         group.add_argument(flag, dest=key, type=_checker(flag, shared), default=None, choices=shared.choices,
                            metavar=None if shared.choices else key.upper(),
                            help=_option_help(key, owners, defaults_for).replace("%", "%%"))
+    parser.set_defaults(learner_options=tuple(offered))
+    note = (f"; the learners' {', '.join(shadowed)} can only be set this way (the script has its own "
+            f"{', '.join('--' + k.replace('_', '-') for k in shadowed)})") if shadowed else ""
     group.add_argument("--set", dest="learner_set", action="append", default=[], metavar="LEARNER.NAME=VALUE",
                        type=_set_parser(names, exclude),
-                       help="set a hyperparameter of one learner only, e.g. --set backprop.lr=0.003 (repeatable)")
+                       help=f"set a hyperparameter of one learner only, e.g. --set backprop.lr=0.003 (repeatable){note}")
 
 
 def _set_parser(names: tuple[str, ...], exclude: set[str]) -> Callable[[str], tuple[str, str, object]]:
@@ -184,8 +193,9 @@ def learner_kwargs(name: str, args: argparse.Namespace) -> dict:
     """The constructor keywords for learner ``name`` from the parsed options: every ``--NAME`` it
     declares that was given, then its ``--set`` entries."""
     values = vars(args)
+    offered = set(values.get("learner_options", ()))  # not the script's own options of the same name
     kwargs = {key: values[key] for key in LEARNERS[name].defaults
-              if LEARNERS[name].defaults[key].cli and values.get(key) is not None}
+              if key in offered and values.get(key) is not None}
     for learner, key, value in values.get("learner_set", []):
         if learner == name:
             kwargs[key] = value

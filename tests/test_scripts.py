@@ -337,3 +337,17 @@ def test_a_learner_registered_in_amstream_learners_is_available_to_every_script(
              "--json", str(tmp_path / "rl.json")])
     runs = json.loads((tmp_path / "rl.json").read_text())["runs"]
     assert runs[0]["learner"] == "ridge-head" and runs[0]["final_mean"] > 0
+
+
+def test_a_learner_option_named_like_a_script_option_is_set_with_set_only():
+    """rl.py's --gamma is the discount; LocoProp's gamma (its target step) is reachable with --set
+    and never receives the discount."""
+    rl = load_script("rl")
+    parser = rl.build_parser()
+    args = parser.parse_args(["--learner", "locoprop-m", "--gamma", "0.9", "--set", "locoprop-m.gamma=3",
+                              "--lr", "0.002"])
+    common = sys.modules["_common"]
+    assert args.gamma == 0.9
+    assert common.learner_kwargs("locoprop-m", args) == {"gamma": 3.0, "lr": 0.002}
+    assert common.learner_kwargs("backprop", args) == {"lr": 0.002}
+    assert "the script has its own --gamma" in " ".join(parser.format_help().split())

@@ -10,13 +10,16 @@ from .backprop import Backprop
 from .base import Learner, LossFn, NonFiniteStepError, Penalty, StepInfo
 from .blockwise import BlockLearner
 from .groups import ParameterGroups
+from .locoprop import LocoProp, LocoPropS
 
 #: name -> learner class (adding a learner: its module, one line here, its tests)
 LEARNERS: dict[str, type[Learner]] = {
     "am-adam": AMAdam,
     "am-mem": AMMem,
     "backprop": Backprop,
+    "locoprop-m": LocoProp,
+    "locoprop-s": LocoPropS,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
-           "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop"]
+           "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS"]

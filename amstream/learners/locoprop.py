@@ -1,0 +1,250 @@
+"""LocoProp: every layer fitted to a local target made from one backward pass.
+
+Amid, Anil, Warmuth, "LocoProp: Enhancing BackProp via Local Loss Optimization", AISTATS 2022
+(official code: ``google-research/google-research``, ``locoprop/locoprop_training.ipynb``).
+
+One forward and one backward pass give, for every layer m, its input ``X_m``, its pre-activation
+``a_m = X_m W_m^T + b_m`` and the gradient ``g_m = dL/da_m``. Each layer then gets a target and is
+fitted to it by ``T`` local steps of its own optimizer, every layer in parallel from the same pass:
+
+- LocoProp-S: target ``a_m - gamma g_m`` for the pre-activation, squared loss
+  ``1/2 ||X_m W^T + b - (a_m - gamma g_m)||^2``;
+- LocoProp-M: target ``f(a_m) - gamma g_m`` for the post-activation, the Bregman matching loss of the
+  layer's transfer function ``f`` (relu, leaky relu, tanh, sigmoid, identity; softmax or sigmoid for
+  the output layer), whose gradient in the pre-activation is ``f(X_m W^T + b) - target``.
+
+Both are summed over the batch. The first local step moves every layer along ``gamma`` times its
+backprop gradient (with plain SGD it *is* a backprop step of rate ``gamma * lr``); the exact minimizer
+of the local loss is a preconditioned update. The local learning rate decays within each batch,
+``lr * max(1 - k/T, 0.25)`` at local step ``k``, and the local optimizer keeps its state across
+batches, as in the reference. New here: the explicit proximal term of the paper's objective
+(``prox``; the reference regularizes only through the few local steps), the S variant (the reference
+runs M), the local optimizers besides its TF1 RMSProp (:class:`amstream.optim.TFRMSprop`), and
+closed-form local gradients for Linear layers (Conv and BatchNorm layers through autograd).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..blocks import Block, UnsupportedModelError, frozen_batchnorm_stats
+from ..functional import LinearBlockView, linear_view
+from ..hparams import HParam, override
+from ..optim import TFRMSprop
+from .base import LossFn, Penalty, StepInfo
+from .blockwise import BlockLearner
+from .penalty import add_penalty_grads_
+
+__all__ = ["LocoProp", "LocoPropS", "LOCAL_OPTIMIZERS"]
+
+LOCAL_OPTIMIZERS = ("rmsprop-tf", "rmsprop", "adam", "sgd")
+OUTPUT_TRANSFERS = ("auto", "identity", "softmax", "sigmoid")
+#: elementwise monotone transfer functions: the gradient of a convex F, so D_F is a matching loss
+_TRANSFERS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+def _transfer_fn(name: str, module: nn.Module | None):
+    if name == "identity":
+        return lambda a: a
+    if name == "softmax":
+        return lambda a: torch.softmax(a, dim=1)
+    if name == "sigmoid":
+        return torch.sigmoid
+    if name == "tanh":
+        return torch.tanh
+    if name == "relu":
+        return torch.relu
+    return lambda a: F.leaky_relu(a, module.negative_slope)
+
+
+class LocoProp(BlockLearner):
+    """LocoProp-M (``variant="M"``, the reference's) or LocoProp-S (``variant="S"``).
+
+    The reference's own settings (the MNIST deep autoencoder, a loss summed over pixels) are
+    ``presets["reference"]``; the defaults were chosen for mean-reduced classification losses on
+    digits (BENCHMARKS.md, section 9).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from amstream import LocoProp
+        >>> learner = LocoProp(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), device="cpu")
+        >>> info = learner.learn(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> len(info.diagnostics["locoprop/residual"])
+        2
+    """
+
+    defaults = {
+        "variant": HParam("M", "M: post-activation targets f(a) - gamma g with the transfer function's matching "
+                          "loss (the reference); S: pre-activation targets a - gamma g with a squared loss", str,
+                          choices=("M", "S")),
+        "gamma": HParam(10.0, "step of the targets along the backprop gradient (the reference's "
+                        "activation_learning_rate, 10)", range="(0, inf)"),
+        "local_steps": HParam(10, "local optimizer steps per layer and batch, T (reference 10)", int, "[1, inf)"),
+        "local_optimizer": HParam("adam", "the layers' local optimizer: rmsprop-tf (TensorFlow 1's RMSProp, the "
+                                  "reference's), rmsprop (PyTorch's), adam or sgd", str, choices=LOCAL_OPTIMIZERS),
+        "lr": HParam(1e-3, "base learning rate of the local steps (the reference: 1e-5 with rmsprop-tf and a "
+                     "summed loss)", range="(0, inf)", learning_rate=True),
+        "local_lr_decay": HParam(True, "decay the local learning rate within each batch, lr max(1 - k/T, 0.25) "
+                                 "at local step k (the reference)", bool),
+        "momentum": HParam(0.0, "momentum of rmsprop, rmsprop-tf and sgd (the reference: 0.999)", range="[0, 1)"),
+        "decay": HParam(0.9, "decay of the mean square of rmsprop and rmsprop-tf (the reference: 0.9)",
+                        range="[0, 1)"),
+        "eps": HParam(1e-8, "epsilon of rmsprop, rmsprop-tf and adam (the reference: 1e-5)", range="(0, inf)"),
+        "prox": HParam(0.0, "weight of the proximal term (prox/2) ||W - W_batch_start||^2 of the paper's local "
+                       "objective (new here; the reference has none)", range="[0, inf)"),
+        "output_transfer": HParam("auto", "the output layer's transfer function for the M variant: auto "
+                                  "(softmax for cross-entropy, sigmoid for BCEWithLogitsLoss, else identity), "
+                                  "identity, softmax or sigmoid", str, choices=OUTPUT_TRANSFERS),
+    }
+    #: TD regression: the Q-values are the outputs themselves, whatever the learner's criterion
+    presets = {
+        "td": {"output_transfer": "identity"},
+        "reference": {"variant": "M", "gamma": 10.0, "local_steps": 10, "local_optimizer": "rmsprop-tf",
+                      "lr": 1e-5, "momentum": 0.999, "decay": 0.9, "eps": 1e-5, "local_lr_decay": True},
+    }
+    conformance_cases = {
+        "": {"one_sample": ({}, 0.5)},
+        "tf": {"kwargs": {"local_optimizer": "rmsprop-tf", "lr": 1e-4, "momentum": 0.9}},
+        "bn": {"model": "mlp-bn"},
+        "cnn": {"model": "cnn"},
+    }
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self._transfers = [self._hidden_transfer(b) for b in self.blocks.hidden]
+        groups = [{"params": b.parameters(), "name": f"block{b.index}"} for b in self.blocks if b.parameters()]
+        self.optimizer = self._make_optimizer(groups)
+        for g in self.optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self._on_parameters_changed()
+
+    # ------------------------------------------------------------------------------ construction
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        name = self.local_optimizer
+        if name == "rmsprop-tf":
+            return TFRMSprop(groups, lr=self.lr, decay=self.decay, momentum=self.momentum, eps=self.eps)
+        if name == "rmsprop":
+            return torch.optim.RMSprop(groups, lr=self.lr, alpha=self.decay, momentum=self.momentum, eps=self.eps,
+                                       foreach=True)
+        if name == "adam":
+            return torch.optim.Adam(groups, lr=self.lr, eps=self.eps, foreach=True)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, foreach=True)
+
+    def _hidden_transfer(self, block: Block) -> tuple[str, nn.Module | None]:
+        """The transfer function after ``block``: the activation that opens the next block."""
+        following = self.blocks[block.index + 1].pre
+        acts = [m for m in following if not isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout, nn.MaxPool1d,
+                                                            nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d))]
+        if not acts:
+            return "identity", None
+        if self.variant == "M" and (len(acts) > 1 or type(acts[0]) not in _TRANSFERS):
+            raise UnsupportedModelError(
+                f"LocoProp-M needs a monotone elementwise transfer function after block {block.index} "
+                f"({', '.join(t.__name__ for t in _TRANSFERS)}); found {', '.join(type(m).__name__ for m in acts)}. "
+                "Use LocoProp-S (variant='S'), whose targets are pre-activations")
+        return _TRANSFERS.get(type(acts[0]), "identity"), acts[0]
+
+    def _output_transfer(self) -> str:
+        if self.output_transfer != "auto":
+            return self.output_transfer
+        if self.blocks.output.post:
+            return "identity"
+        if isinstance(self.criterion, (nn.CrossEntropyLoss,)):
+            return "softmax"
+        if isinstance(self.criterion, nn.BCEWithLogitsLoss):
+            return "sigmoid"
+        return "identity"
+
+    def _on_parameters_changed(self) -> None:
+        self._views: list[LinearBlockView | None] = [linear_view(b) for b in self.blocks]
+
+    # ------------------------------------------------------------------------------------ step
+    def _forward_graph(self, x: torch.Tensor):
+        """Inputs X_m and pre-activations a_m of every block, and the output, with the graph."""
+        inputs, pre_acts, c = [], [], x
+        for block in self.blocks:
+            inp = block.pre(c)
+            c = block.lin(inp)
+            inputs.append(inp)
+            pre_acts.append(c)
+        return inputs, pre_acts, self.blocks.output.post(c)
+
+    def _forward_for_step(self, x: torch.Tensor):
+        inputs, pre_acts, out = self._forward_graph(x)
+        return (inputs, pre_acts, out), out
+
+    def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
+        pending = self._take_pending(x)
+        inputs, pre_acts, out = pending if pending is not None else self._forward_graph(x)
+        loss = loss_fn(out)
+        # a penalty given as a tensor may reach back through this pass (LwF): keep its graph
+        grads = torch.autograd.grad(loss, pre_acts, retain_graph=penalty is not None and not callable(penalty))
+        with torch.no_grad():
+            inputs = [t.detach() for t in inputs]
+            pre_acts = [t.detach() for t in pre_acts]
+            transfers = [*self._transfers, (self._output_transfer(), None)]
+            fns = [_transfer_fn(name, module) for name, module in transfers] if self.variant == "M" else \
+                [_transfer_fn("identity", None)] * len(self.blocks)
+            targets = [fn(a) - self.gamma * g for fn, a, g in zip(fns, pre_acts, grads)]
+            anchors = [p.detach().clone() for p in self._params] if self.prox else None
+        residuals = self._local_steps(inputs, pre_acts, targets, fns, penalty, anchors)
+        return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
+                        lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                        diagnostics={"locoprop/residual": residuals})
+
+    def _local_steps(self, inputs, pre_acts, targets, fns, penalty, anchors) -> tuple:
+        """T local steps of every layer on its own loss; returns each layer's last residual norm
+        relative to its first (1: no progress towards the target, 0: reached)."""
+        base = [g["lr"] for g in self.optimizer.param_groups]  # a scheduler's rate, restored after
+        first: list[torch.Tensor] = []
+        last: list[torch.Tensor] = []
+        T = self.local_steps
+        try:
+            for k in range(T):
+                factor = max(1.0 - k / T, 0.25) if self.local_lr_decay else 1.0
+                for group, lr in zip(self.optimizer.param_groups, base):
+                    group["lr"] = lr * factor
+                self.optimizer.zero_grad(set_to_none=True)
+                last = [self._local_grad(block, view, inp, a if k == 0 else None, t, fn)
+                        for block, view, inp, a, t, fn in zip(self.blocks, self._views, inputs, pre_acts, targets, fns)]
+                if k == 0:
+                    first = last
+                if anchors is not None:
+                    with torch.no_grad():
+                        for p, anchor in zip(self._params, anchors):
+                            if p.grad is not None:
+                                p.grad.add_(p - anchor, alpha=self.prox)
+                add_penalty_grads_(penalty, self._params)
+                self.optimizer.step()
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, base):
+                group["lr"] = lr
+        return tuple(r / f.clamp_min(torch.finfo(f.dtype).tiny) for r, f in zip(last, first))
+
+    def _local_grad(self, block: Block, view, inp, pre_act, target, fn) -> torch.Tensor:
+        """Set the layer's ``.grad`` to its local loss's gradient (summed over the batch); returns
+        the residual's norm. ``pre_act``: the forward pre-activation when the weights have not moved."""
+        if view is not None:  # Linear: closed form, no autograd
+            with torch.no_grad():
+                a = pre_act if pre_act is not None else F.linear(inp, view.linear.weight, view.linear.bias)
+                r = fn(a) - target
+                view.linear.weight.grad = r.T @ inp
+                if view.linear.bias is not None:
+                    view.linear.bias.grad = r.sum(0)
+                return torch.linalg.vector_norm(r)
+        with torch.enable_grad(), frozen_batchnorm_stats(self.model):  # Conv, BatchNorm: autograd
+            a = block.lin(inp)
+            r = (fn(a) - target).detach()
+            params = [p for p in block.lin.parameters() if p.requires_grad]
+            local = torch.autograd.grad(a, params, grad_outputs=r, allow_unused=True)
+        for p, g in zip(params, local):
+            p.grad = g
+        return torch.linalg.vector_norm(r)
+
+
+class LocoPropS(LocoProp):
+    """LocoProp-S: pre-activation targets ``a - gamma g`` and a squared local loss (Amid et al., 2022)."""
+
+    defaults = override(LocoProp.defaults, variant="S")

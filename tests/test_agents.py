@@ -113,8 +113,10 @@ def test_seeding_makes_runs_repeat():
 
 
 # ------------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("learner", ["am-adam", "am-mem", "backprop"])
+@pytest.mark.parametrize("learner", list(amstream.LEARNERS))
 def test_save_load_resume_equals_an_uninterrupted_run(learner, tmp_path):
+    """Every registered learner, by name: the agent saved half-way and loaded into a new one continues
+    exactly as the run that never stopped."""
     kw = dict(n_envs=2, exploration_timesteps=400, double_dqn=learner == "am-adam", tau=0.5 if learner == "am-mem" else 1.0)
     straight = small_agent("CartPole-v1", learner, **kw).learn(600, progress_bar=False)
     first = small_agent("CartPole-v1", learner, **kw).learn(300, progress_bar=False)

@@ -30,6 +30,7 @@ from avalanche.training.plugins import (  # noqa: E402
 from avalanche.training.storage_policy import ClassBalancedBuffer, ReservoirSamplingBuffer  # noqa: E402
 from avalanche.training.templates import SupervisedTemplate  # noqa: E402
 
+import amstream  # noqa: E402
 from amstream import AMAdam, AMMem, Backprop  # noqa: E402
 from doubles import RidgeHead, ridge_mlp  # noqa: E402
 from learner_cases import GRUClassifier, small_cnn  # noqa: E402
@@ -238,6 +239,29 @@ def test_supported_plugins_train_and_evaluate(name, plugin, data, request):
     assert 0.0 <= just_trained <= 1.0
     if name == "am-mem":  # it takes up a new experience within one pass (AM-Adam needs more steps)
         assert just_trained > 0.5
+
+
+@pytest.mark.parametrize("name", list(amstream.LEARNERS))
+def test_every_registered_learner_trains_through_the_strategy_with_replay_and_ewc(name, benchmark):
+    """Generated from the registry: each learner (its first MLP conformance configuration) in
+    AMStrategy with Replay and EWC over two experiences: the first experience learned, one step per
+    iteration, finite weights after EWC's penalty joined."""
+    from learner_cases import conformance_cases
+
+    case = next(c for c in conformance_cases().values() if c.registry_name == name and c.model == "mlp")
+    torch.manual_seed(0)
+    learner = case.cls(mlp(), device="cpu", **case.kwargs)
+    strategy = AMStrategy(learner=learner, train_mb_size=16, train_epochs=2,
+                          plugins=[ReplayPlugin(mem_size=200), EWCPlugin(ewc_lambda=1.0)],
+                          evaluator=quiet_evaluator(accuracy_metrics(experience=True, stream=True)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        strategy.train(benchmark.train_stream[0])
+        first = strategy.eval(benchmark.test_stream[:1])["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+        strategy.train(benchmark.train_stream[1])  # now with EWC's penalty and the replay buffer
+    assert first > 0.75, first  # two classes, chance 0.5; measured 0.90-0.94
+    assert strategy.learner.step_count == strategy.clock.train_iterations > 0
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
 
 
 def test_replay_forgets_less_than_naive(benchmark):

@@ -351,3 +351,22 @@ def test_a_learner_option_named_like_a_script_option_is_set_with_set_only():
     assert common.learner_kwargs("locoprop-m", args) == {"gamma": 3.0, "lr": 0.002}
     assert common.learner_kwargs("backprop", args) == {"lr": 0.002}
     assert "the script has its own --gamma" in " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize("name", __import__("amstream").LEARNERS)
+def test_every_registered_learner_runs_by_name_in_every_script(name, tmp_path, capsys):
+    """Generated from the registry: stream.py (interrupted, then resumed from its checkpoint),
+    continual.py with Replay, and rl.py on CartPole, each with the learner's defaults."""
+    stream, continual, rl = load_script("stream"), load_script("continual"), load_script("rl")
+    common = ["--learner", name, "--max-samples", "200", "--quiet", "--logdir", str(tmp_path / "s"),
+              "--checkpoint", str(tmp_path / "ck.pt")]
+    stream.main([*common, "--stop-after-steps", "7"])
+    stream.main([*common, "--resume"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and any(line.startswith(f"{name} ") for line in out.splitlines())
+    continual.main(["--learner", name, "--plugins", "replay", "--quiet", "--experiences", "5",
+                    "--logdir", str(tmp_path / "c"), "--json", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text())["results"][name]["steps"] > 0
+    rl.main(["--learner", name, "--total-timesteps", "300", "--learning-starts", "100", "--eval-episodes", "1",
+             "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path / "r"), "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["final_mean"] > 0

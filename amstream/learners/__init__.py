@@ -11,6 +11,7 @@ from .base import Learner, LossFn, NonFiniteStepError, Penalty, StepInfo
 from .blockwise import BlockLearner
 from .groups import ParameterGroups
 from .locoprop import LocoProp, LocoPropS
+from .lowrank import SBE, SBPCA
 
 #: name -> learner class (adding a learner: its module, one line here, its tests)
 LEARNERS: dict[str, type[Learner]] = {
@@ -19,7 +20,10 @@ LEARNERS: dict[str, type[Learner]] = {
     "backprop": Backprop,
     "locoprop-m": LocoProp,
     "locoprop-s": LocoPropS,
+    "sbe": SBE,
+    "sbpca": SBPCA,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
-           "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS"]
+           "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS",
+           "SBE", "SBPCA"]

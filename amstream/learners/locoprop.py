@@ -34,7 +34,7 @@ from ..hparams import HParam, override
 from ..optim import TFRMSprop
 from .base import LossFn, Penalty, StepInfo
 from .blockwise import BlockLearner
-from .penalty import add_penalty_grads_
+from .penalty import add_penalty_grads_, frozen_penalty
 
 __all__ = ["LocoProp", "LocoPropS", "LOCAL_OPTIMIZERS"]
 
@@ -189,6 +189,7 @@ class LocoProp(BlockLearner):
                 [_transfer_fn("identity", None)] * len(self.blocks)
             targets = [fn(a) - self.gamma * g for fn, a, g in zip(fns, pre_acts, grads)]
             anchors = [p.detach().clone() for p in self._params] if self.prox else None
+        penalty = frozen_penalty(penalty, self._params)  # its gradient at the batch's start, before any step
         residuals = self._local_steps(inputs, pre_acts, targets, fns, penalty, anchors)
         return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},

@@ -25,7 +25,7 @@ from amstream.hparams import HParam
 
 __all__ = [
     "Parser", "HelpFormatter", "avalanche_warnings", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
-    "learner_options", "make_learner", "build_mlp", "evaluate_accuracy", "parse_int_list", "parse_name_list",
+    "learner_options", "make_learner", "build_model", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list",
 ]
 
 
@@ -240,6 +240,27 @@ def avalanche_warnings(quiet: bool):
 
 
 # ------------------------------------------------------------------------------------ models, data
+MODELS = ("mlp", "lenet5")
+
+
+def build_model(name: str, sample_shape: tuple, hidden: list[int], n_classes: int,
+                batchnorm: bool = False) -> nn.Sequential:
+    """``"mlp"``: :func:`build_mlp`; ``"lenet5"``: :func:`build_lenet5` (28x28 images only)."""
+    if name == "mlp":
+        return build_mlp(sample_shape, hidden, n_classes, batchnorm)
+    if tuple(sample_shape) != (1, 28, 28):
+        raise ValueError(f"lenet5 needs 28x28 grey images (mnist, fashion-mnist), got samples of shape {sample_shape}")
+    return build_lenet5(n_classes)
+
+
+def build_lenet5(n_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 for 28x28 images (LeCun et al., 1998), with ReLU and max pooling: conv 6@5x5 (padding 2),
+    pool, conv 16@5x5, pool, then 400-120-84-n_classes."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes))
+
+
 def build_mlp(d_in: int | tuple, hidden: list[int], n_classes: int, batchnorm: bool = False) -> nn.Sequential:
     """``Flatten -> [Linear -> (BatchNorm1d) -> ReLU] per hidden width -> Linear(n_classes)``.
 

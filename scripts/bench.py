@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Speed benchmarks, measured side by side in one run and reported as ratios.
 
-1. Time per step of AM-Adam (and AM-mem) against backprop-Adam on the same network, batch, data
-   and device. The learners run in interleaved rounds (AM, backprop, AM, backprop, ...) so both see
+1. Time per step of every registered learner (with its defaults, plus ``--also`` variants) against
+   backprop-Adam on the same network, batch, data and device. The learners run in interleaved rounds (AM, backprop, AM, backprop, ...) so both see
    the same machine conditions; the reported ratio is the median of the per-round ratios.
 2. AM-mem's weight solve: one Gauss-Seidel sweep as blocked triangular solves (and the full Cholesky solve)
    against the reference code's column-by-column sweep, on co-activation memories of real MNIST
@@ -30,14 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from amstream import AMAdam, AMMem, Backprop  # noqa: E402
+from amstream import LEARNERS, AMAdam, Backprop  # noqa: E402
 from amstream.data import load_mnist  # noqa: E402
 from amstream.memory import (  # noqa: E402
     gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve, update_memory_,
 )
 from amstream.utils import resolve_device  # noqa: E402
 
-from _common import Parser, add_option, avalanche_warnings, build_mlp, parse_int_list  # noqa: E402
+from _common import (  # noqa: E402
+    Parser, add_option, avalanche_warnings, build_mlp, learner_names, parse_int_list, parse_name_list,
+)
 from amstream.hparams import HParam  # noqa: E402
 
 
@@ -48,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--threads", HParam(None, "torch CPU threads (default: torch's own)", int, count, optional=True))
     p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
     p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP")
+    p.add_argument("--learner", default=",".join(learner_names()),
+                   help="registered learners timed against backprop-Adam, each with its defaults")
+    p.add_argument("--also", action="append", default=None, metavar="LEARNER:NAME=VALUE[,NAME=VALUE]",
+                   help="also time a learner with other hyperparameters, e.g. am-adam:fast=false (repeatable; "
+                        "default: am-adam:fast=false, the autograd path that Conv and BatchNorm models take)")
     add_option(p, "--batch-size", HParam(200, "samples per step", int, count))
     add_option(p, "--rounds", HParam(20, "interleaved timing rounds per learner pair", int, count))
     add_option(p, "--steps", HParam(10, "steps per learner per round", int, count))
@@ -69,9 +76,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         parse_int_list(args.hidden)
+        args.learners = parse_name_list(args.learner, learner_names(), "learner")
+        args.also = [_variant(text) for text in (args.also if args.also is not None else ["am-adam:fast=false"])]
     except ValueError as err:
         p.error(str(err))
     return args
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    """``"am-adam:fast=false,code_steps=3"`` -> ``("am-adam", {"fast": False, "code_steps": 3})``,
+    each value parsed and checked by the learner's declaration."""
+    name, _, settings = text.partition(":")
+    if name not in LEARNERS:
+        raise ValueError(f"unknown learner {name!r} in --also {text!r}; choose from {', '.join(LEARNERS)}")
+    kwargs = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        declared = LEARNERS[name].defaults.get(key.strip())
+        if declared is None:
+            raise ValueError(f"{name} has no hyperparameter {key.strip()!r} (in --also {text!r})")
+        kwargs[key.strip()] = declared.check(key.strip(), declared.parse(value))
+    return name, kwargs
 
 
 def _sync(device: torch.device) -> None:
@@ -91,16 +116,17 @@ def step_times(args, device, x, y) -> list[dict]:
     """Interleaved rounds: per-step milliseconds of each learner and its ratio to backprop."""
     hidden = parse_int_list(args.hidden)
 
-    def fresh(cls, **kw):
+    def fresh(name, **kw):
         torch.manual_seed(0)
-        return cls(build_mlp((1, 28, 28), hidden, 10), device=device, **kw)
+        return LEARNERS[name](build_mlp((1, 28, 28), hidden, 10), device=device, **kw)
 
-    learners = {
-        "backprop-adam": fresh(Backprop, lr=0.003),
-        "am-adam": fresh(AMAdam),
-        "am-adam (autograd path)": fresh(AMAdam, fast=False),
-        "am-mem": fresh(AMMem),
-    }
+    # the reference, then every chosen registered learner with its defaults, then the --also variants
+    learners = {"backprop-adam": fresh("backprop", lr=0.003)}
+    for name in args.learners:
+        if name != "backprop":
+            learners[name] = fresh(name)
+    for name, kwargs in args.also:
+        learners[f"{name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"] = fresh(name, **kwargs)
     n_batches = x.shape[0] // args.batch_size
     batches = [(x[i * args.batch_size:(i + 1) * args.batch_size], y[i * args.batch_size:(i + 1) * args.batch_size])
                for i in range(n_batches)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -40,7 +41,7 @@ from amstream.logging import TensorBoardLogger, make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import add_option, build_mlp, evaluate_accuracy, learner_names, make_learner  # noqa: E402
+from _common import add_option, evaluate_accuracy, learner_names, make_learner  # noqa: E402
 
 POSITIVE = "[1, inf)"
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = parser.add_argument_group("learners and model")
     m.add_argument("--learner", default=",".join(learner_names()),
                    help=f"comma-separated learners to compare, from {', '.join(learner_names())}")
+    m.add_argument("--model", default="mlp", choices=_common.MODELS,
+                   help="the network: mlp (a ReLU MLP of --hidden widths) or lenet5 (28x28 images)")
     m.add_argument("--hidden", default="100,100", help="comma-separated hidden widths of the ReLU MLP "
                    "('' = no hidden layer)")
     m.add_argument("--batchnorm", action="store_true", help="add BatchNorm1d after each hidden Linear "
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--logdir", default="runs", help="TensorBoard root: one run folder <dataset>-<learner>-<time> "
                    "per learner")
     o.add_argument("--plot", default=None, help="PNG of the accuracy curves (default: <logdir>/stream-<dataset>.png)")
+    o.add_argument("--json", default=None, help="also write the results (curves, held-out accuracy per epoch, "
+                   "seconds, steps, options) to this JSON file")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     c = parser.add_argument_group("checkpoints")
     c.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -312,17 +317,19 @@ def main(argv=None) -> None:
         steps_per_epoch = math.ceil(n_train / args.batch_size)
         eval_every = args.eval_every or max(args.batch_size, args.epochs * n_train // 100)
         # what defines the stream: a checkpoint made with other values cannot be continued
-        stream_config = {"dataset": args.dataset, "n_train": n_train, "hidden": args.hidden_widths,
+        stream_config = {"dataset": args.dataset, "n_train": n_train, "model": args.model, "hidden": args.hidden_widths,
                          "batchnorm": args.batchnorm, "batch_size": args.batch_size, "seed": args.seed}
         print(f"{args.dataset}: stream of {n_train} samples x {args.epochs} epoch(s) "
               f"({'time order' if args.dataset == 'elec2' else 'shuffled per epoch'}), held-out {len(test)}, "
-              f"MLP {list(train.x.shape[1:])} -> {args.hidden_widths} -> {train.n_classes}, batch {args.batch_size}, "
+              f"{args.model} {list(train.x.shape[1:])} -> "
+              f"{args.hidden_widths if args.model == 'mlp' else 'conv'} -> {train.n_classes}, batch {args.batch_size}, "
               f"device {device}")
 
         results, budget = {}, [0]
         for name in args.learners:
             set_seed(args.seed)  # the same initial weights for every learner
-            model = build_mlp(tuple(train.x.shape[1:]), args.hidden_widths, train.n_classes, args.batchnorm)
+            model = _common.build_model(args.model, tuple(train.x.shape[1:]), args.hidden_widths, train.n_classes,
+                                        args.batchnorm)
             kwargs = _common.learner_kwargs(name, args)
             if args.lr_halve_epochs and "lr_halve_every" in LEARNERS[name].defaults:
                 kwargs.setdefault("lr_halve_every", args.lr_halve_epochs * steps_per_epoch)
@@ -345,11 +352,16 @@ def main(argv=None) -> None:
                 "prequential": result.accuracy, "held_out": held_out, "seconds": run.elapsed,
                 "samples_per_s": result.n_seen / run.elapsed if run.elapsed > 0 else float("nan"),
                 "rolled_back": run.rolled_back, "curve": list(result.curve), "test_curve": run.test_curve,
-                "run_dir": run.run_dir,
+                "run_dir": run.run_dir, "steps": learner.step_count, "hparams": learner.hparams(),
             }
         if not results:
             raise ValueError("no learner can train this model; see the notes above")
         print_summary(results, args, n_train)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            record = {"options": {k: v for k, v in vars(args).items()}, "results": results}
+            Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+            print(f"Results: {args.json}")
 
 
 if __name__ == "__main__":

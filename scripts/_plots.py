@@ -9,7 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_stream", "plot_accuracy_matrices", "plot_score_matrices", "plot_learning_curves", "plot_soak"]
+__all__ = ["plot_stream", "plot_accuracy_matrices", "plot_score_matrices", "plot_learning_curves", "plot_soak",
+           "plot_loss_curves"]
 
 
 def plot_stream(curves: dict[str, list[tuple[int, float]]], path: str | Path, *,
@@ -158,6 +159,34 @@ def plot_soak(series: dict[str, list[tuple[int, float]]], path: str | Path, *,
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(curves: dict[str, list[tuple[int, float, float]]], path: str | Path, *, title: str = "",
+                     ylabel: str = "training loss") -> Path:
+    """Loss against epochs (left) and against wall time (right), one line per run.
+
+    Args:
+        curves: run label -> ``[(epoch, loss, seconds so far), ...]``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained", sharey=True)
+    for label, points in curves.items():
+        epochs, losses, seconds = zip(*points) if points else ((), (), ())
+        line, = axes[0].plot(epochs, losses, marker="o", markersize=3, label=label)
+        axes[1].plot(seconds, losses, marker="o", markersize=3, color=line.get_color())
+    axes[0].set_xlabel("epoch")
+    axes[1].set_xlabel("wall time (s)")
+    axes[0].set_ylabel(ylabel)
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(loc="best", fontsize="small")
+    if title:
+        fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

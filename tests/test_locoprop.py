@@ -121,7 +121,7 @@ def test_the_reference_settings_train_an_autoencoder_with_a_summed_pixel_loss(di
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 8), nn.Linear(8, 32), nn.Tanh(),
                           nn.Linear(32, 64))
-    learner = LocoProp(model, device="cpu", output_transfer="sigmoid", **LocoProp.presets["reference"])
+    learner = LocoProp(model, device="cpu", **LocoProp.presets["reference"])
     assert isinstance(learner.optimizer, TFRMSprop)
 
     def reconstruction(out, x):

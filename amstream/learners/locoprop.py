@@ -101,8 +101,10 @@ class LocoProp(BlockLearner):
     #: TD regression: the Q-values are the outputs themselves, whatever the learner's criterion
     presets = {
         "td": {"output_transfer": "identity"},
-        "reference": {"variant": "M", "gamma": 10.0, "local_steps": 10, "local_optimizer": "rmsprop-tf",
-                      "lr": 1e-5, "momentum": 0.999, "decay": 0.9, "eps": 1e-5, "local_lr_decay": True},
+        # the official notebook's deep autoencoder: a sigmoid output inside a loss summed over pixels
+        "reference": {"gamma": 10.0, "local_steps": 10, "local_optimizer": "rmsprop-tf", "lr": 1e-5,
+                      "momentum": 0.999, "decay": 0.9, "eps": 1e-5, "local_lr_decay": True,
+                      "output_transfer": "sigmoid"},
     }
     conformance_cases = {
         "": {"one_sample": ({}, 0.5)},

@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from _common import Parser, add_option  # noqa: E402
 from amstream import LEARNERS, set_seed  # noqa: E402
-from amstream.data import load_dataset  # noqa: E402
+from amstream.data import load_fashion_mnist, load_mnist  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 from amstream.optim import TFRMSprop  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
@@ -143,7 +143,8 @@ def main(argv=None) -> None:
         runs = [parse_run(text) for text in (args.run or DEFAULT_RUNS)]
         device = resolve_device(args.device)
         torch.set_num_threads(args.threads)
-        images = load_dataset(args.dataset, "train", args.data_dir).x.flatten(1)
+        loader = load_mnist if args.dataset == "mnist" else load_fashion_mnist
+        images = loader("train", args.data_dir, normalize=False).x.flatten(1)  # pixels in [0, 1]: the targets
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
     if args.max_samples:

@@ -373,3 +373,22 @@ def test_every_registered_learner_runs_by_name_in_every_script(name, tmp_path, c
     rl.main(["--learner", name, "--total-timesteps", "300", "--learning-starts", "100", "--eval-episodes", "1",
              "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path / "r"), "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["final_mean"] > 0
+
+
+def test_autoencoder_experiment_runs_any_learner(tmp_path):
+    """scripts/autoencoder.py with a tiny budget: each run's curve, the table, the plot; a bad run
+    spec is a one-line error."""
+    script = ROOT / "scripts" / "autoencoder.py"
+    common = [sys.executable, str(script), "--max-samples", "400", "--batch-size", "200", "--epochs", "2",
+              "--schedule-epochs", "10", "--quiet", "--json", str(tmp_path / "ae.json"), "--plot", str(tmp_path / "ae.png")]
+    proc = subprocess.run([*common, "--run", "locoprop-m:preset=reference,local_steps=2", "--run",
+                           "backprop:optimizer=tf-rmsprop,lr=1e-5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "ae.json").read_text())["results"]
+    assert [r["learner"] for r in results] == ["locoprop-m", "backprop"]
+    # a cross-entropy against pixels in [0, 1] is positive
+    assert all(len(r["curve"]) == 2 and r["curve"][-1][1] > 0 for r in results)
+    assert results[0]["hparams"]["local_optimizer"] == "rmsprop-tf" and results[1]["hparams"]["optimizer"] == "TFRMSprop"
+    assert (tmp_path / "ae.png").read_bytes()[:4] == b"\x89PNG" and "| run | epoch 1 | epoch 2 |" in proc.stdout
+    bad = subprocess.run([*common, "--run", "locoprop-m:gama=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no hyperparameter 'gama'" in bad.stderr and "Traceback" not in bad.stderr

@@ -4,6 +4,7 @@
 ``scripts/continual.py``, ``scripts/rl.py``, ``scenarios.AMStrategy``, ``agents.DQNAgent`` and the
 generated conformance tests, with its options derived from its ``defaults``.
 """
+from .admm_softmax import ADMMSoftmax
 from .altmin import AltMinLearner, AMAdam
 from .ammem import AMMem
 from .backprop import Backprop
@@ -22,8 +23,9 @@ LEARNERS: dict[str, type[Learner]] = {
     "locoprop-s": LocoPropS,
     "sbe": SBE,
     "sbpca": SBPCA,
+    "admm-softmax": ADMMSoftmax,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
            "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS",
-           "SBE", "SBPCA"]
+           "SBE", "SBPCA", "ADMMSoftmax"]

@@ -189,7 +189,7 @@ def test_streaming_memories_carry_the_past_batches(digits):
     the fit on A and B together than learning B alone does."""
     train, _ = digits
     a, b = (train.x[:200], train.y[:200]), (train.x[200:400], train.y[200:400])
-    settings = {"iterations": 20, "alpha": 1.0, "device": "cpu"}  # alpha: a well-defined optimum
+    settings = {"iterations": 20, "alpha": 1.0, "memory": "sum", "device": "cpu"}
     both = ADMMSoftmax(_features_model(), **settings)
     both.fit(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), iterations=200)
     streamed = ADMMSoftmax(_features_model(), **settings)
@@ -226,3 +226,35 @@ def test_step_info_reports_residuals_rho_and_objective(digits):
     info = learner.learn(train.x[:64], train.y[:64])
     assert set(info.diagnostics) == {"admm/primal_residual", "admm/dual_residual", "admm/rho", "admm/objective"}
     assert info.diagnostics["admm/rho"] == learner.current_rho and float(info.diagnostics["admm/objective"]) > 0
+
+
+def test_am_mem_with_the_admm_softmax_output_rule_learns_and_resumes_exactly(digits, tmp_path):
+    """AM-mem's output layer solved by ADMM-Softmax's streaming iteration: it learns the digits,
+    reports the output's residuals, and a checkpoint (its ADMM memories and rho) resumes exactly."""
+    import amstream
+    from amstream import AMMem
+    from learner_cases import batches, mlp
+    from state_utils import assert_same_state
+    train, test = digits
+    steps = batches(train, seed=0)
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        return AMMem(mlp(), output_rule="admm-softmax", device="cpu")
+
+    straight = make()
+    for x, y in steps:
+        info = straight.learn(x, y)
+    accuracy = (straight.predict(test.x).argmax(1) == test.y).float().mean().item()
+    assert accuracy > 0.6, accuracy
+    assert {"admm/primal_residual", "admm/rho"} <= set(info.diagnostics) and straight.output_rho > 0
+    first = make()
+    for x, y in steps[:10]:
+        first.learn(x, y)
+    amstream.save_checkpoint(tmp_path / "ck.pt", first)
+    resumed = make(seed=5)
+    amstream.load_checkpoint(tmp_path / "ck.pt", resumed)
+    for x, y in steps[10:]:
+        resumed.learn(x, y)
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+    assert resumed.output_rho == straight.output_rho

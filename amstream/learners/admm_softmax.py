@@ -46,7 +46,6 @@ from torch import nn
 from ..blocks import UnsupportedModelError
 from ..hparams import HParam
 from ..memory import update_memory_
-from ..validation import is_classification_criterion
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
 from .penalty import frozen_penalty, penalty_value
@@ -192,11 +191,20 @@ class NormalEquations:
         factor = self._cholesky.get(rho)
         if factor is None:
             A = rho * self.G if self.offset is None else torch.add(self.offset, self.G, alpha=rho)
-            A = A + self.alpha * (self.M if self.M is not None else torch.eye(len(A), dtype=A.dtype, device=A.device))
+            if self.M is None:
+                A.diagonal().add_(self.alpha)
+            else:
+                A.add_(self.M, alpha=self.alpha)
             factor, info = torch.linalg.cholesky_ex(A)
-            if int(info) != 0:  # rho G + alpha M singular (alpha = 0 and too few samples): a tiny ridge
-                ridge = 1e-10 * float(torch.diagonal(A).abs().mean()) + 1e-30
-                factor = torch.linalg.cholesky(A + ridge * torch.eye(len(A), dtype=A.dtype, device=A.device))
+            ridge = 10 * torch.finfo(A.dtype).eps * float(torch.diagonal(A).abs().max()) + 1e-30
+            for _ in range(8):  # singular to working precision (alpha = 0, or float32): the smallest ridge that works
+                if int(info) == 0:
+                    break
+                shifted = A.clone()
+                shifted.diagonal().add_(ridge)
+                factor, info = torch.linalg.cholesky_ex(shifted)
+                ridge *= 100
+            # still failing: A is not finite; the non-finite solution makes the step guard roll the step back
             self._cholesky[rho] = factor
         return torch.cholesky_solve(R, factor)
 
@@ -267,12 +275,13 @@ class StreamingSoftmaxADMM:
                  rho: float = 1.0, adaptive_rho: bool = True, rho_mu: float = 10.0,
                  rho_bounds: tuple[float, float] = (1e-16, 1e3), alpha: float = 1e-3, M: torch.Tensor | None = None,
                  memory: str | None = "sum", forget: float = 0.05, z_iterations: int = 50,
-                 faithful: bool = False) -> None:
+                 z_tol: float | None = None, faithful: bool = False) -> None:
         if memory is not None and memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES} or None, got {memory!r}")
         self.iterations, self.adaptive_rho, self.rho_mu = iterations, adaptive_rho, rho_mu
         self.rho_bounds, self.alpha, self.M = tuple(rho_bounds), alpha, M
-        self.memory, self.forget, self.z_iterations, self.faithful = memory, forget, z_iterations, faithful
+        self.memory, self.forget, self.faithful = memory, forget, faithful
+        self.z_iterations, self.z_tol = z_iterations, z_tol
         self.G = torch.zeros(n_in, n_in, dtype=dtype, device=device)
         self.H = torch.zeros(n_out, n_in, dtype=dtype, device=device)
         self.rho = float(rho)
@@ -294,7 +303,7 @@ class StreamingSoftmaxADMM:
         """Newton with the one-hot targets ``Y``; else L-BFGS on ``batch x loss_fn`` (a mean-reduced
         task loss times the batch size: the sum the reference minimizes)."""
         if Y is not None:
-            return softmax_prox_newton(V, Y, rho, Z0, iterations=self.z_iterations)[0]
+            return softmax_prox_newton(V, Y, rho, Z0, iterations=self.z_iterations, tol=self.z_tol)[0]
         batch = V.shape[0]
         return prox_lbfgs(lambda Z: batch * loss_fn(Z.to(out_dtype)), V, rho, Z0, iterations=self.z_iterations)
 
@@ -384,15 +393,20 @@ class ADMMSoftmax(Learner):
                               choices=REGULARIZERS),
         "feature_shape": HParam(None, "(channels, height, width) of the features for regularizer='laplacian'",
                                 object, optional=True, cli=False),
-        "memory": HParam("sum", "mode='stream': least-squares memories as running sums (every batch counts "
-                         "as in one full-batch problem), mean, or forget (exponential forgetting by forget: "
-                         "drifting streams)", str, choices=MEMORY_MODES),
+        "memory": HParam("forget", "mode='stream': least-squares memories as running sums (every batch counts as "
+                         "in one full-batch problem), mean, or forget (exponential forgetting by forget; the "
+                         "default: an old batch's targets Z + U were made by the weights of its time)", str,
+                         choices=MEMORY_MODES),
         "forget": HParam(0.05, "forgetting factor of memory='forget'", range="(0, 1]"),
         "z_iterations": HParam(50, "Newton (or, for a custom loss, L-BFGS) iterations of the Z-step at most", int,
                                "[1, inf)"),
+        "z_tol": HParam(1e-5, "the Newton Z-step stops when every gradient entry is below z_tol (1 + rho |z - v|) "
+                        "(the reference's Newton-CG: 1e-4, relative)", range="(0, inf)", cli=False),
         "faithful": HParam(False, "keep the reference's rho clipping, which leaves U unscaled", bool),
-        "memory_dtype": HParam(None, "dtype of the memories and solves (None: the model's; torch.float64 for "
-                               "long sums)", object, optional=True, cli=False),
+        "memory_dtype": HParam(torch.float64, "dtype of the memories, the solves and Z, U (the reference computes "
+                               "in double precision; the Gram matrix of a long stream is too ill-conditioned for "
+                               "a float32 Cholesky factorization; None: the model's dtype)", object, optional=True,
+                               cli=False),
     }
     presets = {
         # the reference's MNIST driver: rho_0 = 1e-8, alpha = 0.1, Newton to convergence, its rho clipping
@@ -419,8 +433,7 @@ class ADMMSoftmax(Learner):
             iterations=self.iterations, rho=self.rho, adaptive_rho=self.adaptive_rho, rho_mu=self.rho_mu,
             rho_bounds=tuple(self.rho_bounds), alpha=self.alpha, M=self._regularizer_matrix(n),
             memory=self.memory if self.mode == "stream" else None, forget=self.forget,
-            z_iterations=self.z_iterations, faithful=self.faithful)
-        self._labels: torch.Tensor | None = None
+            z_iterations=self.z_iterations, z_tol=self.z_tol, faithful=self.faithful)
 
     # rho and the sample count live in the solver; as attributes here, the step guard restores them
     @property
@@ -486,23 +499,6 @@ class ADMMSoftmax(Learner):
             layer.bias.copy_(W[:, -1])
 
     # ------------------------------------------------------------------------------- the verbs
-    def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
-        """``step`` with the criterion; with a plain cross-entropy criterion the labels go to the
-        Newton Z-step (exact, vectorized), any other criterion to the L-BFGS Z-step."""
-        self.sync_parameters()
-        x, y = self._check(x, y, training=True)
-        criterion = self.criterion
-        self._labels = y if self._plain_cross_entropy() else None
-        try:
-            return self._guarded_step(x, lambda out: criterion(out, y), penalty)
-        finally:
-            self._labels = None
-
-    def _plain_cross_entropy(self) -> bool:
-        c = self.criterion
-        return (type(c) is nn.CrossEntropyLoss and c.weight is None and c.label_smoothing == 0.0
-                and c.reduction == "mean" and is_classification_criterion(c))
-
     def _forward_for_step(self, x: torch.Tensor):
         D = self._design(x)
         out = self.output_layer(D[:, : self.output_layer.in_features].to(self.output_layer.weight.dtype))
@@ -516,7 +512,8 @@ class ADMMSoftmax(Learner):
         W = self._weights()
         with torch.no_grad():
             loss = loss_fn((D @ W.T).to(dtype)).detach()
-        Y = None if self._labels is None else F.one_hot(self._labels, W.shape[0]).to(W.dtype)
+        labels = self._cross_entropy_labels()  # learn() with a cross-entropy: the Newton Z-step
+        Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(W.dtype)
         W, diagnostics = self.admm.update(D, W, Y, loss_fn, out_dtype=dtype,
                                           linear_term=self._penalty_gradient(penalty))
         self._write(W.to(dtype))
@@ -560,7 +557,9 @@ class ADMMSoftmax(Learner):
         self.inputs.commit()
         D = self._design(x)
         W = self._weights()
-        Y = F.one_hot(y, W.shape[0]).to(W.dtype) if self._plain_cross_entropy() else None
+        self._labels = y
+        labels, self._labels = self._cross_entropy_labels(), None
+        Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(W.dtype)
         loss_fn = None if Y is not None else (lambda out: self.criterion(out, y))
         start = time.perf_counter()
         admm = self.admm

@@ -125,8 +125,10 @@ class AltMinLearner(BlockLearner):
     def _hidden_loss(self, block: Block, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(block(inp), target)
 
-    def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Weight rule for hidden blocks outside Adam (AM-mem); returns their local losses."""
+    def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                          loss_fn: LossFn) -> list[torch.Tensor]:
+        """Weight rule for blocks outside Adam (AM-mem's hidden layers, and its output layer with
+        ``output_rule="admm-softmax"``); returns the hidden blocks' local losses."""
         return []
 
     # ------------------------------------------------------------------------------------ step
@@ -213,7 +215,7 @@ class AltMinLearner(BlockLearner):
             self.optimizer.step()
             local = [item.detach() for item in losses]
         # p.grad keeps the last local gradient, as after a backprop step (Synaptic Intelligence reads it).
-        return local + self._fit_hidden_extra(inputs, targets)
+        return local + self._fit_hidden_extra(inputs, targets, loss_fn)
 
     @torch.no_grad()
     def _fit_weights_fast(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
@@ -242,7 +244,7 @@ class AltMinLearner(BlockLearner):
             self.optimizer.step()
             if step + 1 < self.weight_steps:
                 self.optimizer.zero_grad(set_to_none=True)
-        return local + self._fit_hidden_extra(inputs, targets)
+        return local + self._fit_hidden_extra(inputs, targets, loss_fn)
 
     # ------------------------------------------------------------------------------- internals
     def _frozen_bn_stats(self):

@@ -14,6 +14,9 @@ Adam on the task loss, as in the paper.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +24,15 @@ from torch import nn
 from ..blocks import Block, UnsupportedModelError
 from ..memory import gauss_seidel_sweep_, memory_solve, proximal_sweep, update_memory_
 from ..hparams import HParam, override
+from .admm_softmax import ADMMSoftmax, StreamingSoftmaxADMM
 from .altmin import AltMinLearner
+from .base import LossFn, Penalty, StepInfo
 
 __all__ = ["AMMem"]
 
 MEMORY_MODES = ("sum", "mean", "forget")
 SOLVERS = ("sweep", "solve")
+OUTPUT_RULES = ("adam", "admm-softmax")
 DAMPING_SCALES = ("mean", "diagonal")
 
 
@@ -65,6 +71,12 @@ class AMMem(AltMinLearner):
         "eps": HParam(1e-10, "diagonal guard of the sweep", range="[0, inf)", cli=False),
         "memory_dtype": HParam(None, "dtype of A and B (None: the model's; torch.float64 keeps long sums "
                                "exact)", object, optional=True, cli=False),
+        "output_rule": HParam("adam", "the output layer's rule: adam (the paper: Adam steps on the task loss) or "
+                              "admm-softmax (new: an exact convex solve of the softmax regression on the last "
+                              "code, by ADMM-Softmax's streaming iteration with its defaults and this learner's "
+                              "memory and forget; fit at the updated codes: with output_fit='forward' the exact "
+                              "output fit and the moving hidden layers chase each other on a TD loss)", str,
+                              choices=OUTPUT_RULES),
     }
     conformance_cases = {
         "": {"one_sample": ({}, 0.60)},  # measured 0.769
@@ -82,11 +94,61 @@ class AMMem(AltMinLearner):
             kw = {"dtype": self.memory_dtype, "device": self.device}
             self._memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
         self.samples_seen = 0
+        self._output_admm = self._make_output_admm() if self.output_rule == "admm-softmax" else None
+        self._output_diagnostics: dict = {}
 
-    _counters = (*AltMinLearner._counters, "samples_seen")
+    _counters = (*AltMinLearner._counters, "samples_seen", "output_rho")
 
     def _adam_blocks(self) -> list[Block]:
-        return [self.blocks.output]
+        return [] if self.output_rule == "admm-softmax" else [self.blocks.output]
+
+    def _make_output_admm(self) -> StreamingSoftmaxADMM:
+        block = self.blocks.output
+        lin = list(block.lin)
+        if len(lin) != 1 or type(lin[0]) is not nn.Linear or any(True for _ in block.pre.parameters()):
+            raise UnsupportedModelError(f"output_rule='admm-softmax' needs the output block to be a parameter-free "
+                                        f"activation and one nn.Linear; it is {block.describe()}")
+        layer: nn.Linear = lin[0]
+        d = {name: h.default for name, h in ADMMSoftmax.defaults.items()}
+        return StreamingSoftmaxADMM(
+            layer.in_features + (layer.bias is not None), layer.out_features, dtype=torch.float64, device=self.device,
+            iterations=d["iterations"], rho=d["rho"], rho_mu=d["rho_mu"], rho_bounds=d["rho_bounds"], alpha=d["alpha"],
+            memory=self.memory, forget=self.forget, z_iterations=d["z_iterations"], z_tol=d["z_tol"])
+
+    @property
+    def output_rho(self) -> float:
+        """The output layer's current ADMM rho (nan with output_rule="adam")."""
+        return self._output_admm.rho if self._output_admm is not None else math.nan
+
+    @output_rho.setter
+    def output_rho(self, value: float) -> None:
+        if self._output_admm is not None:
+            self._output_admm.rho = float(value)
+
+    def _fit_output_admm(self, inp: torch.Tensor, loss_fn: LossFn) -> None:
+        """The output layer solved by ADMM-Softmax's streaming iteration on its input code."""
+        block, admm = self.blocks.output, self._output_admm
+        admm.samples_seen = self.samples_seen  # the samples before this batch (the memories' weights)
+        layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
+        with torch.no_grad():
+            D = block.pre(inp).flatten(1).to(torch.float64)
+            W = layer.weight.to(torch.float64)
+            if layer.bias is not None:
+                D = torch.cat([D, torch.ones_like(D[:, :1])], dim=1)
+                W = torch.cat([W, layer.bias[:, None].to(torch.float64)], dim=1)
+            labels = self._cross_entropy_labels()
+            Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(torch.float64)
+            W, self._output_diagnostics = admm.update(D, W, Y, None if Y is not None else loss_fn,
+                                                      out_dtype=layer.weight.dtype)
+            layer.weight.copy_(W[:, : layer.in_features])
+            if layer.bias is not None:
+                layer.bias.copy_(W[:, -1])
+
+    def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
+        info = super()._step(x, loss_fn, penalty)
+        if self._output_admm is None:
+            return info
+        return replace(info, diagnostics={**info.diagnostics, **self._output_diagnostics})
 
     def _check_hidden_blocks(self) -> None:
         for block in self.blocks.hidden:
@@ -102,7 +164,10 @@ class AMMem(AltMinLearner):
                     f"parameters in {block.describe()}"
                 )
 
-    def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                          loss_fn: LossFn) -> list[torch.Tensor]:
+        if self._output_admm is not None:
+            self._fit_output_admm(inputs[len(self.blocks.hidden)], loss_fn)
         local = []
         for block, (A, Bm) in zip(self.blocks.hidden, self._memories):
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
@@ -150,10 +215,14 @@ class AMMem(AltMinLearner):
         return self.damping * torch.diagonal(A).mean()
 
     def _extra_tensors(self) -> list[torch.Tensor]:
-        return [t for pair in self._memories for t in pair]
+        output = [self._output_admm.G, self._output_admm.H] if self._output_admm is not None else []
+        return [t for pair in self._memories for t in pair] + output
 
     def _extra_state(self) -> dict:
-        return {"memories": [[A, Bm] for A, Bm in self._memories]}
+        state = {"memories": [[A, Bm] for A, Bm in self._memories]}
+        if self._output_admm is not None:
+            state["output_admm"] = [self._output_admm.G, self._output_admm.H]
+        return state
 
     def _load_extra_state(self, state: dict) -> None:
         for (A, Bm), (A_new, B_new) in zip(self._memories, state["memories"]):
@@ -161,3 +230,7 @@ class AMMem(AltMinLearner):
             Bm.copy_(B_new)
         if "samples_seen" in state:  # checkpoints of format 1 kept the counter here
             self.samples_seen = int(state["samples_seen"])
+        if self._output_admm is not None:
+            G, H = state["output_admm"]
+            self._output_admm.G.copy_(G)
+            self._output_admm.H.copy_(H)

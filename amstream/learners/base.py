@@ -252,11 +252,32 @@ class Learner(StreamingMixin, abc.ABC):
         return self._guarded_step(x, loss_fn, penalty)
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
-        """``step(x, lambda out: criterion(out, y), penalty)`` after checking the targets."""
+        """``step(x, lambda out: criterion(out, y), penalty)`` after checking the targets.
+
+        During this step the checked targets are ``self._labels``, for rules that solve the
+        criterion itself rather than differentiate it (see :meth:`_cross_entropy_labels`)."""
         self.sync_parameters()
         x, y = self._check(x, y, training=True)
         criterion = self.criterion
-        return self._guarded_step(x, lambda out: criterion(out, y), penalty)
+        self._labels = y
+        try:
+            return self._guarded_step(x, lambda out: criterion(out, y), penalty)
+        finally:
+            self._labels = None
+
+    _labels: torch.Tensor | None = None
+
+    def _cross_entropy_labels(self) -> torch.Tensor | None:
+        """The class labels of the step under way when it came from :meth:`learn` with a plain
+        ``nn.CrossEntropyLoss`` criterion (mean reduction, no class weights, no label smoothing),
+        else None: a rule with a closed form for the softmax cross-entropy (an ADMM Z-step) may use
+        them; with None it must treat the step's loss as a black box."""
+        c = self.criterion
+        if self._labels is None or type(c) is not nn.CrossEntropyLoss:
+            return None
+        if c.weight is not None or c.label_smoothing != 0.0 or c.reduction != "mean" or self._labels.dim() != 1:
+            return None
+        return self._labels
 
     def forward_for_step(self, x: torch.Tensor) -> torch.Tensor:
         """The output of the next step's forward pass, computed ahead of the step.

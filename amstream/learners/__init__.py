@@ -10,6 +10,7 @@ from .ammem import AMMem
 from .backprop import Backprop
 from .base import Learner, LossFn, NonFiniteStepError, Penalty, StepInfo
 from .blockwise import BlockLearner
+from .dladmm import DLADMM
 from .groups import ParameterGroups
 from .locoprop import LocoProp, LocoPropS
 from .lowrank import SBE, SBPCA
@@ -24,8 +25,9 @@ LEARNERS: dict[str, type[Learner]] = {
     "sbe": SBE,
     "sbpca": SBPCA,
     "admm-softmax": ADMMSoftmax,
+    "dladmm": DLADMM,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
            "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS",
-           "SBE", "SBPCA", "ADMMSoftmax"]
+           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM"]

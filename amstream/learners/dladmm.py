@@ -1,0 +1,465 @@
+"""dlADMM: deep learning by ADMM with backward-then-forward sweeps.
+
+Wang, Yu, Chen, Zhao, "ADMM for Efficient Deep Learning with Global Convergence", KDD 2019;
+reference code ``xianggebenben/dlADMM`` (PyTorch MLP version). For a ReLU network with layers
+``z_l = a_{l-1} W_l^T + b_l`` and ``a_l = relu(z_l)`` (row-major here: one row per sample), the
+reference relaxes every hidden constraint into a quadratic penalty of weight rho and keeps a dual
+``u`` only on the last linear constraint; the loss is the softmax cross-entropy summed over samples::
+
+    R(z_L; y) + sum_{l<L} rho/2 (||z_l - a_{l-1} W_l^T - b_l||^2 + ||a_l - relu(z_l)||^2)
+              + rho/2 ||z_L - a_{L-1} W_L^T - b_L + u/rho||^2
+
+Each iteration sweeps backward (``z_L, b_L, W_L, a_{L-1}, z_{L-1}, b_{L-1}, W_{L-1}, ..., W_1``), then
+forward (``W_1, b_1, z_1, a_1, ..., W_L, b_L, z_L``), then ``u <- u + rho (z_L - a_{L-1} W_L^T - b_L)``:
+
+- ``b``: the exact minimizer, ``b - mean(a W^T + b - z - u/rho)``;
+- hidden ``z``: per element, the better of ``min(m, 0)`` and ``max((m + a)/2, 0)`` with
+  ``m = a_{l-1} W^T + b`` (:func:`relu_z_update`);
+- last ``z``: FISTA on ``CE(z) + rho/2 ||z - (a W^T + b - u/rho)||^2`` with the reference's step 4,
+  momentum and stopping rule, from log-softmax (:func:`fista_last_z`), or Newton's method
+  (``z_solver="newton"``, new: the Sherman-Morrison Newton of ADMM-Softmax);
+- ``W`` and ``a``: one linearized (proximal-gradient) step each, ``W - grad/theta`` and
+  ``a - grad/tau``. ``step_size="backtracking"`` doubles theta (tau) until the quadratic upper bound
+  holds, as the reference, but persists the values between calls and stops with a clear error after
+  ``max_backtracks`` doublings (the reference can loop forever); ``step_size="bound"`` (new) takes
+  ``theta = rho lambda_max(a^T a)`` and ``tau = rho (||W_next||_2^2 + 1)`` from warm-started power
+  iterations, with no trial evaluations.
+
+Modes: :meth:`DLADMM.fit` is the reference's full-batch run (auxiliaries ``a``, ``z``, ``u`` for every
+training sample, its rho schedule: ``rho <- min(10 rho, 0.1)`` and theta, tau x 10 when the training
+cost rose three iterations in a row). ``learn``/``step`` stream (new): each batch gets auxiliaries
+from a forward pass of the current weights and a zero dual (a per-sample dual has no meaning for the
+next batch's samples), runs ``iterations`` dlADMM iterations, and the weights carry over.
+
+New here besides those: row-major batched form, log-softmax everywhere (the reference exponentiates
+without the max shift and patches overflows), independent initial draws (the reference reseeds
+before every tensor), persisted step sizes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..blocks import UnsupportedModelError
+from ..hparams import HParam
+from .admm_softmax import prox_lbfgs, softmax_prox_newton
+from .base import Learner, LossFn, Penalty, StepInfo
+from .groups import ParameterGroups
+
+__all__ = ["DLADMM", "relu_z_update", "bias_update", "fista_last_z", "rho_schedule", "BacktrackingError"]
+
+STEP_SIZES = ("backtracking", "bound")
+Z_SOLVERS = ("fista", "newton")
+
+
+class BacktrackingError(RuntimeError):
+    """A backtracking search doubled its step-size constant too often without meeting its bound."""
+
+
+# ------------------------------------------------------------------------------------- the updates
+def relu_z_update(m: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``argmin_z (z - m)^2 + (a - relu(z))^2`` per element, exactly: the minimizer on ``z <= 0`` is
+    ``min(m, 0)``, on ``z >= 0`` it is ``max((m + a)/2, 0)``; the better of the two."""
+    neg = m.clamp(max=0.0)
+    pos = ((m + a) * 0.5).clamp(min=0.0)
+    f_neg = (neg - m).square() + a.square()  # relu(neg) = 0
+    f_pos = (pos - m).square() + (a - pos).square()
+    return torch.where(f_neg > f_pos, pos, neg)
+
+
+def bias_update(inp: torch.Tensor, W: torch.Tensor, b: torch.Tensor, target: torch.Tensor,
+                prox: float = 0.0) -> torch.Tensor:
+    """``argmin_b sum_i ||target_i - W inp_i - b||^2 (+ prox ||b - b_old||^2)``: with ``prox = 0`` the
+    reference's exact update ``b - mean(inp W^T + b - target)``; a proximal weight of ``prox``
+    samples shortens it by ``B / (B + prox)``."""
+    batch = inp.shape[0]
+    return b - (batch / (batch + prox)) * (F.linear(inp, W, b) - target).mean(0)
+
+
+def rho_schedule(costs: list[float], rho: float, rho_max: float) -> float:
+    """The reference's rule: when the training cost rose three iterations in a row (four costs, each
+    above the one before), ``rho <- min(10 rho, rho_max)``; else rho unchanged."""
+    if len(costs) >= 4 and costs[-1] > costs[-2] > costs[-3] > costs[-4]:
+        return min(10 * rho, rho_max)
+    return rho
+
+
+def _prox_ce(z: torch.Tensor, Y: torch.Tensor, center: torch.Tensor, rho: float) -> torch.Tensor:
+    return (torch.logsumexp(z, 1) - (z * Y).sum(1)).sum() + 0.5 * rho * (z - center).square().sum()
+
+
+@torch.no_grad()
+def fista_last_z(center: torch.Tensor, Y: torch.Tensor, z0: torch.Tensor, rho: float, *, eta: float = 4.0,
+                 iterations: int = 500, tol: float = 1e-3, check_every: int = 1) -> tuple[torch.Tensor, int]:
+    """``argmin_z CE_sum(z, Y) + rho/2 ||z - center||^2`` by the reference's FISTA.
+
+    Prox-gradient step ``zeta = (rho c + (z - eta (softmax(z) - Y))/eta) / (rho + 1/eta)``, momentum
+    ``lambda_k = (1 + sqrt(1 + 4 lambda^2))/2``, ``z = (1 - g) zeta + g zeta_old`` with
+    ``g = (1 - lambda_{k-1})/lambda_k``; stops when the objective changed by less than ``tol``
+    (absolute, on the summed objective, as the reference), checked every ``check_every`` steps.
+    Returns ``(z, steps)``."""
+    z, zeta, lam = z0.clone(), z0.clone(), 1.0
+    f_prev = math.inf
+    steps = 0
+    for steps in range(1, iterations + 1):
+        if (steps - 1) % check_every == 0:
+            f = float(_prox_ce(z, Y, center, rho))
+            if abs(f - f_prev) < tol:
+                break
+            f_prev = f
+        lam_old, lam = lam, (1 + math.sqrt(1 + 4 * lam * lam)) / 2
+        gamma = (1 - lam_old) / lam
+        zeta_old = zeta
+        zeta = (rho * center + (z - eta * (torch.softmax(z, 1) - Y)) / eta) / (rho + 1 / eta)
+        z = (1 - gamma) * zeta + gamma * zeta_old
+    return z, steps
+
+
+def _linearized_step(x: torch.Tensor, grad: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],
+                     f_x: torch.Tensor, constant: float, backtracking: bool, max_backtracks: int,
+                     what: str) -> tuple[torch.Tensor, float]:
+    """``x - grad / c``; with backtracking, ``c`` doubles until ``f(x_new) <= f(x) + <grad, dx> +
+    c/2 ||dx||^2``. Returns the new point and the constant used."""
+    new = x - grad / constant
+    if not backtracking or not bool(torch.isfinite(f_x)):  # a non-finite start: the step guard rolls back
+        return new, constant
+    for _ in range(max_backtracks):
+        dx = new - x
+        if bool(f(new) <= f_x + (grad * dx).sum() + 0.5 * constant * dx.square().sum()):
+            return new, constant
+        constant *= 2.0
+        new = x - grad / constant
+    raise BacktrackingError(
+        f"dlADMM's backtracking for {what} doubled its constant {max_backtracks} times without meeting the "
+        f"quadratic bound (now {constant:.3g}); the inputs or rho are badly scaled, or use step_size='bound'")
+
+
+# ------------------------------------------------------------------------------------- the learner
+class DLADMM(Learner):
+    """dlADMM on a ReLU MLP (``[Flatten,] Linear, ReLU, ..., Linear``), full batch or streaming.
+
+    The reference's settings are ``presets["reference"]`` (rho 1e-6, backtracking from 1, FISTA);
+    the defaults stream with step sizes from bounds and Newton's last-layer solve.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from amstream import DLADMM
+        >>> learner = DLADMM(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), device="cpu")
+        >>> info = learner.learn(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> info.diagnostics["admm/rho"]
+        0.1
+    """
+
+    defaults = {
+        "rho": HParam(0.1, "penalty rho of every constraint (the reference starts at 1e-6)", range="(0, inf)"),
+        "iterations": HParam(2, "dlADMM iterations (backward sweep, forward sweep, dual step) per batch", int,
+                             "[1, inf)"),
+        "step_size": HParam("bound", "theta and tau of the linearized W and a steps: backtracking (the reference's "
+                            "doubling, persisted between calls here) or bound (new: from warm-started power "
+                            "iterations, no trial evaluations)", str, choices=STEP_SIZES),
+        "theta": HParam(1.0, "initial theta (W steps) of backtracking (the reference's 1)", range="(0, inf)",
+                        cli=False),
+        "tau": HParam(1.0, "initial tau (a steps) of backtracking (the reference's 1)", range="(0, inf)", cli=False),
+        "persist_steps": HParam(True, "backtracking starts from the last accepted theta/tau (False: from the "
+                                "initial ones at every call, as the reference)", bool, cli=False),
+        "max_backtracks": HParam(60, "doublings before backtracking gives up with an error (the reference: no "
+                                 "limit)", int, "[1, inf)", cli=False),
+        "z_solver": HParam("newton", "last-layer z: fista (the reference's) or newton (new; exact)", str,
+                           choices=Z_SOLVERS),
+        "fista_iterations": HParam(500, "FISTA iterations at most (the reference's 500)", int, "[1, inf)", cli=False),
+        "fista_tol": HParam(1e-3, "FISTA stops when the summed objective moved less than this (the reference's "
+                            "1e-3, absolute)", range="(0, inf)", cli=False),
+        "prox": HParam(16.0, "streaming damping (new): W and b steps with a proximal term toward the weights "
+                       "before the step worth this many average samples, so a batch of one moves the weights about "
+                       "1/(1 + prox) of the way to fitting it exactly (0: the reference's undamped steps; the "
+                       "exact b-update then fits each batch's mean)", range="[0, inf)"),
+        "rho_max": HParam(0.1, "fit(): the rho schedule's cap (the reference's 0.1)", range="(0, inf)", cli=False),
+    }
+    presets = {
+        "reference": {"rho": 1e-6, "step_size": "backtracking", "persist_steps": False, "z_solver": "fista",
+                      "prox": 0.0},
+        "td": {"z_solver": "newton"},
+    }
+    conformance_cases = {
+        "": {"one_sample": ({}, 0.3)},
+        "backtracking": {"kwargs": {"step_size": "backtracking"}},
+    }
+    _counters = ("step_count", "current_rho", "step_constants")
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.layers = self._linear_layers()
+        self.optimizer = ParameterGroups([{"name": name, "params": params, "lr": 0.0}
+                                          for name, params in self._named_groups()])
+        self.current_rho = float(self.rho)
+        n = len(self.layers)
+        # (theta of each layer's W step, tau of each hidden activation's a step), replaced, never mutated
+        self.step_constants = (tuple([float(self.theta)] * n), tuple([float(self.tau)] * (n - 1)))
+        # warm starts of the power iterations: one vector per layer input
+        self._power = [torch.ones(layer.in_features, device=self.device) / math.sqrt(layer.in_features)
+                       for layer in self.layers]
+
+    def _linear_layers(self) -> list[nn.Linear]:
+        modules = list(self.model) if isinstance(self.model, nn.Sequential) else [self.model]
+        if modules and isinstance(modules[0], nn.Flatten):
+            modules = modules[1:]
+        linears = modules[0::2]
+        relus = modules[1::2]
+        ok = (len(modules) % 2 == 1 and all(type(m) is nn.Linear and m.bias is not None for m in linears)
+              and all(type(m) is nn.ReLU for m in relus))
+        if not ok:
+            described = ", ".join(type(m).__name__ for m in modules)
+            raise UnsupportedModelError(
+                f"dlADMM trains a ReLU MLP: [Flatten,] Linear, ReLU, Linear, ..., Linear (every Linear with a "
+                f"bias); got {described}")
+        return linears
+
+    def _named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        return [(f"layer{i}", list(layer.parameters())) for i, layer in enumerate(self.layers)]
+
+    # ------------------------------------------------------------------------------- auxiliaries
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    @torch.no_grad()
+    def _forward_auxiliaries(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``acts`` (the input of every layer: ``x``, then each ``relu(z)``) and ``zs``."""
+        acts, zs = [self._input(x)], []
+        for i, layer in enumerate(self.layers):
+            z = F.linear(acts[-1], layer.weight, layer.bias)
+            zs.append(z)
+            if i + 1 < len(self.layers):
+                acts.append(torch.relu(z))
+        return acts, zs
+
+    def _forward_for_step(self, x: torch.Tensor):
+        acts, zs = self._forward_auxiliaries(x)
+        out = self.layers[-1](acts[-1])  # a graph to the last layer only: every layer fits its own variables
+        return (acts, zs), out
+
+    # ------------------------------------------------------------------------------- one iteration
+    def _iterate(self, acts: list[torch.Tensor], zs: list[torch.Tensor], u: torch.Tensor,
+                 Y: torch.Tensor | None, loss_fn: LossFn | None, rho: float,
+                 weights: list[list[torch.Tensor]], constants: tuple) -> tuple:
+        """One dlADMM iteration in the reference's order, on the tensors in place of the lists.
+        ``weights[l] = [W, b]``. Returns the new dual and step constants."""
+        n = len(self.layers)
+        thetas, taus = list(constants[0]), list(constants[1])
+        last = n - 1
+
+        def update_W(l, dual):
+            W, b = weights[l]
+            inp, z = acts[l], zs[l]
+            target = z + dual / rho if dual is not None else z
+            residual = F.linear(inp, W, b) - target
+            grad = rho * residual.T @ inp
+
+            def phi(W_new):
+                return 0.5 * rho * (F.linear(inp, W_new, b) - target).square().sum()
+
+            if self.step_size == "bound":
+                thetas[l] = rho * self._gram_bound(l, inp)
+            new, thetas[l] = _linearized_step(
+                W, grad, phi, 0.5 * rho * residual.square().sum(), thetas[l], self.step_size == "backtracking",
+                self.max_backtracks, f"W of layer {l}")
+            if self.prox:  # the proximal term (lam/2)||W - W_old||^2 shortens the step from 1/theta to 1/(theta + lam)
+                lam = rho * self.prox * float(inp.square().sum(1).mean())
+                new = W + (new - W) * (thetas[l] / (thetas[l] + lam))
+            weights[l][0] = new
+
+        def update_b(l, dual):
+            W, b = weights[l]
+            target = zs[l] + dual / rho if dual is not None else zs[l]
+            weights[l][1] = bias_update(acts[l], W, b, target, self.prox)
+
+        def update_a(k, dual):
+            # acts[k] (k >= 1) is the output of hidden layer k-1 and the input of layer k
+            W, b = weights[k]
+            target = zs[k] + dual / rho if dual is not None else zs[k]
+            relu_z = torch.relu(zs[k - 1])
+
+            def f(a):
+                return 0.5 * rho * ((F.linear(a, W, b) - target).square().sum() + (a - relu_z).square().sum())
+
+            a = acts[k]
+            r = F.linear(a, W, b) - target
+            grad = rho * (r @ W + (a - relu_z))
+            if self.step_size == "bound":
+                taus[k - 1] = rho * (self._spectral_bound(W) + 1.0)
+            f_a = 0.5 * rho * (r.square().sum() + (a - relu_z).square().sum())
+            acts[k], taus[k - 1] = _linearized_step(a, grad, f, f_a, taus[k - 1], self.step_size == "backtracking",
+                                                    self.max_backtracks, f"the activation of layer {k - 1}")
+
+        def update_z(l, dual):
+            W, b = weights[l]
+            m = F.linear(acts[l], W, b)
+            if l < last:
+                zs[l] = relu_z_update(m, acts[l + 1])
+                return
+            center = m - dual / rho
+            if Y is None:
+                batch = center.shape[0]
+                zs[l] = prox_lbfgs(lambda Z: batch * loss_fn(Z), center, rho, zs[l])
+            elif self.z_solver == "newton":
+                zs[l] = softmax_prox_newton(center, Y, rho, zs[l], iterations=50, tol=1e-5)[0]
+            else:
+                zs[l] = fista_last_z(center, Y, zs[l], rho, iterations=self.fista_iterations, tol=self.fista_tol)[0]
+
+        duals = [None] * last + [u]
+        # backward sweep
+        update_z(last, u)
+        update_b(last, u)
+        update_W(last, u)
+        for l in range(last - 1, -1, -1):
+            update_a(l + 1, duals[l + 1])
+            update_z(l, None)
+            update_b(l, None)
+            update_W(l, None)
+        # forward sweep
+        for l in range(last):
+            update_W(l, None)
+            update_b(l, None)
+            update_z(l, None)
+            update_a(l + 1, duals[l + 1])
+        update_W(last, u)
+        update_b(last, u)
+        update_z(last, u)
+        W, b = weights[last]
+        u = u + rho * (zs[last] - F.linear(acts[last], W, b))
+        return u, (tuple(thetas), tuple(taus))
+
+    def _gram_bound(self, l: int, inp: torch.Tensor, steps: int = 3) -> float:
+        """``lambda_max(inp^T inp)`` by a warm-started power iteration (two products with ``inp`` per
+        step, no Gram matrix): a lower estimate that converges from below; a linearized step of
+        ``1/theta`` decreases a quadratic whenever theta exceeds half the true curvature."""
+        v = self._power[l].to(inp.dtype)
+        value = 0.0
+        for _ in range(steps):
+            w = inp.T @ (inp @ v)
+            value = float(w.norm())
+            v = w / max(value, 1e-30)
+        if value > 0:
+            self._power[l].copy_(v)  # in place: the step guard restores it with the rest
+        return max(value, 1e-12)
+
+    @staticmethod
+    def _spectral_bound(W: torch.Tensor) -> float:
+        if not bool(torch.isfinite(W).all()):
+            return math.nan  # the step guard rolls the step back
+        return float(torch.linalg.matrix_norm(W, ord=2)) ** 2
+
+    def _augmented_lagrangian(self, acts, zs, u, Y, loss_fn, rho, weights) -> torch.Tensor:
+        last = len(self.layers) - 1
+        total = torch.zeros((), dtype=zs[0].dtype, device=zs[0].device)
+        for l, (W, b) in enumerate(weights):
+            r = zs[l] - F.linear(acts[l], W, b)
+            if l == last:
+                total = total + (r * u).sum() + 0.5 * rho * r.square().sum()
+            else:
+                total = total + 0.5 * rho * (r.square().sum() + (acts[l + 1] - torch.relu(zs[l])).square().sum())
+        data = (torch.logsumexp(zs[last], 1) - (zs[last] * Y).sum(1)).sum() if Y is not None else \
+            zs[last].shape[0] * loss_fn(zs[last])
+        return total + data
+
+    # ------------------------------------------------------------------------------- streaming
+    def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
+        pending = self._take_pending(x)
+        acts, zs = pending if pending is not None else self._forward_auxiliaries(x)
+        acts, zs = list(acts), list(zs)
+        with torch.no_grad():
+            loss = loss_fn(zs[-1]).detach()
+        labels = self._cross_entropy_labels()
+        Y = None if labels is None else F.one_hot(labels, zs[-1].shape[1]).to(zs[-1].dtype)
+        weights = [[layer.weight.detach().clone(), layer.bias.detach().clone()] for layer in self.layers]
+        u = torch.zeros_like(zs[-1])
+        rho, constants = self.current_rho, self.step_constants
+        with torch.no_grad():
+            for _ in range(self.iterations):
+                u, constants = self._iterate(acts, zs, u, Y, None if Y is not None else loss_fn, rho, weights,
+                                             constants)
+            self._write(weights)
+            residual = (zs[-1] - F.linear(acts[-1], *weights[-1])).norm()
+            objective = self._augmented_lagrangian(acts, zs, u, Y, loss_fn, rho, weights)
+        if self.persist_steps or self.step_size == "bound":
+            self.step_constants = constants
+        self.optimizer.step()
+        return StepInfo(loss=loss, batch_size=x.shape[0], lrs={name: 0.0 for name, _ in self._named_groups()},
+                        diagnostics={"admm/rho": rho, "admm/primal_residual": residual, "admm/objective": objective,
+                                     "dladmm/theta": constants[0], "dladmm/tau": constants[1]})
+
+    @torch.no_grad()
+    def _write(self, weights: list[list[torch.Tensor]]) -> None:
+        for layer, (W, b) in zip(self.layers, weights):
+            layer.weight.copy_(W)
+            layer.bias.copy_(b)
+
+    # ------------------------------------------------------------------------------- full batch
+    def fit(self, x: torch.Tensor, y: torch.Tensor, *, iterations: int = 200, seconds: float | None = None,
+            callback: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """The reference's full-batch run on ``(x, y)``: auxiliaries for every sample (``z_L`` started at
+        +1 for the label and -1 elsewhere, as the reference), ``iterations`` dlADMM iterations (or
+        ``seconds`` of wall time), the rho schedule on the training cost. ``callback(iteration, record)``
+        after each iteration (its time not counted). Returns the records: iteration, seconds, rho,
+        training cost, primal residual."""
+        self.sync_parameters()
+        x, y = self._check(x, y, training=True)
+        self.inputs.commit()
+        acts, zs = self._forward_auxiliaries(x)
+        acts, zs = list(acts), list(zs)
+        Y = F.one_hot(y, zs[-1].shape[1]).to(zs[-1].dtype)
+        zs[-1] = 2 * Y - 1
+        u = torch.zeros_like(zs[-1])
+        weights = [[layer.weight.detach().clone(), layer.bias.detach().clone()] for layer in self.layers]
+        rho, constants = self.current_rho, self.step_constants
+        costs, records, paused, start = [], [], 0.0, time.perf_counter()
+        with torch.no_grad():
+            for it in range(1, iterations + 1):
+                u, constants = self._iterate(acts, zs, u, Y, None, rho, weights, constants)
+                if not (self.persist_steps or self.step_size == "bound"):
+                    constants = self.step_constants  # the reference restarts every search from its theta, tau
+                if not all(bool(torch.isfinite(W).all()) for pair in weights for W in pair):
+                    raise FloatingPointError(f"dlADMM fit: non-finite weights at iteration {it}; the model keeps "
+                                             "the weights of the iteration before")
+                self._write(weights)
+                self.step_count += 1
+                out = self.model(x)
+                cost = float(F.cross_entropy(out, y))
+                costs.append(cost)
+                record = {"iteration": it, "seconds": time.perf_counter() - start - paused, "rho": rho,
+                          "training_cost": cost,
+                          "primal_residual": float((zs[-1] - F.linear(acts[-1], *weights[-1])).norm())}
+                records.append(record)
+                new_rho = rho_schedule(costs, rho, self.rho_max)
+                if new_rho != rho:
+                    rho = new_rho
+                    if min(layer.out_features for layer in self.layers[:-1]) >= 100:
+                        thetas, taus = self.step_constants
+                        self.step_constants = (tuple(10 * t for t in thetas), tuple(10 * t for t in taus))
+                        constants = (tuple(10 * t for t in constants[0]), tuple(10 * t for t in constants[1]))
+                self.current_rho = rho
+                if callback is not None:
+                    t0 = time.perf_counter()
+                    callback(it, record)
+                    paused += time.perf_counter() - t0
+                if seconds is not None and record["seconds"] >= seconds:
+                    break
+        if self.persist_steps or self.step_size == "bound":
+            self.step_constants = constants
+        return records
+
+    # ------------------------------------------------------------------------------- state
+    def _extra_tensors(self) -> list[torch.Tensor]:
+        return list(self._power)
+
+    def _extra_state(self) -> dict:
+        return {"power": list(self._power)}
+
+    def _load_extra_state(self, state: dict) -> None:
+        for v, new in zip(self._power, state["power"]):
+            v.copy_(new)

@@ -1,0 +1,132 @@
+"""dlADMM: oracles for its closed-form and iterative updates, its step-size rules and its full-batch run.
+
+The contract every learner obeys is checked by the conformance suite; here, each update against an
+independent solution.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amstream import DLADMM, UnsupportedModelError
+from amstream.data import load_digits
+from amstream.learners.dladmm import (BacktrackingError, _linearized_step, bias_update, fista_last_z,
+                                       relu_z_update, rho_schedule)
+
+
+def test_hidden_z_update_equals_a_brute_force_minimum_over_a_grid():
+    g = torch.Generator().manual_seed(0)
+    m = 3 * torch.randn(400, generator=g, dtype=torch.float64)
+    a = torch.cat([3 * torch.randn(300, generator=g, dtype=torch.float64).abs(), torch.zeros(100, dtype=torch.float64)])
+    z = relu_z_update(m, a)
+    grid = torch.linspace(-12, 12, 240_001, dtype=torch.float64)  # step 1e-4
+    values = (grid[None, :] - m[:, None]).square() + (a[:, None] - torch.relu(grid[None, :])).square()
+    best = values.min(1).values
+    ours = (z - m).square() + (a - torch.relu(z)).square()
+    assert (ours <= best + 1e-9).all()  # never worse than the grid's best
+    assert (ours >= best - 1e-7).all()  # and the grid, 1e-4 apart, gets within rounding of it
+
+
+def test_b_update_is_the_exact_minimizer():
+    g = torch.Generator().manual_seed(3)
+    inp = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    W, b = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    target = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    b_new = bias_update(inp, W, b, target)
+    torch.testing.assert_close(b_new, (target - inp @ W.T).mean(0))  # the closed form of the least squares
+    grad = -2 * (target - inp @ W.T - b_new).sum(0)
+    assert grad.abs().max() < 1e-10
+    # with a proximal weight of 50 samples (as many as the batch) the step is halved
+    torch.testing.assert_close(bias_update(inp, W, b, target, prox=50.0), b + 0.5 * (b_new - b))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits("train"), load_digits("test")
+
+
+def _lbfgs_prox_ce(center, Y, rho):
+    z = center.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], max_iter=5000, tolerance_grad=1e-13, tolerance_change=1e-15, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = (torch.logsumexp(z, 1) - (z * Y).sum(1)).sum() + 0.5 * rho * (z - center).square().sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return z.detach()
+
+
+@pytest.mark.parametrize("rho", [0.5, 2.0])
+def test_fista_last_layer_solution_equals_lbfgs(rho):
+    g = torch.Generator().manual_seed(1)
+    center = 2 * torch.randn(30, 10, generator=g, dtype=torch.float64)
+    Y = F.one_hot(torch.randint(0, 10, (30,), generator=g), 10).to(torch.float64)
+    z, steps = fista_last_z(center, Y, center.clone(), rho, iterations=20_000, tol=1e-14)
+    assert steps < 20_000
+    torch.testing.assert_close(z, _lbfgs_prox_ce(center, Y, rho), atol=1e-5, rtol=0)
+
+
+def test_fista_handles_logits_that_overflow_exp():
+    center = torch.tensor([[500.0, -500.0, 0.0]], dtype=torch.float64)
+    Y = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    z, _ = fista_last_z(center, Y, center.clone(), 1.0)
+    assert torch.isfinite(z).all()
+
+
+def test_backtracking_terminates_and_the_learner_persists_its_constants(digits):
+    x = torch.randn(20, 5, dtype=torch.float64)
+    A = x.T @ x
+
+    def f(v):
+        return 0.5 * (v @ A @ v)
+
+    v = torch.ones(5, dtype=torch.float64)
+    new, constant = _linearized_step(v, A @ v, f, f(v), 1e-3, True, 60, "a test")
+    assert constant >= 1e-3 and f(new) <= f(v)
+    with pytest.raises(BacktrackingError, match="step_size='bound'"):
+        _linearized_step(v, A @ v, f, f(v), 1e-30, True, 3, "a test")
+
+    torch.manual_seed(0)
+    learner = DLADMM(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)),
+                     step_size="backtracking", device="cpu")
+    train = digits[0]
+    learner.learn(train.x[:32], train.y[:32])
+    first = learner.step_constants
+    assert any(t > 1.0 for t in first[0])  # some theta doubled past its start
+    learner.learn(train.x[32:64], train.y[32:64])
+    assert all(b >= a for a, b in zip(first[0], learner.step_constants[0]))  # started from the persisted ones
+
+
+def test_a_model_that_is_not_a_relu_mlp_is_refused():
+    with pytest.raises(UnsupportedModelError, match="ReLU MLP"):
+        DLADMM(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), device="cpu")
+    with pytest.raises(UnsupportedModelError, match="ReLU MLP"):
+        DLADMM(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 3)), device="cpu")
+
+
+@pytest.mark.parametrize("preset", ["reference", None])
+def test_full_batch_fit_learns(digits, preset):
+    """The reference's run on the digits (the faithful settings, and the new defaults)."""
+    train, test = digits
+    torch.manual_seed(0)
+    kwargs = DLADMM.presets["reference"] if preset else {}
+    learner = DLADMM(nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), device="cpu",
+                     **{**kwargs, "rho": 0.1})
+    records = learner.fit(train.x, train.y, iterations=30)
+    accuracy = (learner.predict(test.x).argmax(1) == test.y).float().mean().item()
+    assert records[-1]["training_cost"] < records[0]["training_cost"]
+    assert accuracy > 0.7, accuracy
+
+
+def test_rho_schedule_raises_rho_after_three_rises_of_the_cost():
+    assert rho_schedule([1.0, 0.9, 0.8, 0.7], 1e-6, 0.1) == 1e-6
+    assert rho_schedule([1.0, 1.1, 1.2], 1e-6, 0.1) == 1e-6  # three costs are two rises
+    assert rho_schedule([1.0, 1.1, 1.2, 1.3], 1e-6, 0.1) == pytest.approx(1e-5)
+    assert rho_schedule([1.0, 1.1, 1.1, 1.3], 1e-6, 0.1) == 1e-6  # a tie breaks the run
+    assert rho_schedule([0.5, 1.0, 1.1, 1.2, 1.3], 0.05, 0.1) == 0.1  # capped

@@ -198,7 +198,7 @@ def main(argv=None) -> None:
             if before and budget <= args.seconds:
                 marks[budget] = max(q[1] for q in before)
         line = ", ".join(f"{b} s: {a:.4f}" for b, a in marks.items())
-        print(f"{method:10s} {len(points):6d} iterations; best validation accuracy by {line}; "
+        print(f"{method:10s} {len(points):6d} curve points; best validation accuracy by {line}; "
               f"final objective {points[-1][2]:.1f}" if points else f"{method}: no iteration in the budget")
     if args.json:
         Path(args.json).write_text(json.dumps({"options": vars(args), "results": results}, indent=1))

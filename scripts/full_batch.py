@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""dlADMM's experiment: full-batch training of a ReLU MLP, test accuracy against iterations and time.
+
+The protocol of Wang et al. (KDD 2019) and its reference code: MNIST (the first 55,000 training
+images, the TF-tutorial split) or Fashion-MNIST (all 60,000), pixels in [0, 1], a 784-1000-1000-10
+ReLU network by default, every iteration on the whole training set. One run per invocation (so that
+each run's peak memory is its own process's):
+
+- ``dladmm[:NAME=VALUE,...]``: :meth:`amstream.DLADMM.fit`, e.g. ``dladmm:preset=reference`` (the
+  reference's rho 1e-6, backtracking, FISTA) or ``dladmm:step_size=bound``;
+- ``gd:lr=...`` and ``adam:lr=...``: backprop gradient descent and Adam on the full batch (one step
+  per iteration on the mean cross-entropy), the reference's baselines.
+
+Weights start N(0, 0.1^2) as the reference's (drawn independently here).
+
+    python scripts/full_batch.py --run dladmm:preset=reference --iterations 200
+    python scripts/full_batch.py --run adam:lr=1e-3 --hidden 100,100 --iterations 200
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _common import Parser  # noqa: E402
+from amstream import DLADMM, set_seed  # noqa: E402
+from amstream.data import load_fashion_mnist, load_mnist  # noqa: E402
+
+MARKS = (1, 10, 50, 100, 200, 500)
+
+
+def network(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        if i:
+            layers.append(nn.ReLU())
+        linear = nn.Linear(a, b)
+        nn.init.normal_(linear.weight, std=0.1)
+        nn.init.normal_(linear.bias, std=0.1)
+        layers.append(linear)
+    return nn.Sequential(*layers)
+
+
+def parse_run(text: str) -> tuple[str, dict]:
+    name, _, settings = text.partition(":")
+    if name not in ("dladmm", "gd", "adam"):
+        raise ValueError(f"unknown method {name!r} in {text!r}; choose dladmm, gd or adam")
+    kwargs: dict = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key == "preset":
+            if value not in DLADMM.presets:
+                raise ValueError(f"dladmm has no preset {value!r}; it has {', '.join(DLADMM.presets)}")
+            kwargs = {**DLADMM.presets[value], **kwargs}
+            continue
+        try:
+            kwargs[key] = float(value) if key not in ("step_size", "z_solver") else value
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: not a number") from None
+    if name != "dladmm" and set(kwargs) - {"lr"}:
+        raise ValueError(f"{name} takes lr only, got {sorted(kwargs)}")
+    return name, kwargs
+
+
+def main(argv=None) -> None:
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+    p.add_argument("--data-dir", default=None, help="root of the data files (default: AMSTREAM_DATA)")
+    p.add_argument("--run", required=True, help="METHOD[:NAME=VALUE,...]: dladmm, gd or adam")
+    p.add_argument("--hidden", default="1000,1000", help="hidden widths (the reference's 1000,1000)")
+    p.add_argument("--iterations", type=int, default=200, help="full-batch iterations (the reference's 200)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the curve here")
+    args = p.parse_args(argv)
+    try:
+        method, kwargs = parse_run(args.run)
+        hidden = [int(w) for w in args.hidden.split(",") if w]
+        if args.iterations < 1 or not hidden or min(hidden) < 1:
+            raise ValueError("--iterations and every --hidden width must be >= 1")
+        loader = load_mnist if args.dataset == "mnist" else load_fashion_mnist
+        train = loader("train", args.data_dir, normalize=False)
+        test = loader("test", args.data_dir, normalize=False)
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    n_train = 55_000 if args.dataset == "mnist" else 60_000
+    x, y = train.x[:n_train].flatten(1).to(args.device), train.y[:n_train].to(args.device)
+    xt, yt = test.x.flatten(1).to(args.device), test.y.to(args.device)
+    model = network([784, *hidden, 10]).to(args.device)
+    curve: list[tuple[int, float, float, float]] = []  # iteration, seconds, test accuracy, training cost
+
+    def evaluate(it: int, seconds: float) -> None:
+        with torch.no_grad():
+            acc = float((model(xt).argmax(1) == yt).float().mean())
+            cost = float(F.cross_entropy(model(x), y))
+        curve.append((it, seconds, acc, cost))
+
+    print(f"{args.dataset}: {n_train} training images, full batch, 784-{'-'.join(map(str, hidden))}-10 ReLU, "
+          f"{args.run}, {args.iterations} iterations, {args.threads} thread(s), {args.device}")
+    if method == "dladmm":
+        learner = DLADMM(model, device=args.device, **kwargs)
+        learner.fit(x, y, iterations=args.iterations, callback=lambda it, rec: evaluate(it, rec["seconds"]))
+    else:
+        lr = kwargs.get("lr", 1e-3 if method == "adam" else 0.1)
+        opt = torch.optim.Adam(model.parameters(), lr=lr) if method == "adam" else torch.optim.SGD(model.parameters(), lr=lr)
+        start, paused = time.perf_counter(), 0.0
+        for it in range(1, args.iterations + 1):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            t0 = time.perf_counter()
+            evaluate(it, t0 - start - paused)
+            paused += time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = curve[-1][1]
+    marks = {it: acc for it, _, acc, _ in curve if it in MARKS}
+    print(" ".join(f"iteration {it}: {acc:.4f}" for it, acc in marks.items()))
+    print(f"{seconds / len(curve):.2f} s per iteration, peak resident memory {peak_mb:.0f} MB, "
+          f"final training cost {curve[-1][3]:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"options": vars(args), "curve": curve, "peak_mb": peak_mb,
+                                               "seconds_per_iteration": seconds / len(curve)}, indent=1))
+        print(f"Results: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,13 @@
-"""Device resolution and seeding, each done once and in one place."""
+"""Device resolution, seeding and the clock of long runs, each done once and in one place."""
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "set_seed", "rng_state", "set_rng_state"]
+__all__ = ["resolve_device", "set_seed", "rng_state", "set_rng_state", "RunClock"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -49,3 +50,26 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunClock:
+    """Wall time of a long run (a full-batch ``fit``) without the time spent in its callbacks, such as
+    evaluations on a validation set, and its time budget."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds, self.paused, self.start = seconds, 0.0, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def call(self, callback, *args) -> None:
+        """``callback(*args)`` (if not None), its time not counted."""
+        if callback is None:
+            return
+        t0 = time.perf_counter()
+        callback(*args)
+        self.paused += time.perf_counter() - t0
+
+    @property
+    def spent(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds

@@ -36,7 +36,6 @@ classifier on given features.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -46,6 +45,7 @@ from torch import nn
 from ..blocks import UnsupportedModelError
 from ..hparams import HParam
 from ..memory import update_memory_
+from ..utils import RunClock
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
 from .penalty import frozen_penalty, penalty_value
@@ -561,11 +561,11 @@ class ADMMSoftmax(Learner):
         labels, self._labels = self._cross_entropy_labels(), None
         Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(W.dtype)
         loss_fn = None if Y is not None else (lambda out: self.criterion(out, y))
-        start = time.perf_counter()
+        clock = RunClock(seconds)
         admm = self.admm
         solver = NormalEquations(D.T @ D, admm.alpha, admm.M, eigen=True)
         Z, U, rho = D @ W.T, torch.zeros(D.shape[0], W.shape[0], dtype=W.dtype, device=W.device), admm.rho
-        records, paused = [], 0.0
+        records = []
         for it in range(1, iterations + 1):
             W = solver.solve(rho, rho * (D.T @ (Z + U))).T
             DW = D @ W.T
@@ -582,14 +582,11 @@ class ADMMSoftmax(Learner):
             self._write(W.to(self.output_layer.weight.dtype))
             self.current_rho = rho
             self.step_count += 1
-            record = {"iteration": it, "seconds": time.perf_counter() - start - paused, "rho": rho,
+            record = {"iteration": it, "seconds": clock.elapsed(), "rho": rho,
                       "primal_residual": r_primal, "dual_residual": r_dual}
             records.append(record)
-            if callback is not None:
-                t0 = time.perf_counter()
-                callback(it, record)
-                paused += time.perf_counter() - t0
-            if seconds is not None and record["seconds"] >= seconds:
+            clock.call(callback, it, record)
+            if clock.spent:
                 break
         return records
 

@@ -38,7 +38,6 @@ before every tensor), persisted step sizes.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -47,6 +46,7 @@ from torch import nn
 
 from ..blocks import UnsupportedModelError
 from ..hparams import HParam
+from ..utils import RunClock
 from .admm_softmax import prox_lbfgs, softmax_prox_newton
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
@@ -417,7 +417,7 @@ class DLADMM(Learner):
         u = torch.zeros_like(zs[-1])
         weights = [[layer.weight.detach().clone(), layer.bias.detach().clone()] for layer in self.layers]
         rho, constants = self.current_rho, self.step_constants
-        costs, records, paused, start = [], [], 0.0, time.perf_counter()
+        costs, records, clock = [], [], RunClock(seconds)
         with torch.no_grad():
             for it in range(1, iterations + 1):
                 u, constants = self._iterate(acts, zs, u, Y, None, rho, weights, constants)
@@ -431,7 +431,7 @@ class DLADMM(Learner):
                 out = self.model(x)
                 cost = float(F.cross_entropy(out, y))
                 costs.append(cost)
-                record = {"iteration": it, "seconds": time.perf_counter() - start - paused, "rho": rho,
+                record = {"iteration": it, "seconds": clock.elapsed(), "rho": rho,
                           "training_cost": cost,
                           "primal_residual": float((zs[-1] - F.linear(acts[-1], *weights[-1])).norm())}
                 records.append(record)
@@ -443,11 +443,8 @@ class DLADMM(Learner):
                         self.step_constants = (tuple(10 * t for t in thetas), tuple(10 * t for t in taus))
                         constants = (tuple(10 * t for t in constants[0]), tuple(10 * t for t in constants[1]))
                 self.current_rho = rho
-                if callback is not None:
-                    t0 = time.perf_counter()
-                    callback(it, record)
-                    paused += time.perf_counter() - t0
-                if seconds is not None and record["seconds"] >= seconds:
+                clock.call(callback, it, record)
+                if clock.spent:
                     break
         if self.persist_steps or self.step_size == "bound":
             self.step_constants = constants

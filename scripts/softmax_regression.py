@@ -229,6 +229,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the curves here")
+    p.add_argument("--rounds", type=int, default=5, help="--iteration-cost: iterations timed per semantics")
     p.add_argument("--iteration-cost", action="store_true",
                    help="instead: seconds per ADMM iteration with the reference's semantics and with ours, side by side")
     args = p.parse_args(argv)
@@ -247,7 +248,7 @@ def main(argv=None) -> None:
     print(f"MNIST, {args.features}: {D.shape[1] - 1} features + bias, 50,000 train, 10,000 validation, "
           f"alpha {args.alpha}, {args.seconds:g} s per method, {args.dtype}, {args.threads} thread(s)")
     if args.iteration_cost:
-        setup, times = iteration_costs(D, y, args.alpha, 1.0)
+        setup, times = iteration_costs(D, y, args.alpha, 1.0, rounds=args.rounds)
         ref, ours = sorted(times["reference"]), sorted(times["ours"])
         ratios = sorted(r / o for r, o in zip(times["reference"], times["ours"]))
         print(f"seconds per iteration (median of {len(ref)}, rho 1): reference semantics {ref[len(ref) // 2]:.3f}, "

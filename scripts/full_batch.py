@@ -109,7 +109,10 @@ def main(argv=None) -> None:
     print(f"{args.dataset}: {n_train} training images, full batch, 784-{'-'.join(map(str, hidden))}-10 ReLU, "
           f"{args.run}, {args.iterations} iterations, {args.threads} thread(s), {args.device}")
     if method == "dladmm":
-        learner = DLADMM(model, device=args.device, **kwargs)
+        try:
+            learner = DLADMM(model, device=args.device, **kwargs)
+        except ValueError as err:
+            p.error(f"--run {args.run}: {err}")
         learner.fit(x, y, iterations=args.iterations, callback=lambda it, rec: evaluate(it, rec["seconds"]))
     else:
         lr = kwargs.get("lr", 1e-3 if method == "adam" else 0.1)

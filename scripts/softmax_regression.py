@@ -275,7 +275,7 @@ def main(argv=None) -> None:
             before = [q for q in points if q[0] <= budget]
             if before and budget <= args.seconds:
                 marks[budget] = max(q[1] for q in before)
-        line = ", ".join(f"{b} s: {a:.4f}" for b, a in marks.items())
+        line = ", ".join(f"{b} s: {a:.4f}" for b, a in marks.items()) or f"{best[0]:.1f} s: {best[1]:.4f}"
         print(f"{method:10s} {len(points):6d} curve points; best validation accuracy by {line}; "
               f"final objective {points[-1][2]:.1f}" if points else f"{method}: no iteration in the budget")
     if args.json:

@@ -392,3 +392,25 @@ def test_autoencoder_experiment_runs_any_learner(tmp_path):
     assert (tmp_path / "ae.png").read_bytes()[:4] == b"\x89PNG" and "| run | epoch 1 | epoch 2 |" in proc.stdout
     bad = subprocess.run([*common, "--run", "locoprop-m:gama=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no hyperparameter 'gama'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
+    """ADMM-Softmax's and dlADMM's experiments with tiny budgets: curves in the JSON, a bad run spec
+    is a one-line error."""
+    scripts = ROOT / "scripts"
+    proc = subprocess.run([sys.executable, str(scripts / "softmax_regression.py"), "--seconds", "1", "--method", "admm",
+                           "--method", "adam", "--json", str(tmp_path / "s.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert set(results) == {"admm", "adam"} and all(r["curve"] for r in results.values())
+    assert results["adam"]["best_validation"] > 0.8  # one second of Adam on MNIST pixels
+    proc = subprocess.run([sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:preset=reference",
+                           "--hidden", "8", "--iterations", "2", "--json", str(tmp_path / "f.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((tmp_path / "f.json").read_text())
+    assert [c[0] for c in out["curve"]] == [1, 2] and out["peak_mb"] > 0
+    bad = subprocess.run([sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:step_size=wide"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid step_size" in bad.stderr and "Traceback" not in bad.stderr

@@ -229,6 +229,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the curves here")
+    p.add_argument("--plot", default=None, help="PNG of validation accuracy against time (default: next to --json)")
     p.add_argument("--rounds", type=int, default=5, help="--iteration-cost: iterations timed per semantics")
     p.add_argument("--iteration-cost", action="store_true",
                    help="instead: seconds per ADMM iteration with the reference's semantics and with ours, side by side")
@@ -281,6 +282,12 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"options": vars(args), "results": results}, indent=1))
         print(f"Results: {args.json}")
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        import _plots
+        _plots.plot_against_time({m: [(t, a) for t, a, _ in r["curve"]] for m, r in results.items()}, plot,
+                                 ylabel="validation accuracy", title=f"MNIST softmax regression, {args.features}")
+        print(f"Plot: {plot}")
 
 
 if __name__ == "__main__":

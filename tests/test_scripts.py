@@ -405,6 +405,7 @@ def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
     results = json.loads((tmp_path / "s.json").read_text())["results"]
     assert set(results) == {"admm", "adam"} and all(r["curve"] for r in results.values())
     assert results["adam"]["best_validation"] > 0.8  # one second of Adam on MNIST pixels
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     proc = subprocess.run([sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:preset=reference",
                            "--hidden", "8", "--iterations", "2", "--json", str(tmp_path / "f.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

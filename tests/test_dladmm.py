@@ -12,6 +12,7 @@ from torch import nn
 
 from amstream import DLADMM, UnsupportedModelError
 from amstream.data import load_digits
+from oracles import lbfgs_prox_cross_entropy
 from amstream.learners.dladmm import (BacktrackingError, _linearized_step, bias_update, fista_last_z,
                                        relu_z_update, rho_schedule)
 
@@ -47,21 +48,6 @@ def digits():
     return load_digits("train"), load_digits("test")
 
 
-def _lbfgs_prox_ce(center, Y, rho):
-    z = center.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], max_iter=5000, tolerance_grad=1e-13, tolerance_change=1e-15, history_size=50,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = (torch.logsumexp(z, 1) - (z * Y).sum(1)).sum() + 0.5 * rho * (z - center).square().sum()
-        value.backward()
-        return value
-
-    opt.step(closure)
-    return z.detach()
-
-
 @pytest.mark.parametrize("rho", [0.5, 2.0])
 def test_fista_last_layer_solution_equals_lbfgs(rho):
     g = torch.Generator().manual_seed(1)
@@ -69,7 +55,7 @@ def test_fista_last_layer_solution_equals_lbfgs(rho):
     Y = F.one_hot(torch.randint(0, 10, (30,), generator=g), 10).to(torch.float64)
     z, steps = fista_last_z(center, Y, center.clone(), rho, iterations=20_000, tol=1e-14)
     assert steps < 20_000
-    torch.testing.assert_close(z, _lbfgs_prox_ce(center, Y, rho), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z, lbfgs_prox_cross_entropy(center, Y, rho), atol=1e-5, rtol=0)
 
 
 def test_fista_handles_logits_that_overflow_exp():

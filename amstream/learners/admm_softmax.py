@@ -557,8 +557,7 @@ class ADMMSoftmax(Learner):
         self.inputs.commit()
         D = self._design(x)
         W = self._weights()
-        self._labels = y
-        labels, self._labels = self._cross_entropy_labels(), None
+        labels = self._cross_entropy_labels(y)
         Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(W.dtype)
         loss_fn = None if Y is not None else (lambda out: self.criterion(out, y))
         clock = RunClock(seconds)

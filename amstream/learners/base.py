@@ -267,17 +267,18 @@ class Learner(StreamingMixin, abc.ABC):
 
     _labels: torch.Tensor | None = None
 
-    def _cross_entropy_labels(self) -> torch.Tensor | None:
-        """The class labels of the step under way when it came from :meth:`learn` with a plain
-        ``nn.CrossEntropyLoss`` criterion (mean reduction, no class weights, no label smoothing),
-        else None: a rule with a closed form for the softmax cross-entropy (an ADMM Z-step) may use
-        them; with None it must treat the step's loss as a black box."""
+    def _cross_entropy_labels(self, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``labels`` (default: those of the step under way, when it came from :meth:`learn`) if the
+        criterion is a plain ``nn.CrossEntropyLoss`` (mean reduction, no class weights, no label
+        smoothing) and they are class indices, else None: a rule with a closed form for the softmax
+        cross-entropy (an ADMM Z-step) may use them; with None it must treat the loss as a black box."""
+        labels = self._labels if labels is None else labels
         c = self.criterion
-        if self._labels is None or type(c) is not nn.CrossEntropyLoss:
+        if labels is None or type(c) is not nn.CrossEntropyLoss or labels.dim() != 1:
             return None
-        if c.weight is not None or c.label_smoothing != 0.0 or c.reduction != "mean" or self._labels.dim() != 1:
+        if c.weight is not None or c.label_smoothing != 0.0 or c.reduction != "mean":
             return None
-        return self._labels
+        return labels
 
     def forward_for_step(self, x: torch.Tensor) -> torch.Tensor:
         """The output of the next step's forward pass, computed ahead of the step.

@@ -31,6 +31,8 @@ gradient's energy inside the estimated subspaces, ``||Delta^T G X||^2 / ||G||^2`
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -210,8 +212,10 @@ class _LowRankLearner(Learner):
         v = v / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
         return u, sigma, v
 
+    @abc.abstractmethod
     def _stream(self, estimate, rows_x, rows_d):
-        raise NotImplementedError
+        """The paper's streaming recursion over the batch's rows (SBE: per sample; SBPCA: per
+        sub-batch), warm-started from ``estimate``; returns ``(u, sigma, v)``."""
 
     # ------------------------------------------------------------------------------ checkpointing
     def _extra_tensors(self) -> list[torch.Tensor]:

@@ -79,7 +79,8 @@ class StreamingMixin:
         if isinstance(x, np.ndarray):
             if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
                 raise InputError(f"sample features must be real numbers, got numpy dtype {x.dtype}")
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            tokens = self.inputs.vocab_size is not None and np.issubdtype(x.dtype, np.integer)
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64 if tokens else np.float32))
         if not isinstance(x, torch.Tensor):
             raise InputError(f"a sample must be a tensor, array, list or dict, got {type(x).__name__}")
         return x
@@ -129,18 +130,26 @@ class StreamingMixin:
 
     def learn_many(self, X: object, y: object) -> None:
         """Learn from a batch given as a tensor/array of samples and their labels."""
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32)) if not isinstance(X, torch.Tensor) else X
+        if not isinstance(X, torch.Tensor):
+            tokens = self.inputs.vocab_size is not None
+            X = torch.as_tensor(np.asarray(X, dtype=np.int64 if tokens else np.float32))
         y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
         self.learn(X, y)
 
-    def predict_proba_one(self, x: object) -> dict[int, float]:
-        """Class probabilities ``{class: p}`` (softmax of the output) for one sample."""
-        probs = torch.softmax(self.predict(self._as_sample(x).unsqueeze(0))[0].float(), dim=-1)
+    def predict_proba_one(self, x: object) -> dict[int, float] | list[dict[int, float]]:
+        """Class probabilities ``{class: p}`` (softmax of the output) for one sample; for a model
+        with an output per position (per time step: ``(classes, time)``), one dict per position."""
+        probs = torch.softmax(self.predict(self._as_sample(x).unsqueeze(0))[0].float(), dim=0)
+        if probs.dim() > 1:
+            return [{i: float(p) for i, p in enumerate(col)} for col in probs.flatten(1).t().tolist()]
         return {i: float(p) for i, p in enumerate(probs.tolist())}
 
-    def predict_one(self, x: object) -> int:
-        """Most likely class for one sample."""
-        return int(self.predict(self._as_sample(x).unsqueeze(0))[0].argmax())
+    def predict_one(self, x: object) -> int | list[int]:
+        """Most likely class for one sample (a list, one per position, for per-step outputs)."""
+        out = self.predict(self._as_sample(x).unsqueeze(0))[0]
+        if out.dim() > 1:  # classes first, as nn.CrossEntropyLoss reads them
+            return out.argmax(dim=0).flatten().tolist()
+        return int(out.argmax())
 
 
 # ---------------------------------------------------------------------------------- prequential
@@ -150,7 +159,9 @@ class PrequentialResult:
 
     Attributes:
         n_seen: samples scored (and then learned).
-        n_correct: samples predicted correctly before they were learned.
+        n_correct: predictions that were correct before their samples were learned.
+        n_predictions: predictions scored: one per sample, or one per position (time step) for a
+            model with an output per position.
         curve: ``(n_seen, cumulative accuracy)`` every ``every`` samples.
         losses: task loss of each learned batch (host floats, taken every ``every`` samples).
     """
@@ -159,19 +170,21 @@ class PrequentialResult:
     n_correct: int = 0
     curve: list[tuple[int, float]] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
+    n_predictions: int | None = None  # None: one per sample (n_seen)
 
     @property
     def accuracy(self) -> float:
-        return self.n_correct / self.n_seen if self.n_seen else float("nan")
+        n = self.n_seen if self.n_predictions is None else self.n_predictions
+        return self.n_correct / n if n else float("nan")
 
     def state_dict(self) -> dict:
         return {"n_seen": self.n_seen, "n_correct": self.n_correct, "curve": list(self.curve),
-                "losses": list(self.losses)}
+                "losses": list(self.losses), "n_predictions": self.n_predictions}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> PrequentialResult:
         return cls(state["n_seen"], state["n_correct"], [tuple(p) for p in state["curve"]],
-                   [tuple(p) for p in state["losses"]])
+                   [tuple(p) for p in state["losses"]], state.get("n_predictions"))
 
 
 def _batches(samples: Iterable, batch_size: int, learner: StreamingMixin) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -198,9 +211,11 @@ def iter_prequential(samples: Iterable, learner, *, batch_size: int = 1, every: 
     result = result or PrequentialResult()
     next_mark = (result.n_seen // every + 1) * every
     for X, y in _batches(samples, int(batch_size), learner):
-        predicted = learner.predict(X).argmax(dim=-1)
+        predicted = learner.predict(X).argmax(dim=1)  # classes are dim 1, per position too (B, C, T)
         correct = (predicted == y.to(predicted.device)).sum()
         info = learner.learn(X, y)
+        if y.dim() > 1 or result.n_predictions is not None:  # a prediction per position
+            result.n_predictions = (result.n_predictions or result.n_seen) + y.numel()
         result.n_seen += len(y)
         result.n_correct += int(correct)
         if result.n_seen >= next_mark:

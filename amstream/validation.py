@@ -5,6 +5,9 @@ The checks run before a learner touches any state, so a rejected batch leaves th
 it was, and they cost one host sync per batch: the NaN/Inf test of the inputs and the range of the
 labels are read back together.
 
+A model with a ``vocab_size`` attribute (:mod:`amstream.models`) reads token ids: integer batches
+``(batch, time)`` whose values are checked against the vocabulary in the same host sync.
+
 The declared input is a per-sample shape. Entries that are ``None`` may vary from batch to batch
 (the time dimension of a sequence for a recurrent model); the others are fixed. Until the first
 batch fixes it, a shape is *pending*: a zero sample runs through the model (in eval mode, so no
@@ -55,11 +58,14 @@ class InputSpec:
             samples of shape ``(time, features)`` may have any number of time steps.
         min_train_batch: the smallest training batch (2 with BatchNorm: batch statistics of one
             sample are undefined).
+        vocab_size: the model reads token ids in ``[0, vocab_size)`` rather than float features.
     """
 
     def __init__(self, probe: Callable[[tuple, torch.dtype], torch.Tensor], device: torch.device, *,
-                 input_shape: tuple | None = None, recurrent: bool = False, min_train_batch: int = 1) -> None:
+                 input_shape: tuple | None = None, recurrent: bool = False, min_train_batch: int = 1,
+                 vocab_size: int | None = None) -> None:
         self._probe = probe
+        self.vocab_size = vocab_size
         self.device = device
         self.recurrent = bool(recurrent)
         self.min_train_batch = int(min_train_batch)
@@ -98,6 +104,8 @@ class InputSpec:
             self.fixed = self._probe_shape(self.fixed.sample_shape, None)
 
     def _probe_shape(self, shape: tuple, dtype: torch.dtype | None) -> _Fixed:
+        if self.vocab_size is not None:
+            dtype = torch.long
         concrete = tuple(1 if s is None else s for s in shape)
         try:
             out = self._probe(concrete, dtype)
@@ -122,7 +130,7 @@ class InputSpec:
         if not validate:
             return x, y  # type: ignore[return-value]
         self.pending = None
-        self._check_structure(x)
+        self._check_structure(x, self.vocab_size)
         fixed = self._check_sample_shape(x)
         if training and x.shape[0] < self.min_train_batch:
             raise InputError(
@@ -131,26 +139,40 @@ class InputSpec:
                 "without BatchNorm")
         # A sum is finite exactly when the elements are, unless it overflows: a non-finite sum is
         # confirmed element by element (isfinite(x).all() is ~20x slower than a sum on the CPU).
-        flags = [x.sum()]
+        flags = [x.min(), x.max()] if self.vocab_size is not None else [x.sum()]
         if y is not None:
-            flags += self._check_targets(y, x.shape[0], fixed.output_shape, classification)
+            # a sequence model's per-step outputs have as many positions as the batch has steps
+            steps = x.shape[1] if fixed.sample_shape and fixed.sample_shape[0] is None else None
+            flags += self._check_targets(y, x.shape[0], fixed.output_shape, classification, steps)
         values = torch.stack([f.to(torch.float64) for f in flags]).tolist()  # the one host sync
-        if not math.isfinite(values[0]) and not bool(torch.isfinite(x).all()):
+        if self.vocab_size is not None:
+            lo, hi = int(values.pop(0)), int(values.pop(0))
+            if lo < 0 or hi >= self.vocab_size:
+                raise InputError(f"token id out of range: ids must lie in [0, {self.vocab_size - 1}] for a model "
+                                 f"with a vocabulary of {self.vocab_size}, got values in [{lo}, {hi}]")
+        elif not math.isfinite(values.pop(0)) and not bool(torch.isfinite(x).all()):
             raise InputError("inputs contain NaN or Inf values")
-        if y is not None and len(values) == 3:  # class labels: their range
-            lo, hi = int(values[1]), int(values[2])
+        if y is not None and len(values) == 2:  # class labels: their range
+            lo, hi = int(values[0]), int(values[1])
             n = _n_outputs(fixed.output_shape)
             if lo < 0 or hi >= n:
                 raise InputError(f"class label out of range: labels must lie in [0, {n - 1}] for a model "
                                  f"with {n} outputs, got values in [{lo}, {hi}]")
-        elif y is not None and len(values) == 2 and not math.isfinite(values[1]) and not bool(torch.isfinite(y).all()):
+        elif y is not None and len(values) == 1 and not math.isfinite(values[0]) and not bool(torch.isfinite(y).all()):
             raise InputError("targets contain NaN or Inf values")
         return x, y
 
     @staticmethod
-    def _check_structure(x: object) -> None:
+    def _check_structure(x: object, vocab_size: int | None = None) -> None:
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(x).__name__}")
+        if vocab_size is not None:
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool or x.dim() != 2:
+                raise InputError(f"this model reads token ids: inputs must be an integer tensor (torch.long) of "
+                                 f"shape (batch, time), got {x.dtype} of shape {_shape(x.shape)}")
+            if x.numel() == 0:
+                raise InputError(f"empty batch: inputs of shape {_shape(x.shape)} hold no tokens")
+            return
         if x.dim() < 2:
             raise InputError(f"inputs must have a batch dimension: expected shape (batch, ...), got "
                              f"{_shape(x.shape)}; use learn_one/predict_one for a single sample")
@@ -172,13 +194,15 @@ class InputSpec:
                     "batch needs a leading batch dimension")
             if self.fixed is not None:
                 return self.fixed
-        shape = (None, *sample[1:]) if self.recurrent and len(sample) == 2 else sample
+        sequence = len(sample) == (1 if self.vocab_size is not None else 2)  # (time,) ids or (time, features)
+        shape = (None, *sample[1:]) if self.recurrent and sequence else sample
         probed = self._probe_shape(sample, x.dtype)
         self.pending = _Fixed(shape, probed.output_shape)
         return self.pending
 
     @staticmethod
-    def _check_targets(y: object, batch: int, output_shape: tuple, classification: bool) -> list[torch.Tensor]:
+    def _check_targets(y: object, batch: int, output_shape: tuple, classification: bool,
+                       steps: int | None = None) -> list[torch.Tensor]:
         if not isinstance(y, torch.Tensor):
             raise InputError(f"targets must be a torch.Tensor, got {type(y).__name__}")
         if y.dim() == 0 or y.shape[0] != batch:
@@ -190,6 +214,8 @@ class InputSpec:
         if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
             raise InputError(f"class labels must be an integer tensor (torch.long), got {y.dtype}")
         expected = (batch, *output_shape[1:])
+        if steps is not None and len(output_shape) == 2:  # (classes, time): one label per step
+            expected = (batch, steps)
         if tuple(y.shape) != expected:
             hint = ""
             if len(output_shape) > 1:

@@ -6,7 +6,8 @@ default it is checked on the MLP with its own defaults.
 
 A spec may hold:
   kwargs: constructor keywords of the case;
-  model: "mlp" (default), "mlp-bn", "cnn" or "gru" (the digits as sequences of 8 rows of 8 pixels);
+  model: "mlp" (default), "mlp-bn", "cnn", "gru" or "elman" (the last two read the digits as
+    sequences of 8 rows of 8 pixels: nn.GRU, and amstream.models.ElmanRNN);
   one_sample: (kwargs over the case's, accuracy floor) for the stream of single samples;
   accuracy: the held-out accuracy floor after two passes over the digits (default 0.55).
 """
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 import amstream
+from amstream.models import ElmanRNN
 
 
 def mlp(batchnorm: bool = False) -> nn.Sequential:
@@ -62,6 +64,7 @@ MODELS = {
     "mlp-bn": (lambda: mlp(batchnorm=True), True, lambda x: x, (1, 8, 8)),
     "cnn": (small_cnn, False, lambda x: x, (1, 8, 8)),
     "gru": (GRUClassifier, False, as_rows, (None, 8)),
+    "elman": (lambda: ElmanRNN(8, 32, 10), False, as_rows, (None, 8)),
 }
 
 

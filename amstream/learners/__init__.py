@@ -11,6 +11,7 @@ from .backprop import Backprop
 from .base import Learner, LossFn, NonFiniteStepError, Penalty, StepInfo
 from .blockwise import BlockLearner
 from .dladmm import DLADMM
+from .frank_wolfe import FrankWolfeLearner
 from .groups import ParameterGroups
 from .locoprop import LocoProp, LocoPropS
 from .lowrank import SBE, SBPCA
@@ -26,8 +27,9 @@ LEARNERS: dict[str, type[Learner]] = {
     "sbpca": SBPCA,
     "admm-softmax": ADMMSoftmax,
     "dladmm": DLADMM,
+    "frank-wolfe": FrankWolfeLearner,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
            "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS",
-           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM"]
+           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM", "FrankWolfeLearner"]

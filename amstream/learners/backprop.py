@@ -61,6 +61,7 @@ class Backprop(Learner):
         "sgd": {"kwargs": {"optimizer": "sgd", "optimizer_kwargs": {"momentum": 0.9}, "lr": 0.05},
                 "one_sample": ({"lr": 0.01}, 0.30)},  # measured 0.426
         "gru": {"model": "gru", "kwargs": {"lr": 3e-3}},
+        "elman": {"model": "elman", "kwargs": {"lr": 3e-3}},
     }
 
     def __init__(self, model: nn.Module, **kwargs) -> None:

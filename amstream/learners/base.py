@@ -135,10 +135,11 @@ class Learner(StreamingMixin, abc.ABC):
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.on_nonfinite, self.validate = on_nonfinite, bool(validate)
         self.step_count = 0
-        recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
+        recurrent = any(isinstance(m, nn.RNNBase) or getattr(m, "is_recurrent", False) for m in self.model.modules())
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.inputs = InputSpec(self._probe, self.device, input_shape=input_shape,
-                                recurrent=recurrent, min_train_batch=2 if has_batchnorm else 1)
+                                recurrent=recurrent, min_train_batch=2 if has_batchnorm else 1,
+                                vocab_size=getattr(self.model, "vocab_size", None))
         self._snapshot = Snapshot()
         self._pending: _PendingForward | None = None
         self._refresh_tensor_lists()

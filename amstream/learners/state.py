@@ -95,6 +95,9 @@ class Snapshot:
     @torch.no_grad()
     def restore(self) -> None:
         if self._sources:
+            for t, s in zip(self._sources, self._shadows):
+                if t.shape != s.shape:  # a buffer resized by the step (a sequence model's carried state)
+                    t.resize_(s.shape)
             torch._foreach_copy_(self._sources, self._shadows)
 
     def release(self) -> None:

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import warnings
@@ -103,8 +104,13 @@ def _from_tensors(train: Sequence[tuple[torch.Tensor, torch.Tensor]],
         task_labels=labels, complete_test_set_only=False)
 
 
+def _rows(ds: Dataset) -> Dataset:
+    """Images ``(N, 1, H, W)`` as sequences ``(N, H time steps, W features)`` for recurrent models."""
+    return dataclasses.replace(ds, x=ds.x[:, 0].contiguous())
+
+
 def split_digits(n_experiences: int = 5, *, task_incremental: bool = False, seed: int = 0,
-                 class_order: Sequence[int] | None = None):
+                 class_order: Sequence[int] | None = None, rows: bool = False):
     """Split digits: the embedded 8x8 digits set, classes divided among experiences.
 
     Train / test are ``load_digits("train")`` / ``load_digits("test")`` (1,438 / 359 images,
@@ -117,18 +123,22 @@ def split_digits(n_experiences: int = 5, *, task_incremental: bool = False, seed
             task label 0 everywhere, original class ids.
         seed: Seeds the class order (the same order as Avalanche's ``SplitMNIST(seed=seed)``).
         class_order: Explicit class order; overrides ``seed``.
+        rows: Each image as a sequence of 8 rows of 8 pixels, x of shape (8, 8), for recurrent
+            models (:mod:`amstream.models`).
 
     Returns:
         An Avalanche ``NCScenario``. Avalanche stores each experience grouped by class
         (ascending ids; file order within a class), so shuffle when streaming it.
     """
-    return _split(load_digits("train"), load_digits("test"), n_experiences, task_incremental,
-                  seed, class_order)
+    train, test = load_digits("train"), load_digits("test")
+    if rows:
+        train, test = _rows(train), _rows(test)
+    return _split(train, test, n_experiences, task_incremental, seed, class_order)
 
 
 def split_mnist(n_experiences: int = 5, *, task_incremental: bool = False, seed: int = 0,
                 class_order: Sequence[int] | None = None, root: PathLike = None,
-                subset: int | None = None):
+                subset: int | None = None, rows: bool = False):
     """Split MNIST (Zenke et al., 2017): MNIST's 10 classes divided among experiences.
 
     Args:
@@ -138,14 +148,18 @@ def split_mnist(n_experiences: int = 5, *, task_incremental: bool = False, seed:
         class_order: Explicit class order; overrides ``seed``.
         root: Data root (see :func:`amstream.data.data_dir`).
         subset: Keep only the first N training and N // 6 test images (for CI-sized runs).
+        rows: Each image as a sequence of 28 rows of 28 pixels (row-sequential MNIST), for
+            recurrent models.
 
     Returns:
-        An Avalanche ``NCScenario`` with x of shape (1, 28, 28), standardized.
+        An Avalanche ``NCScenario`` with x of shape (1, 28, 28) (``rows``: (28, 28)), standardized.
 
     Raises:
         amstream.data.DataFileMissing: The MNIST files are not under the data root.
     """
     train, test = _load_pair(load_mnist, root, subset)
+    if rows:
+        train, test = _rows(train), _rows(test)
     return _split(train, test, n_experiences, task_incremental, seed, class_order)
 
 

@@ -21,11 +21,12 @@ from torch import nn
 
 from amstream import LEARNERS
 from amstream.data import Dataset
+from amstream.models import ElmanRNN, RecurrentNet
 from amstream.hparams import HParam
 
 __all__ = [
     "Parser", "HelpFormatter", "avalanche_warnings", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
-    "learner_options", "make_learner", "build_model", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list",
+    "learner_options", "make_learner", "build_model", "as_sequences", "RECURRENT_MODELS", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list",
 ]
 
 
@@ -240,14 +241,35 @@ def avalanche_warnings(quiet: bool):
 
 
 # ------------------------------------------------------------------------------------ models, data
-MODELS = ("mlp", "lenet5")
+MODELS = ("mlp", "lenet5", "elman", "gru")
+#: models that read each sample as a sequence (see :func:`as_sequences`)
+RECURRENT_MODELS = ("elman", "gru")
+
+
+def as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """Samples as sequences for a recurrent model: an image ``(N, 1, H, W)`` is read one row per time
+    step ``(N, H, W)`` (row-sequential MNIST), a feature vector ``(N, F)`` as one step ``(N, 1, F)``."""
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x[:, 0]
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    raise ValueError(f"cannot read samples of shape {tuple(x.shape[1:])} as sequences")
 
 
 def build_model(name: str, sample_shape: tuple, hidden: list[int], n_classes: int,
-                batchnorm: bool = False) -> nn.Sequential:
-    """``"mlp"``: :func:`build_mlp`; ``"lenet5"``: :func:`build_lenet5` (28x28 images only)."""
+                batchnorm: bool = False) -> nn.Module:
+    """``"mlp"``: :func:`build_mlp`; ``"lenet5"``: :func:`build_lenet5` (28x28 images only);
+    ``"elman"``/``"gru"``: :class:`amstream.models.ElmanRNN` / a GRU :class:`~amstream.models.RecurrentNet`
+    of ``hidden[0]`` units over sequences ``(time, features)`` (:func:`as_sequences`)."""
     if name == "mlp":
         return build_mlp(sample_shape, hidden, n_classes, batchnorm)
+    if name in RECURRENT_MODELS:
+        if len(sample_shape) != 2:
+            raise ValueError(f"{name} reads sequences (time, features), got samples of shape {sample_shape}")
+        width = hidden[0] if hidden else 128
+        if name == "elman":
+            return ElmanRNN(sample_shape[1], width, n_classes)
+        return RecurrentNet("gru", sample_shape[1], width, n_classes)
     if tuple(sample_shape) != (1, 28, 28):
         raise ValueError(f"lenet5 needs 28x28 grey images (mnist, fashion-mnist), got samples of shape {sample_shape}")
     return build_lenet5(n_classes)

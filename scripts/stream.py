@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--learner", default=",".join(learner_names()),
                    help=f"comma-separated learners to compare, from {', '.join(learner_names())}")
     m.add_argument("--model", default="mlp", choices=_common.MODELS,
-                   help="the network: mlp (a ReLU MLP of --hidden widths) or lenet5 (28x28 images)")
+                   help="the network: mlp (a ReLU MLP of --hidden widths), lenet5 (28x28 images), elman or gru "
+                        "(a recurrent network of --hidden's first width reading an image one row per time step, "
+                        "Elec2's features as one step; elman is the network of admm-rnn)")
     m.add_argument("--hidden", default="100,100", help="comma-separated hidden widths of the ReLU MLP "
                    "('' = no hidden layer)")
     m.add_argument("--batchnorm", action="store_true", help="add BatchNorm1d after each hidden Linear "
@@ -172,6 +175,8 @@ def load_data(args):
         train, test = load_dataset(args.dataset, "train", args.data_dir), load_dataset(args.dataset, "test", args.data_dir)
     if args.max_samples is not None and args.max_samples < len(train):
         train = train.subset(range(args.max_samples))
+    if args.model in _common.RECURRENT_MODELS:
+        train, test = (dataclasses.replace(d, x=_common.as_sequences(d.x)) for d in (train, test))
     if args.batchnorm and len(train) % args.batch_size == 1:
         train = train.subset(range(len(train) - 1))
         print("note: dropped the last training sample so that no BatchNorm batch has one sample")
@@ -322,7 +327,7 @@ def main(argv=None) -> None:
         print(f"{args.dataset}: stream of {n_train} samples x {args.epochs} epoch(s) "
               f"({'time order' if args.dataset == 'elec2' else 'shuffled per epoch'}), held-out {len(test)}, "
               f"{args.model} {list(train.x.shape[1:])} -> "
-              f"{args.hidden_widths if args.model == 'mlp' else 'conv'} -> {train.n_classes}, batch {args.batch_size}, "
+              f"{args.hidden_widths if args.model == 'mlp' else args.hidden_widths[:1] if args.model in _common.RECURRENT_MODELS else 'conv'} -> {train.n_classes}, batch {args.batch_size}, "
               f"device {device}")
 
         results, budget = {}, [0]

@@ -20,6 +20,7 @@ from agents import td_learner_settings
 from amstream import AMAdam, Backprop
 from amstream.checkpoint import CheckpointError
 from doubles import RidgeHead
+from learner_cases import conformance_cases
 
 
 class Counter(gym.Env):
@@ -113,10 +114,21 @@ def test_seeding_makes_runs_repeat():
 
 
 # ------------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("learner", list(amstream.LEARNERS))
+FEEDFORWARD_LEARNERS = sorted({c.registry_name for c in conformance_cases().values() if c.model == "mlp"})
+
+
+def test_a_learner_of_sequence_models_only_is_refused_by_name():
+    """ADMMiRNN trains Elman networks, not the agent's MLP Q-network: a clear error at construction."""
+    sequence_only = sorted(set(amstream.LEARNERS) - set(FEEDFORWARD_LEARNERS))
+    assert sequence_only == ["admm-rnn"]
+    with pytest.raises(amstream.UnsupportedModelError, match="ElmanRNN"):
+        small_agent("CartPole-v1", "admm-rnn")
+
+
+@pytest.mark.parametrize("learner", FEEDFORWARD_LEARNERS)
 def test_save_load_resume_equals_an_uninterrupted_run(learner, tmp_path):
-    """Every registered learner, by name: the agent saved half-way and loaded into a new one continues
-    exactly as the run that never stopped."""
+    """Every registered learner of feed-forward models, by name: the agent saved half-way and loaded
+    into a new one continues exactly as the run that never stopped."""
     kw = dict(n_envs=2, exploration_timesteps=400, double_dqn=learner == "am-adam", tau=0.5 if learner == "am-mem" else 1.0)
     straight = small_agent("CartPole-v1", learner, **kw).learn(600, progress_bar=False)
     first = small_agent("CartPole-v1", learner, **kw).learn(300, progress_bar=False)

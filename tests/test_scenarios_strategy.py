@@ -36,6 +36,7 @@ from doubles import RidgeHead, ridge_mlp  # noqa: E402
 from learner_cases import GRUClassifier, small_cnn  # noqa: E402
 from state_utils import assert_same_state  # noqa: E402
 from scenarios.benchmarks import online, split_digits, split_mnist  # noqa: E402
+import amstream.models  # noqa: E402
 from scenarios.strategy import UNSUPPORTED_PLUGINS, AMStrategy  # noqa: E402
 
 LEARNERS = {"am-adam": AMAdam, "am-mem": AMMem, "backprop": Backprop}
@@ -245,20 +246,25 @@ def test_supported_plugins_train_and_evaluate(name, plugin, data, request):
 def test_every_registered_learner_trains_through_the_strategy_with_replay_and_ewc(name, benchmark):
     """Generated from the registry: each learner (its first MLP conformance configuration) in
     AMStrategy with Replay and EWC over two experiences: the first experience learned, one step per
-    iteration, finite weights after EWC's penalty joined."""
+    iteration, finite weights after EWC's penalty joined. A learner of sequence models only (no MLP
+    case: ADMMiRNN) runs its own test model on the digits read as sequences of rows."""
     from learner_cases import conformance_cases
 
-    case = next(c for c in conformance_cases().values() if c.registry_name == name and c.model == "mlp")
+    cases = [c for c in conformance_cases().values() if c.registry_name == name]
+    case = next((c for c in cases if c.model == "mlp"), cases[0])  # a sequence learner: its own model
     torch.manual_seed(0)
-    learner = case.cls(mlp(), device="cpu", **case.kwargs)
+    if case.model == "mlp":
+        learner, data = case.cls(mlp(), device="cpu", **case.kwargs), benchmark
+    else:  # the digits as sequences of rows (split_digits(rows=True)), the learner's test model
+        learner, data = case.make(), split_digits(5, seed=0, rows=True)
     strategy = AMStrategy(learner=learner, train_mb_size=16, train_epochs=2,
                           plugins=[ReplayPlugin(mem_size=200), EWCPlugin(ewc_lambda=1.0)],
                           evaluator=quiet_evaluator(accuracy_metrics(experience=True, stream=True)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        strategy.train(benchmark.train_stream[0])
-        first = strategy.eval(benchmark.test_stream[:1])["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
-        strategy.train(benchmark.train_stream[1])  # now with EWC's penalty and the replay buffer
+        strategy.train(data.train_stream[0])
+        first = strategy.eval(data.test_stream[:1])["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+        strategy.train(data.train_stream[1])  # now with EWC's penalty and the replay buffer
     assert first > 0.75, first  # two classes, chance 0.5; measured 0.90-0.94
     assert strategy.learner.step_count == strategy.clock.train_iterations > 0
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
@@ -477,10 +483,14 @@ class Rows(nn.Module):
         return x.reshape(x.shape[0], 8, 8)
 
 
-@pytest.mark.parametrize("model", ["gru", "cnn"])
+@pytest.mark.parametrize("model", ["gru", "cnn", "elman-rows"])
 def test_backprop_trains_a_gru_and_a_cnn_through_the_strategy(model, benchmark):
+    """Also a sequence data set: split digits of 8 rows of 8 pixels and an Elman network."""
     torch.manual_seed(0)
-    net = nn.Sequential(Rows(), GRUClassifier()) if model == "gru" else small_cnn()
+    if model == "elman-rows":
+        net, benchmark = amstream.models.ElmanRNN(8, 32, 10), split_digits(5, seed=0, rows=True)
+    else:
+        net = nn.Sequential(Rows(), GRUClassifier()) if model == "gru" else small_cnn()
     strategy = AMStrategy(learner=Backprop(net, lr=3e-3, device="cpu"), train_mb_size=16, train_epochs=4,
                           plugins=[ReplayPlugin(mem_size=200)],
                           evaluator=quiet_evaluator(accuracy_metrics(experience=True, stream=True)))

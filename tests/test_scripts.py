@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from learner_cases import conformance_cases
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "stream.py"
 LEARNERS = ("am-adam", "am-mem", "backprop")
@@ -361,12 +363,20 @@ def test_every_registered_learner_runs_by_name_in_every_script(name, tmp_path, c
     """Generated from the registry: stream.py (interrupted, then resumed from its checkpoint),
     continual.py with Replay, and rl.py on CartPole, each with the learner's defaults."""
     stream, continual, rl = load_script("stream"), load_script("continual"), load_script("rl")
+    sequence_only = not any(c.model == "mlp" for c in conformance_cases().values() if c.registry_name == name)
     common = ["--learner", name, "--max-samples", "200", "--quiet", "--logdir", str(tmp_path / "s"),
-              "--checkpoint", str(tmp_path / "ck.pt")]
+              "--checkpoint", str(tmp_path / "ck.pt"), *(["--model", "elman"] if sequence_only else [])]
     stream.main([*common, "--stop-after-steps", "7"])
     stream.main([*common, "--resume"])
     out = capsys.readouterr().out
     assert "resumed from" in out and any(line.startswith(f"{name} ") for line in out.splitlines())
+    if sequence_only:  # ADMMiRNN: the MLPs of continual.py and rl.py are refused in one line, by name
+        for script, args in ((continual, ["--experiences", "5"]), (rl, ["--total-timesteps", "300"])):
+            with pytest.raises(SystemExit) as exit_info:
+                script.main(["--learner", name, "--quiet", "--logdir", str(tmp_path / "x"), *args])
+            captured = capsys.readouterr()
+            assert exit_info.value.code == 2 and "ElmanRNN" in captured.out + captured.err
+        return
     continual.main(["--learner", name, "--plugins", "replay", "--quiet", "--experiences", "5",
                     "--logdir", str(tmp_path / "c"), "--json", str(tmp_path / "c.json")])
     assert json.loads((tmp_path / "c.json").read_text())["results"][name]["steps"] > 0

@@ -4,6 +4,7 @@
 ``scripts/continual.py``, ``scripts/rl.py``, ``scenarios.AMStrategy``, ``agents.DQNAgent`` and the
 generated conformance tests, with its options derived from its ``defaults``.
 """
+from .admm_rnn import ADMMiRNN
 from .admm_softmax import ADMMSoftmax
 from .altmin import AltMinLearner, AMAdam
 from .ammem import AMMem
@@ -28,8 +29,9 @@ LEARNERS: dict[str, type[Learner]] = {
     "admm-softmax": ADMMSoftmax,
     "dladmm": DLADMM,
     "frank-wolfe": FrankWolfeLearner,
+    "admm-rnn": ADMMiRNN,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
            "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS",
-           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM", "FrankWolfeLearner"]
+           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM", "FrankWolfeLearner", "ADMMiRNN"]

@@ -102,6 +102,16 @@ class SequenceModel(nn.Module):
             self.state.resize_(saved.shape)
             self.state.copy_(saved)
 
+    # ------------------------------------------------------------------------------ the pass
+    def run(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs, final state)`` from ``h0`` (default: the carried state or zeros); changes nothing."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, final = self.run(x)
+        self.remember(final)
+        return out
+
     # ------------------------------------------------------------------------------ outputs
     def arrange(self, outputs: torch.Tensor) -> torch.Tensor:
         """Time-major outputs ``(time, batch, classes)`` in the model's layout (see the module)."""
@@ -162,10 +172,9 @@ class ElmanRNN(SequenceModel):
             states.append(h)
         return torch.stack(pre), torch.stack(states)
 
-    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         _, states = self.unroll(x, h0)
-        self.remember(states[-1])
-        return self.arrange(self.output(states))
+        return self.arrange(self.output(states)), states[-1]
 
 
 class RecurrentNet(SequenceModel):
@@ -192,18 +201,19 @@ class RecurrentNet(SequenceModel):
         self.rnn = self.KINDS[kind](self.n_inputs, hidden, num_layers=self.num_layers)
         self.head = nn.Linear(hidden, n_outputs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
-        batch = feats.shape[1]
+    def state_shape(self, batch: int) -> tuple[int, ...]:
         shape = (self.num_layers, batch, self.hidden)
-        if self.kind == "lstm":  # (h, c) kept stacked as one tensor
-            state = self.initial_state(batch, (2, *shape), feats)
+        return (2, *shape) if self.kind == "lstm" else shape  # an LSTM's (h, c) kept stacked
+
+    def run(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.features(x)
+        state = self.initial_state(feats.shape[1], self.state_shape(feats.shape[1]), feats) if h0 is None else h0
+        if self.kind == "lstm":
             outputs, (h, c) = self.rnn(feats, (state[0].contiguous(), state[1].contiguous()))
             final = torch.stack((h, c))
         else:
-            outputs, final = self.rnn(feats, self.initial_state(batch, shape, feats))
-        self.remember(final)
-        return self.arrange(self.head(outputs))
+            outputs, final = self.rnn(feats, state)
+        return self.arrange(self.head(outputs)), final
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, " + super().extra_repr()

@@ -26,7 +26,7 @@ import torch
 
 from .data import DataFileCorrupt, Dataset, _check_md5, _require, data_dir, load_fashion_mnist, load_mnist
 
-__all__ = ["CharCorpus", "load_text", "text_windows", "n_windows", "load_row_mnist", "adding_problem",
+__all__ = ["CharCorpus", "load_text", "text_windows", "n_windows", "text_loss", "load_row_mnist", "adding_problem",
            "TEXT_FILE", "ADDING_TRIVIAL_MSE"]
 
 TEXT_FILE = "text/metamorphosis.txt"
@@ -162,3 +162,29 @@ def adding_problem(n: int, length: int, seed: int = 0) -> Dataset:
 def chance_loss(vocab_size: int) -> float:
     """The loss of a uniform prediction over ``vocab_size`` symbols, in nats (``ln V``)."""
     return math.log(vocab_size)
+
+
+@torch.no_grad()
+def text_loss(model, corpus: CharCorpus | torch.Tensor, window: int = 100) -> float:
+    """Next-character cross-entropy of a many-to-many token model over a whole text, in nats per
+    character: one stream, the hidden state carried from window to window, the model unchanged (its
+    own carried state and mode are left as they were)."""
+    ids = corpus.ids if isinstance(corpus, CharCorpus) else corpus
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    device = next(model.parameters()).device
+    try:
+        for x, y in text_windows(ids, window, batch_size=1):
+            out, state = model.run(x.to(device), state)
+            total += float(torch.nn.functional.cross_entropy(out, y.to(device), reduction="sum"))
+            count += y.numel()
+        rest = (len(ids) - 1) % window  # the characters after the last full window
+        if rest:
+            x, y = ids[-rest - 1:-1].view(1, -1), ids[-rest:].view(1, -1)
+            out, state = model.run(x.to(device), state)
+            total += float(torch.nn.functional.cross_entropy(out, y.to(device), reduction="sum"))
+            count += rest
+    finally:
+        model.train(was_training)
+    return total / count

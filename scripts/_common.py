@@ -26,7 +26,7 @@ from amstream.hparams import HParam
 
 __all__ = [
     "Parser", "HelpFormatter", "avalanche_warnings", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
-    "learner_options", "make_learner", "build_model", "as_sequences", "RECURRENT_MODELS", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list",
+    "learner_options", "make_learner", "parse_run", "clean_errors", "build_model", "as_sequences", "RECURRENT_MODELS", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list",
 ]
 
 
@@ -201,6 +201,44 @@ def learner_kwargs(name: str, args: argparse.Namespace) -> dict:
         if learner == name:
             kwargs[key] = value
     return kwargs
+
+
+@contextlib.contextmanager
+def clean_errors(parser: argparse.ArgumentParser):
+    """Bad settings, data or checkpoints end with a one-line message and exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        hint = " (or pass --data-dir)" if isinstance(err, FileNotFoundError) else ""
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}{hint}\n")
+
+
+def parse_run(text: str, special: Callable[[str, str, str], dict | None] | None = None) -> tuple[str, dict]:
+    """A run specification ``"LEARNER[:NAME=VALUE,...]"`` -> ``(learner name, keyword arguments)``.
+
+    ``preset=P`` takes the class's ``presets[P]`` first (later items override it); every other
+    item must be a declared hyperparameter, parsed and range-checked by its declaration.
+    ``special(name, key, value)`` may claim an item first by returning the keywords it stands for.
+    A bad specification raises a ``ValueError`` that names the problem.
+    """
+    name, _, settings = text.partition(":")
+    if name not in LEARNERS:
+        raise ValueError(f"unknown learner {name!r} in run {text!r}; choose from {', '.join(LEARNERS)}")
+    cls, kwargs = LEARNERS[name], {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = (part.strip() for part in item.partition("="))
+        claimed = special(name, key, value) if special is not None else None
+        if claimed is not None:
+            kwargs.update(claimed)
+        elif key == "preset":
+            if value not in cls.presets:
+                raise ValueError(f"{name} has no preset {value!r}; it has {', '.join(cls.presets) or 'none'}")
+            kwargs = {**cls.presets[value], **kwargs}
+        elif key in cls.defaults:
+            kwargs[key] = cls.defaults[key].check(key, cls.defaults[key].parse(value))
+        else:
+            raise ValueError(f"{name} has no hyperparameter {key!r} (in run {text!r})")
+    return name, kwargs
 
 
 def make_learner(name: str, model: nn.Module, device: str | torch.device = "auto", **kwargs):

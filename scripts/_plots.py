@@ -193,18 +193,23 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float, float]]], path: st
 
 
 def plot_against_time(curves: dict[str, list[tuple[float, float]]], path: str | Path, *, ylabel: str,
-                      title: str = "") -> Path:
-    """One value (a validation accuracy) against wall time, one line per method."""
+                      title: str = "", lines: dict[str, float] | None = None, xlabel: str = "wall time (s)") -> Path:
+    """One value (a validation accuracy) against wall time, one line per method; ``lines``: labelled
+    horizontal reference lines (a loss to beat)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     for label, points in curves.items():
         seconds, values = zip(*points) if points else ((), ())
         ax.plot(seconds, values, marker="o", markersize=2.5, label=label)
-    ax.set_xlabel("wall time (s)")
+    for label, value in (lines or {}).items():
+        ax.axhline(value, color="grey", linestyle="--", linewidth=0.9)
+        ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                    fontsize="x-small", color="grey")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     if title:
         ax.set_title(title)
     fig.savefig(path, dpi=110)

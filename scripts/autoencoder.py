@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from _common import Parser, add_option  # noqa: E402
+from _common import parse_run as _common_parse_run  # noqa: E402
 from amstream import LEARNERS, set_seed  # noqa: E402
 from amstream.data import load_fashion_mnist, load_mnist  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
@@ -62,25 +63,15 @@ def reconstruction_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out, x.flatten(1), reduction="sum") / x.shape[0]
 
 
+def _tf_rmsprop(name: str, key: str, value: str) -> dict | None:
+    if key == "optimizer" and value == "tf-rmsprop":  # the reference's RMSProp settings for backprop
+        return {"optimizer": TFRMSprop, "optimizer_kwargs": {"momentum": 0.999, "decay": 0.9, "eps": 1e-5}}
+    return None
+
+
 def parse_run(text: str) -> tuple[str, str, dict]:
     """``"backprop:optimizer=adam,lr=1e-3"`` -> ``(label, learner name, keyword arguments)``."""
-    name, _, settings = text.partition(":")
-    if name not in LEARNERS:
-        raise ValueError(f"unknown learner {name!r} in run {text!r}; choose from {', '.join(LEARNERS)}")
-    declared, kwargs = LEARNERS[name].defaults, {}
-    for item in filter(None, settings.split(",")):
-        key, _, value = (part.strip() for part in item.partition("="))
-        if key == "preset":
-            if value not in LEARNERS[name].presets:
-                raise ValueError(f"{name} has no preset {value!r}; it has {', '.join(LEARNERS[name].presets) or 'none'}")
-            kwargs = {**LEARNERS[name].presets[value], **kwargs}
-        elif key == "optimizer" and value == "tf-rmsprop":
-            kwargs["optimizer"] = TFRMSprop  # the reference's RMSProp settings for backprop
-            kwargs["optimizer_kwargs"] = {"momentum": 0.999, "decay": 0.9, "eps": 1e-5}
-        elif key in declared:
-            kwargs[key] = declared[key].check(key, declared[key].parse(value))
-        else:
-            raise ValueError(f"{name} has no hyperparameter {key!r} (in run {text!r})")
+    name, kwargs = _common_parse_run(text, _tf_rmsprop)
     return text, name, kwargs
 
 

@@ -132,16 +132,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     return args, parser
 
 
-@contextlib.contextmanager
-def clean_errors(parser: argparse.ArgumentParser):
-    """Bad settings, data or checkpoints end with a one-line message and exit code 2."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        hint = " (or pass --data-dir)" if isinstance(err, FileNotFoundError) else ""
-        parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}{hint}\n")
-
-
 def checkpoint_path(path: str, learner: str) -> Path:
     p = Path(path)
     return p.with_name(f"{p.stem}-{learner}{p.suffix}")
@@ -312,7 +302,7 @@ def print_summary(results: dict, args, n_train: int) -> None:
 
 def main(argv=None) -> None:
     args, parser = parse_args(argv)
-    with clean_errors(parser):
+    with _common.clean_errors(parser):
         device = resolve_device(args.device)
         if args.threads or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)

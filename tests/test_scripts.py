@@ -425,3 +425,30 @@ def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
     bad = subprocess.run([sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:step_size=wide"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid step_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sequence_experiment_runs_every_task(tmp_path):
+    """scripts/sequence.py with tiny budgets: text (held-out nats from ln 61 down), row MNIST, the
+    adding problem and a robustness grid; a bad run spec is a one-line error."""
+    script = [sys.executable, str(ROOT / "scripts" / "sequence.py"), "--quiet", "--hidden", "16"]
+    text = subprocess.run([*script, "--task", "text", "--seconds", "2", "--run", "admm-rnn", "--run",
+                           "backprop@gru:lr=3e-3", "--json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0, text.stderr
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["elman", "gru"]
+    for r in results:
+        assert abs(r["curve"][0][2] - 4.11) < 0.05 and r["final"] < r["curve"][0][2]  # learns from ln 61
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    mnist = subprocess.run([*script, "--task", "permuted-mnist", "--max-samples", "600", "--batch-size", "50",
+                            "--run", "frank-wolfe", "--run", "backprop", "--epochs", "2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert mnist.returncode == 0, mnist.stderr
+    assert "| backprop | " in mnist.stdout and "epoch 2" in mnist.stdout
+    adding = subprocess.run([*script, "--task", "adding", "--length", "10", "--steps", "20", "--eval-every", "10",
+                             "--run", "backprop", "--grid", "--init-scales", "1", "--lr-factors", "1,10"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert adding.returncode == 0, adding.stderr
+    assert "converged (of 2)" in adding.stdout
+    bad = subprocess.run([*script, "--run", "admm-rnn@lstm"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown model 'lstm'" in bad.stderr and "Traceback" not in bad.stderr

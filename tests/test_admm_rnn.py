@@ -217,3 +217,20 @@ def test_reference_settings_do_not_collapse_the_weights(data_root):
     assert sum(losses[-30:]) / 30 < 3.6, sum(losses[-30:]) / 30  # measured 3.2
     for before, p in zip(norms, net.parameters()):
         assert float(p.norm()) > 0.5 * before
+
+
+def test_the_carried_state_is_the_forward_pass_of_the_weights_before_the_step():
+    """As for backprop through time on a stateful model: the state that starts the next window is
+    the final state of this window's forward pass (the weights it was read with), not a variable."""
+    torch.manual_seed(0)
+    net = ElmanRNN(None, 8, 5, vocab_size=5, many_to_many=True, stateful=True)
+    learner = ADMMiRNN(net, device="cpu")
+    x, y = batch(B=3)
+    with torch.no_grad():
+        _, states = net.unroll(x)
+    learner.learn(x, y)
+    torch.testing.assert_close(net.state, states[-1])
+    with torch.no_grad():
+        _, states = net.unroll(x, net.state.clone())
+    learner.learn(x, y)
+    torch.testing.assert_close(net.state, states[-1])

@@ -173,8 +173,9 @@ def test_sequence_classifier_prequential_counts_samples():
     assert result.n_seen == 8 and result.n_predictions is None and result.accuracy == result.n_correct / 8
 
 
-@pytest.mark.parametrize("model", ["elman", "gru"])
-def test_stateful_stream_resumes_exactly_with_its_hidden_state(model, tmp_path, data_root):
+@pytest.mark.parametrize("learner,model", [("backprop", "elman"), ("backprop", "gru"), ("admm-rnn", "elman"),
+                                           ("frank-wolfe", "gru")])
+def test_stateful_stream_resumes_exactly_with_its_hidden_state(learner, model, tmp_path, data_root):
     """A char-level stream of consecutive windows, checkpointed mid-stream: the resumed learner,
     hidden state included, continues exactly as the one that never stopped."""
     train = load_text("train", data_root)
@@ -183,7 +184,7 @@ def test_stateful_stream_resumes_exactly_with_its_hidden_state(model, tmp_path, 
         torch.manual_seed(seed)
         net = ElmanRNN(None, 16, 61, vocab_size=61, many_to_many=True, stateful=True) if model == "elman" else \
             RecurrentNet("gru", None, 16, 61, vocab_size=61, many_to_many=True, stateful=True)
-        return Backprop(net, lr=3e-3, device="cpu")
+        return amstream.LEARNERS[learner](net, lr=3e-3, device="cpu")
 
     windows = list(text_windows(train, 10, batch_size=3))[:8]
     straight = make()

@@ -49,7 +49,7 @@ from amstream.utils import resolve_device  # noqa: E402
 
 TASKS = ("text", "row-mnist", "permuted-mnist", "adding")
 MODELS = ("elman", "gru")
-DEFAULT_RUNS = ("admm-rnn", "frank-wolfe:lr=3e-3", "backprop:lr=3e-3", "backprop@gru:lr=3e-3")
+DEFAULT_RUNS = ("admm-rnn", "am-rnn", "frank-wolfe:lr=3e-3", "backprop:lr=3e-3", "backprop@gru:lr=3e-3")
 #: a run "converges" when its final metric passes this (text: held-out nats below the unigram
 #: entropy; classification: accuracy above; adding: MSE below half the trivial)
 CONVERGED = {"text": 2.96, "row-mnist": 0.5, "permuted-mnist": 0.5, "adding": ADDING_TRIVIAL_MSE / 2}
@@ -150,7 +150,8 @@ def train(label: str, name: str, kind: str, kwargs: dict, task: Task, args, devi
             seconds += time.perf_counter() - start
             step += 1
             bar.update()
-            if step % eval_every == 0 or step == total:
+            epoch_end = task.name != "adding" and step % task.steps_per_epoch == 0
+            if step % eval_every == 0 or step == total or epoch_end:
                 value = task.evaluate(learner)
                 curve.append((step, seconds, value))
                 bar.set_postfix(metric=f"{value:.4f}")

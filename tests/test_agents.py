@@ -118,11 +118,13 @@ FEEDFORWARD_LEARNERS = sorted({c.registry_name for c in conformance_cases().valu
 
 
 def test_a_learner_of_sequence_models_only_is_refused_by_name():
-    """ADMMiRNN trains Elman networks, not the agent's MLP Q-network: a clear error at construction."""
+    """ADMMiRNN and AM-RNN train Elman networks, not the agent's MLP Q-network: a clear error at
+    construction."""
     sequence_only = sorted(set(amstream.LEARNERS) - set(FEEDFORWARD_LEARNERS))
-    assert sequence_only == ["admm-rnn"]
-    with pytest.raises(amstream.UnsupportedModelError, match="ElmanRNN"):
-        small_agent("CartPole-v1", "admm-rnn")
+    assert "admm-rnn" in sequence_only and "am-rnn" in sequence_only
+    for name in sequence_only:
+        with pytest.raises(amstream.UnsupportedModelError, match="ElmanRNN"):
+            small_agent("CartPole-v1", name)
 
 
 @pytest.mark.parametrize("learner", FEEDFORWARD_LEARNERS)

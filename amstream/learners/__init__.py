@@ -7,6 +7,7 @@ generated conformance tests, with its options derived from its ``defaults``.
 from .admm_rnn import ADMMiRNN
 from .admm_softmax import ADMMSoftmax
 from .altmin import AltMinLearner, AMAdam
+from .am_rnn import AMRNN
 from .ammem import AMMem
 from .backprop import Backprop
 from .base import Learner, LossFn, NonFiniteStepError, Penalty, StepInfo
@@ -30,8 +31,9 @@ LEARNERS: dict[str, type[Learner]] = {
     "dladmm": DLADMM,
     "frank-wolfe": FrankWolfeLearner,
     "admm-rnn": ADMMiRNN,
+    "am-rnn": AMRNN,
 }
 
 __all__ = ["LEARNERS", "Learner", "BlockLearner", "ParameterGroups", "LossFn", "Penalty", "StepInfo",
            "NonFiniteStepError", "AltMinLearner", "AMAdam", "AMMem", "Backprop", "LocoProp", "LocoPropS",
-           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM", "FrankWolfeLearner", "ADMMiRNN"]
+           "SBE", "SBPCA", "ADMMSoftmax", "DLADMM", "FrankWolfeLearner", "ADMMiRNN", "AMRNN"]

@@ -193,7 +193,8 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float, float]]], path: st
 
 
 def plot_against_time(curves: dict[str, list[tuple[float, float]]], path: str | Path, *, ylabel: str,
-                      title: str = "", lines: dict[str, float] | None = None, xlabel: str = "wall time (s)") -> Path:
+                      title: str = "", lines: dict[str, float] | None = None, xlabel: str = "wall time (s)",
+                      xscale: str = "linear") -> Path:
     """One value (a validation accuracy) against wall time, one line per method; ``lines``: labelled
     horizontal reference lines (a loss to beat)."""
     path = Path(path)
@@ -206,6 +207,8 @@ def plot_against_time(curves: dict[str, list[tuple[float, float]]], path: str | 
         ax.axhline(value, color="grey", linestyle="--", linewidth=0.9)
         ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                     fontsize="x-small", color="grey")
+    if xscale == "symlog":  # runs whose times differ by orders of magnitude; linear below 1 s
+        ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

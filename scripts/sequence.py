@@ -275,7 +275,8 @@ def main(argv=None) -> None:
                 {"trivial 0.167": ADDING_TRIVIAL_MSE} if task.name == "adding" else None
             plot = Path(args.plot) if args.plot else Path("runs") / f"sequence-{task.name}.png"
             _plots.plot_against_time({r["label"]: [(s, v) for _, s, v in r["curve"]] for r in results}, plot,
-                                     ylabel=task.metric, title=f"{task.name}, hidden {args.hidden}", lines=lines)
+                                     ylabel=task.metric, title=f"{task.name}, hidden {args.hidden}", lines=lines,
+                                     xlabel="training time (s, log scale above 1 s)", xscale="symlog")
             print(f"Plot: {plot}")
 
 

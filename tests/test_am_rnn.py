@@ -52,7 +52,7 @@ def test_learns_a_sequence_task():
     """Name the token read two steps ago (a task that needs the recurrence)."""
     torch.manual_seed(0)
     net = ElmanRNN(None, 32, 5, vocab_size=5, many_to_many=True)
-    learner = AMRNN(net, device="cpu", lr=1e-2, lr_out=1e-2)
+    learner = AMRNN(net, device="cpu", lr=1e-2, lr_out=1e-2, code_lr=0.1)
     g = torch.Generator().manual_seed(1)
     for _ in range(300):
         x = torch.randint(0, 5, (16, 12), generator=g)

@@ -209,6 +209,7 @@ def plot_against_time(curves: dict[str, list[tuple[float, float]]], path: str | 
                     fontsize="x-small", color="grey")
     if xscale == "symlog":  # runs whose times differ by orders of magnitude; linear below 1 s
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -216,7 +216,8 @@ def main(argv=None) -> None:
     add_option(p, "--seconds", HParam(None, "stop a run after this much training time", float, "(0, inf)",
                                       optional=True))
     p.add_argument("--grid", action="store_true", help="robustness: every run over --init-scales x --lr-factors, "
-                   "the fraction that converge (see CONVERGED)")
+                   "the fraction that converge (text: held-out below the unigram entropy, 2.96 nats; MNIST: test "
+                   "accuracy above 50%%; adding: MSE below half the trivial 0.167)")
     p.add_argument("--init-scales", default="0.1,1,3", help="grid: factors of the initial weights")
     p.add_argument("--lr-factors", default="0.1,1,10", help="grid: factors of each run's learning rate")
     add_option(p, "--threads", HParam(1, "torch CPU threads", int, "[1, inf)"))

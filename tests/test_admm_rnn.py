@@ -2,7 +2,6 @@
 updates equal per-step loops, and it learns where the reference collapses."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

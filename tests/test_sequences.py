@@ -1,7 +1,6 @@
 """Sequence models, sequence data and sequence inputs through every surface (issue 14)."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterator
 
@@ -157,11 +156,6 @@ def adding_problem(n: int, length: int, seed: int = 0) -> Dataset:
     y = (values[rows, first] + values[rows, second]).unsqueeze(1)
     x = torch.stack((values, markers), dim=2)
     return Dataset(x=x, y=y, n_classes=0, name=f"adding-{length}", classes=())
-
-
-def chance_loss(vocab_size: int) -> float:
-    """The loss of a uniform prediction over ``vocab_size`` symbols, in nats (``ln V``)."""
-    return math.log(vocab_size)
 
 
 @torch.no_grad()

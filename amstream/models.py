@@ -23,16 +23,19 @@ interface, for the optimizer-style learners and the backprop baseline.
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SequenceModel", "ElmanRNN", "RecurrentNet"]
+from .blocks import UnsupportedModelError
+
+__all__ = ["SequenceModel", "ElmanRNN", "RecurrentNet", "require_elman"]
 
 
-class SequenceModel(nn.Module):
+class SequenceModel(nn.Module, abc.ABC):
     """What the learners read from a sequence model: its vocabulary, its output layout, its state.
 
     Attributes:
@@ -103,9 +106,9 @@ class SequenceModel(nn.Module):
             self.state.copy_(saved)
 
     # ------------------------------------------------------------------------------ the pass
+    @abc.abstractmethod
     def run(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs, final state)`` from ``h0`` (default: the carried state or zeros); changes nothing."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, final = self.run(x)
@@ -217,3 +220,12 @@ class RecurrentNet(SequenceModel):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, " + super().extra_repr()
+
+
+def require_elman(model: nn.Module, method: str) -> None:
+    """Raise :class:`~amstream.blocks.UnsupportedModelError` unless ``model`` is an :class:`ElmanRNN`
+    (the learners that solve its three weight matrices separately need it)."""
+    if not isinstance(model, ElmanRNN):
+        raise UnsupportedModelError(
+            f"{method} trains an amstream.models.ElmanRNN (explicit input, recurrent and output weights), "
+            f"got {type(model).__name__}")

@@ -48,9 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import UnsupportedModelError
 from ..hparams import HParam
-from ..models import ElmanRNN
+from ..models import ElmanRNN, require_elman
 from .admm_softmax import prox_lbfgs, softmax_prox_newton
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
@@ -173,10 +172,7 @@ class ADMMiRNN(Learner):
     }
 
     def __init__(self, model: nn.Module, **kwargs) -> None:
-        if not isinstance(model, ElmanRNN):
-            raise UnsupportedModelError(
-                f"ADMMiRNN trains an amstream.models.ElmanRNN (explicit input, recurrent and output weights), "
-                f"got {type(model).__name__}")
+        require_elman(model, "ADMMiRNN")
         super().__init__(model, **kwargs)
         self.optimizer = ParameterGroups([{"name": name, "params": params, "lr": self.lr}
                                           for name, params in self._named_groups()])

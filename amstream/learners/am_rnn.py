@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..blocks import UnsupportedModelError
 from ..hparams import HParam
-from ..models import ElmanRNN
+from ..models import ElmanRNN, require_elman
 from .base import Learner, LossFn, Penalty, StepInfo
 from .penalty import penalty_value
 
@@ -56,10 +55,7 @@ class AMRNN(Learner):
     }
 
     def __init__(self, model: nn.Module, **kwargs) -> None:
-        if not isinstance(model, ElmanRNN):
-            raise UnsupportedModelError(
-                f"AMRNN trains an amstream.models.ElmanRNN (explicit input, recurrent and output weights), "
-                f"got {type(model).__name__}")
+        require_elman(model, "AMRNN")
         super().__init__(model, **kwargs)
         groups = [{"params": params, "name": name, "lr": self.lr_out if name == "output" else self.lr}
                   for name, params in self._named_groups()]

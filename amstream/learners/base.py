@@ -271,8 +271,9 @@ class Learner(StreamingMixin, abc.ABC):
     def _cross_entropy_labels(self, labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """``labels`` (default: those of the step under way, when it came from :meth:`learn`) if the
         criterion is a plain ``nn.CrossEntropyLoss`` (mean reduction, no class weights, no label
-        smoothing) and they are class indices (one per sample, or per position), else None: a rule with a closed form for the softmax
-        cross-entropy (an ADMM Z-step) may use them; with None it must treat the loss as a black box."""
+        smoothing) and they are class indices (one per sample, or per position), else None: a rule
+        with a closed form for the softmax cross-entropy (an ADMM Z-step) may use them; with None it
+        must treat the loss as a black box."""
         labels = self._labels if labels is None else labels
         c = self.criterion
         if labels is None or type(c) is not nn.CrossEntropyLoss or labels.dim() == 0 or labels.is_floating_point():

@@ -91,6 +91,10 @@ def nesterov_step_(c: torch.Tensor, buf: torch.Tensor | None, grad: torch.Tensor
     The buffer starts as the first gradient (torch's rule) and is returned for the next step.
     ``lr`` may be a 0-dim tensor (a step size computed on the device, without a host sync).
     """
+    return _nesterov_step(c, buf, grad, lr, momentum)
+
+
+def _nesterov_step(c, buf, grad, lr, momentum):  # nesterov_step_ in the caller's no-grad mode
     if momentum == 0.0:
         direction = grad
     else:
@@ -141,6 +145,13 @@ _ACTIVATION_GRADS: dict[type, Callable] = {
 }
 
 
+_ACTIVATION_FUNCTIONS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: torch.relu,
+    nn.Tanh: torch.tanh,
+    nn.Sigmoid: torch.sigmoid,
+}
+
+
 class LinearBlockView(NamedTuple):
     """A block ``linear(act(flatten(c)))`` whose gradients have a closed form."""
 
@@ -152,7 +163,15 @@ class LinearBlockView(NamedTuple):
     def inputs(self, c: torch.Tensor) -> torch.Tensor:
         """The Linear layer's input ``act(flatten(c))``."""
         a = c.flatten(1) if self.flatten else c
-        return self.act(a) if self.act is not None else a
+        act = self.act
+        if act is None:
+            return a
+        # the activation's function without the module call (a third of a one-sample code step's
+        # Python time), unless the module has hooks that must see the call
+        function = _ACTIVATION_FUNCTIONS.get(type(act))
+        if function is None or act._forward_hooks or act._forward_pre_hooks:
+            return act(a)
+        return function(a)
 
 
 def linear_view(block) -> LinearBlockView | None:
@@ -188,31 +207,87 @@ def _through_linear_block(view: LinearBlockView, c: torch.Tensor, g_out: torch.T
 
 
 def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox, reduction) -> torch.Tensor:
-    """Closed-form gradient of :func:`code_objective` for Linear blocks (same value as autograd)."""
+    """Closed-form gradient of :func:`code_objective` for Linear blocks (same value as autograd).
+    Called in no-grad mode (the caller's: one context for all the code steps)."""
     per_element = reduction == "sum"
-    with torch.no_grad():
-        pred = F.linear(view_next.inputs(c), view_next.linear.weight, view_next.linear.bias)
-    if target is None:  # last code: the task loss may be anything, so autograd on the output only
-        g_out = task_loss_grad(pred, loss_fn)[1] * ((c.shape[0] if per_element else 1.0) / mu)
+    pred = F.linear(view_next.inputs(c), view_next.linear.weight, view_next.linear.bias)
+    if target is None:  # last code: the task loss may be anything (closed form or autograd on the output)
+        g_out = task_loss_gradient(pred, loss_fn).mul_((c.shape[0] if per_element else 1.0) / mu)
     else:
-        g_out = (2.0 if per_element else 2.0 / pred.numel()) * (pred - target)
-    with torch.no_grad():
-        grad = _through_linear_block(view_next, c, g_out)
-        scale = 1.0 if per_element else 1.0 / c.numel()
-        if prox == "paper":
-            grad.add_(c - anchor, alpha=2.0 * scale)
-        if lambda_c:
-            grad.add_(torch.sign(c), alpha=lambda_c / mu * scale)
+        g_out = pred.sub_(target).mul_(2.0 if per_element else 2.0 / pred.numel())
+    grad = _through_linear_block(view_next, c, g_out)
+    scale = 1.0 if per_element else 1.0 / c.numel()
+    if prox == "paper":
+        grad.add_(c - anchor, alpha=2.0 * scale)
+    if lambda_c:
+        grad.add_(torch.sign(c), alpha=lambda_c / mu * scale)
     return grad
 
 
-def task_loss_grad(out: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, d loss / d out)`` by autograd over the loss alone (the loss may be any function)."""
+class CriterionLoss:
+    """``criterion(out, target)`` as a loss of the output alone, with the gradient in closed form
+    where the criterion has one (:func:`task_loss_gradient` uses it instead of autograd).
+
+    The closed forms, each the exact gradient of torch's own loss:
+
+    - ``nn.CrossEntropyLoss()`` (mean reduction, no class weights, no label smoothing) on class
+      indices, one per sample ``(B,)`` or per position ``(B, T)`` with outputs ``(B, C[, T])``:
+      ``(softmax(out, dim=1) - onehot(target)) / number of labels``;
+    - ``nn.MSELoss()`` (mean) with a target of the output's shape: ``2 (out - target) / out.numel()``.
+
+    Any other criterion, or these with other settings, differentiates by autograd. The code steps
+    of alternating minimization need this gradient several times a step (five code steps and the
+    output fit): on a one-sample stream the autograd calls were a third of an AM-Adam step.
+    """
+
+    __slots__ = ("criterion", "target", "kind", "_onehot")
+
+    def __init__(self, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor) -> None:
+        self.criterion, self.target = criterion, target
+        self.kind = _closed_form_kind(criterion, target)
+        self._onehot: torch.Tensor | None = None  # onehot(target) / n, made at the first gradient
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        return self.criterion(out, self.target)
+
+    def gradient(self, out: torch.Tensor) -> torch.Tensor | None:
+        """``d criterion(out, target) / d out`` in closed form, or None (then use autograd)."""
+        y = self.target
+        if self.kind == "cross-entropy" and out.dim() == y.dim() + 1 and out.shape[0] == y.shape[0]:
+            n = y.numel()
+            onehot = self._onehot
+            if onehot is None or onehot.shape != out.shape or onehot.dtype != out.dtype:
+                onehot = torch.zeros_like(out, memory_format=torch.contiguous_format)
+                self._onehot = onehot.scatter_(1, y.unsqueeze(1), 1.0 / n)
+            return torch.softmax(out.detach(), dim=1).div_(n).sub_(onehot)
+        if self.kind == "mse" and out.shape == y.shape:
+            return (out.detach() - y).mul_(2.0 / out.numel())
+        return None
+
+
+def _closed_form_kind(criterion: object, target: torch.Tensor) -> str | None:
+    if type(criterion) is nn.CrossEntropyLoss:
+        if (criterion.weight is None and criterion.label_smoothing == 0.0 and criterion.reduction == "mean"
+                and not target.is_floating_point() and target.dim() >= 1):
+            return "cross-entropy"
+    elif type(criterion) is nn.MSELoss:
+        if criterion.reduction == "mean" and target.is_floating_point():
+            return "mse"
+    return None
+
+
+def task_loss_gradient(out: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``d loss / d out``: in closed form for a :class:`CriterionLoss` that has one, else by autograd
+    over the loss alone (the loss may be any function of the output)."""
+    gradient = getattr(loss_fn, "gradient", None)
+    if gradient is not None:
+        grad = gradient(out)
+        if grad is not None:
+            return grad
     with torch.enable_grad():
         out = out.detach().requires_grad_(True)
-        loss = loss_fn(out)
-        (grad,) = torch.autograd.grad(loss, out)
-    return loss.detach(), grad
+        (grad,) = torch.autograd.grad(loss_fn(out), out)
+    return grad
 
 
 @torch.no_grad()
@@ -326,10 +401,11 @@ def update_codes(
             c = codes[i].detach().clone()
             anchor = codes[i].detach()
             buf = None
-            for _ in range(steps):
-                grad = _code_grad_fast(c, anchor, view, target, loss_fn, mu=mu,
-                                       lambda_c=lambda_c, prox=prox, reduction=reduction)
-                buf = nesterov_step_(c, buf, grad, lr, momentum)
+            with torch.no_grad():
+                for _ in range(steps):
+                    grad = _code_grad_fast(c, anchor, view, target, loss_fn, mu=mu,
+                                           lambda_c=lambda_c, prox=prox, reduction=reduction)
+                    buf = _nesterov_step(c, buf, grad, lr, momentum)
             new_codes[i] = c
             continue
         c = codes[i].detach().clone().requires_grad_(True)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "set_seed", "rng_state", "set_rng_state", "RunClock"]
+__all__ = ["resolve_device", "set_seed", "rng_state", "set_rng_state", "RunClock", "eval_mode"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -23,6 +24,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
     return resolved
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model.eval()`` inside the block, each module's own mode restored after it.
+
+    ``nn.Module.train`` walks the tree through ``nn.Module.__setattr__``: 32 us for eval and back on
+    a 3-layer MLP, more than its forward pass on one sample. When no module overrides ``train``, the
+    flags are set directly (1 us); a module with its own ``train`` gets the full call.
+    """
+    modules = list(model.modules())
+    if all(type(m).train is torch.nn.Module.train for m in modules):
+        modes = [m.training for m in modules]
+        for m in modules:
+            object.__setattr__(m, "training", False)
+        try:
+            yield model
+        finally:
+            for m, mode in zip(modules, modes):
+                object.__setattr__(m, "training", mode)
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def set_seed(seed: int) -> None:

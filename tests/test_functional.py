@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
-from amstream.functional import (code_objective, hidden_code_step_cap, linear_view, linear_weight_grads_,
+from amstream.functional import (CriterionLoss, code_objective, hidden_code_step_cap, linear_view, linear_weight_grads_,
                                  nesterov_step_, spectral_norm_bound,
-                                 proximity_anchor, task_loss_grad, update_codes)
+                                 proximity_anchor, task_loss_gradient, update_codes)
 from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve,
                              proximal_sweep, soft_threshold, update_memory_)
 
@@ -538,15 +538,49 @@ def test_linear_view_selects_closed_form_blocks():
     assert torch.equal(v.inputs(c), c.flatten(1))
 
 
-def test_task_loss_grad_equals_autograd():
+def test_task_loss_gradient_equals_autograd():
     out = torch.randn(5, 3, dtype=F64)
     y = torch.tensor([0, 2, 1, 1, 0])
-    loss, g = task_loss_grad(out, lambda o: F.cross_entropy(o, y))
-    assert torch.allclose(loss, F.cross_entropy(out, y))
+    g = task_loss_gradient(out, lambda o: F.cross_entropy(o, y))  # a plain function: autograd
     # Oracle: d CE / d logits = (softmax - onehot) / B.
     expected = (torch.softmax(out, 1) - F.one_hot(y, 3).to(F64)) / 5
     assert torch.allclose(g, expected, rtol=1e-12, atol=1e-14)
     assert not out.requires_grad
+
+
+def _autograd(out, loss_fn):
+    out = out.detach().requires_grad_(True)
+    return torch.autograd.grad(loss_fn(out), out)[0]
+
+
+@pytest.mark.parametrize("case", ["ce", "ce-per-position", "mse"])
+def test_criterion_loss_closed_form_equals_autograd(case):
+    if case == "ce":
+        criterion, out, y = nn.CrossEntropyLoss(), torch.randn(6, 4, dtype=F64), torch.randint(0, 4, (6,))
+    elif case == "ce-per-position":  # a sequence model's outputs (B, C, T) and labels (B, T)
+        criterion, out, y = nn.CrossEntropyLoss(), torch.randn(3, 5, 7, dtype=F64), torch.randint(0, 5, (3, 7))
+    else:
+        criterion, out, y = nn.MSELoss(), torch.randn(6, 2, dtype=F64), torch.randn(6, 2, dtype=F64)
+    loss_fn = CriterionLoss(criterion, y)
+    closed = loss_fn.gradient(out)
+    assert closed is not None, "the closed form must apply here"
+    assert torch.allclose(closed, _autograd(out, loss_fn), rtol=1e-12, atol=1e-15)
+    assert torch.equal(task_loss_gradient(out, loss_fn), closed)
+    assert torch.equal(loss_fn(out), criterion(out, y))
+
+
+@pytest.mark.parametrize("criterion, target", [
+    (nn.CrossEntropyLoss(label_smoothing=0.1), torch.tensor([0, 2, 1])),
+    (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=F64)), torch.tensor([0, 2, 1])),
+    (nn.CrossEntropyLoss(), torch.softmax(torch.randn(3, 3, dtype=F64), 1)),  # soft labels
+    (nn.MSELoss(reduction="sum"), torch.randn(3, 3, dtype=F64)),
+    (nn.SmoothL1Loss(), torch.randn(3, 3, dtype=F64)),
+])
+def test_criterion_loss_without_closed_form_uses_autograd(criterion, target):
+    loss_fn = CriterionLoss(criterion, target)
+    out = torch.randn(3, 3, dtype=F64)
+    assert loss_fn.gradient(out) is None
+    assert torch.allclose(task_loss_gradient(out, loss_fn), _autograd(out, loss_fn), rtol=1e-12)
 
 
 @pytest.mark.parametrize("bias, lambda_w", [(True, 0.0), (False, 0.0), (True, 0.05)])

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
-from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_grad, update_codes
+from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_gradient, update_codes
 from ..hparams import HParam
 from ..schedules import apply_lr_halving_, mu_at
-from .base import LossFn, Penalty, StepInfo
+from .base import LossFn, Penalty, StepInfo, fused_kwargs
 from .blockwise import BlockLearner
 from .penalty import add_penalty_grads_
 
@@ -107,7 +107,8 @@ class AltMinLearner(BlockLearner):
         ]
         for g in groups:
             g["initial_lr"] = g["lr"]
-        self.optimizer = torch.optim.Adam(groups, betas=tuple(self.betas), eps=self.adam_eps, foreach=True)
+        self.optimizer = torch.optim.Adam(groups, betas=tuple(self.betas), eps=self.adam_eps,
+                                          **(fused_kwargs(torch.optim.Adam, self.model.parameters()) or {"foreach": True}))
         self._on_parameters_changed()
 
     def _on_parameters_changed(self) -> None:
@@ -230,7 +231,7 @@ class AltMinLearner(BlockLearner):
                 a = view.inputs(inputs[block.index])
                 if block is self.blocks.output:
                     out = view.linear(a)
-                    g_out = task_loss_grad(out, loss_fn)[1]
+                    g_out = task_loss_gradient(out, loss_fn)
                     linear_weight_grads_(view, a, g_out)
                     continue
                 # The first layer's input is x, which no code update changes: its prediction is
@@ -249,7 +250,9 @@ class AltMinLearner(BlockLearner):
     # ------------------------------------------------------------------------------- internals
     def _frozen_bn_stats(self):
         """Use batch statistics without updating running ones (unless bn_stats == "all")."""
-        return contextlib.nullcontext() if self.bn_stats == "all" else frozen_batchnorm_stats(self.model)
+        if self.bn_stats == "all" or not self._has_batchnorm:
+            return contextlib.nullcontext()
+        return frozen_batchnorm_stats(self.model)
 
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
         return super()._check_tensors(info) + list(self._last_codes)

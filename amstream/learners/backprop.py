@@ -13,7 +13,7 @@ from torch import nn
 
 from ..hparams import HParam
 from ..schedules import apply_lr_halving_
-from .base import Learner, LossFn, Penalty, StepInfo
+from .base import Learner, LossFn, Penalty, StepInfo, fused_kwargs
 from .penalty import penalty_value
 
 __all__ = ["Backprop", "OPTIMIZERS"]
@@ -71,6 +71,7 @@ class Backprop(Learner):
         kw = dict(self.optimizer_kwargs or {})
         choice = self.optimizer
         if isinstance(choice, str):
+            kw = {**fused_kwargs(OPTIMIZERS[choice], self.model.parameters()), **kw}
             self.optimizer = OPTIMIZERS[choice](groups, lr=self.lr, **kw)
         elif isinstance(choice, type) and issubclass(choice, torch.optim.Optimizer):
             self.optimizer = choice(groups, lr=self.lr, **kw)
@@ -86,7 +87,7 @@ class Backprop(Learner):
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         apply_lr_halving_(self.optimizer, self.step_count, self.lr_halve_every)
         out = self._take_pending(x)  # the output of forward_for_step on this batch, graph included
-        self.optimizer.zero_grad(set_to_none=True)
+        self._clear_grads()
         if out is None:
             out = self.model(x)
         loss = loss_fn(out)

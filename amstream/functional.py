@@ -258,7 +258,9 @@ class CriterionLoss:
             onehot = self._onehot
             if onehot is None or onehot.shape != out.shape or onehot.dtype != out.dtype:
                 onehot = torch.zeros_like(out, memory_format=torch.contiguous_format)
-                self._onehot = onehot.scatter_(1, y.unsqueeze(1), 1.0 / n)
+                # scatter 1 then divide: torch.compile's CPU kernels pass a scattered scalar as a
+                # float32 constant, which would round 1/n to 7 digits in a float64 model
+                self._onehot = onehot.scatter_(1, y.unsqueeze(1), 1.0).div_(n)
             return torch.softmax(out.detach(), dim=1).div_(n).sub_(onehot)
         if self.kind == "mse" and out.shape == y.shape:
             return (out.detach() - y).mul_(2.0 / out.numel())

@@ -169,7 +169,7 @@ class AltMinLearner(BlockLearner):
 
         with self._frozen_bn_stats():
             # (2) codes, top-down
-            new_codes = update_codes(
+            new_codes = self._compiled("the code update", update_codes)(
                 codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=mu,
                 steps=self.code_steps, lrs=code_lrs, momentum=self.code_momentum,
                 prox=self.prox, lambda_c=self.lambda_c, fast=self.fast, reduction=self.reduction,

@@ -89,7 +89,7 @@ class Backprop(Learner):
         out = self._take_pending(x)  # the output of forward_for_step on this batch, graph included
         self._clear_grads()
         if out is None:
-            out = self.model(x)
+            out = self._model_call(x)
         loss = loss_fn(out)
         total = loss if penalty is None else loss + penalty_value(penalty)
         total.backward()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import hparams as hp
+from ..compiled import CompiledFunction, resolve_compile
 from ..functional import CriterionLoss
 from ..stream import StreamingMixin
 from ..utils import eval_mode, resolve_device
@@ -93,7 +94,7 @@ _COMMON = [
     inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
     *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in (
         ("criterion", None), ("device", "auto"), ("on_nonfinite", "warn"), ("validate", True),
-        ("input_shape", None))),
+        ("input_shape", None), ("compile", False))),
 ]
 
 
@@ -111,6 +112,9 @@ class Learner(StreamingMixin, abc.ABC):
         input_shape: the shape of one sample, ``None`` for a dimension of any length (the time
             steps of a sequence); if None it is fixed by the first batch (a model with a recurrent
             layer then takes ``(time, features)`` samples of any number of time steps).
+        compile: ``True`` runs the learner's pure tensor functions (the model's forward pass, the
+            code updates of alternating minimization) through ``torch.compile``; ``"auto"``: on CUDA
+            only; ``False`` (default): eagerly. Same results and checkpoints (:mod:`amstream.compiled`).
         **hyperparameters: the class's ``defaults`` (see below).
     """
 
@@ -138,7 +142,7 @@ class Learner(StreamingMixin, abc.ABC):
 
     def __init__(self, model: nn.Module, *, criterion: nn.Module | None = None, device: str | torch.device = "auto",
                  on_nonfinite: str = "warn", validate: bool = True, input_shape: tuple | None = None,
-                 **hyperparameters: Any) -> None:
+                 compile: bool | str = False, **hyperparameters: Any) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if on_nonfinite not in ("warn", "raise"):
@@ -147,6 +151,8 @@ class Learner(StreamingMixin, abc.ABC):
             raise ValueError(f"the model ({type(model).__name__}) has no parameters, so nothing can be trained")
         self.__dict__.update(hp.resolve(type(self).__name__, self.defaults, hyperparameters))
         self.device = resolve_device(device)
+        self.compile = resolve_compile(compile, self.device)
+        self._compiled_functions: dict[str, CompiledFunction] = {}
         self.model = model.to(self.device)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.on_nonfinite, self.validate = on_nonfinite, bool(validate)
@@ -186,6 +192,20 @@ class Learner(StreamingMixin, abc.ABC):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _compiled(self, name: str, fn: Callable) -> Callable:
+        """``fn`` itself, or with ``compile=True`` its compiled version (made once per name)."""
+        if not self.compile:
+            return fn
+        compiled = self._compiled_functions.get(name)
+        if compiled is None or compiled.fn is not fn:
+            compiled = self._compiled_functions[name] = CompiledFunction(fn, f"{type(self).__name__}: {name}",
+                                                                          self.device)
+        return compiled
+
+    def _model_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward pass (compiled with ``compile=True``)."""
+        return self._compiled("the model's forward pass", self.model)(x)
 
     def _clear_grads(self) -> None:
         """``zero_grad(set_to_none=True)`` over the model's parameters, without the optimizer's
@@ -349,7 +369,7 @@ class Learner(StreamingMixin, abc.ABC):
         """Network output for a batch, in eval mode, without building a graph."""
         x, _ = self._check(x, None, training=False)
         with eval_mode(self.model):
-            return self.model(x)
+            return self._model_call(x)
 
     # ------------------------------------------------------------------------------ the guard
     def _check(self, x, y, *, training: bool):

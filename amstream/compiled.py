@@ -1,0 +1,73 @@
+"""Compiled fast paths: a learner's pure tensor functions run through ``torch.compile``.
+
+A learner built with ``compile=True`` (or ``"auto"``: on CUDA only) routes its hot functions, those
+that take tensors and weights and return new tensors without touching the learner's state, through
+:class:`CompiledFunction`: the code updates of alternating minimization (a few dozen small kernels
+per code step, fused by the compiler into a handful), the model's forward pass of backprop and of
+every learner's ``predict``. Weights, optimizer states and checkpoints are those of the eager
+learner: a compiled learner saves what an eager one saves and loads it back.
+
+Compilation happens at the first call of each function (tens of seconds on a CPU, where torch
+generates and builds C++ kernels) and again for each new input shape. Where a function cannot be
+compiled (no C++ compiler, an operation the compiler does not support, a model that changes its own
+structure), the learner says so once in a warning naming the function and the reason, and runs that
+function eagerly from then on: results are the same, only the speed differs. On CUDA the compiled
+functions use the ``"reduce-overhead"`` mode, which replays them as CUDA graphs for static shapes.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["COMPILE_CHOICES", "CompiledFunction", "resolve_compile"]
+
+COMPILE_CHOICES = (False, True, "auto")
+
+
+def resolve_compile(choice: object, device: torch.device) -> bool:
+    """``compile=`` as a bool for ``device``: ``"auto"`` compiles on CUDA only (on a CPU the first
+    step would wait tens of seconds for the compiler, which a stream of a few samples never repays)."""
+    if choice == "auto":
+        return device.type == "cuda"
+    if isinstance(choice, bool):
+        return choice
+    raise ValueError(f"compile must be True, False or 'auto', got {choice!r}")
+
+
+class CompiledFunction:
+    """``fn`` compiled by ``torch.compile`` at its first call, or ``fn`` itself (with one warning)
+    when it cannot be compiled.
+
+    A failure of the compiled call is told apart from an error of ``fn`` itself by running ``fn``
+    eagerly on the same arguments: if that fails too, its error is raised as the eager function would
+    raise it; if it succeeds, the compiler was at fault, the warning names it, and every later call
+    runs eagerly. The wrapped functions are pure (they return new tensors), so the retry changes
+    nothing.
+    """
+
+    def __init__(self, fn: Callable, name: str, device: torch.device) -> None:
+        self.fn, self.name = fn, name
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self._compiled: Callable | None = torch.compile(fn, mode=mode)
+        self.failure: str | None = None  # why it runs eagerly, once it does
+
+    @property
+    def active(self) -> bool:
+        """Whether calls still go through the compiled function."""
+        return self._compiled is not None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is None:
+            return self.fn(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - decided below by the eager run
+            result = self.fn(*args, **kwargs)  # raises the function's own error, if it is one
+            self._compiled = None
+            self.failure = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            warnings.warn(f"compile=True: {self.name} could not be compiled and runs eagerly from now on "
+                          f"(same results, eager speed). Reason: {self.failure}", RuntimeWarning, stacklevel=2)
+            return result

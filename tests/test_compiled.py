@@ -1,0 +1,123 @@
+"""``compile=``: compiled steps equal eager ones, checkpoints do not depend on the mode, and a function
+the compiler cannot handle falls back to eager with a warning naming it.
+
+The compiled tests run ``torch.compile`` on the CPU (inductor's C++ kernels): each compiles a small
+graph once, a few seconds to half a minute on a cold cache. The CUDA-graph variant is under the
+GPU marker.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import amstream
+from amstream.compiled import CompiledFunction, resolve_compile
+
+F64 = torch.float64
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(F64)
+
+
+def _batches(n: int = 4, size: int = 24):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 12, generator=g, dtype=F64), torch.randint(0, 4, (size,), generator=g))
+            for _ in range(n)]
+
+
+def _max_difference(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {})])
+def test_compiled_steps_equal_eager_ones(name, kwargs):
+    eager = amstream.LEARNERS[name](_mlp(), device="cpu", **kwargs)
+    compiled = amstream.LEARNERS[name](_mlp(), device="cpu", compile=True, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would make this test vacuous
+        for x, y in _batches():
+            eager.learn(x, y)
+            compiled.learn(x, y)
+            # step by step from the same state (over many steps any two float orders drift apart)
+            assert _max_difference(eager.model, compiled.model) < 1e-12
+            compiled.load_state_dict(eager.state_dict())
+        x = _batches(1)[0][0]
+        assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-10, rtol=0)
+    assert compiled._compiled_functions, "compile=True must route the step through compiled functions"
+    assert all(f.active for f in compiled._compiled_functions.values())
+
+
+def test_the_compiled_code_update_equals_the_eager_one():
+    from amstream.functional import CriterionLoss, update_codes
+
+    learner = amstream.AMAdam(_mlp(), device="cpu", compile=True)
+    x, y = _batches(1)[0]
+    codes, _ = learner.blocks.forward_with_codes(x)
+    kwargs = dict(mu=0.003, steps=5, lrs=[0.3, 0.3], momentum=0.9, cap_steps=True)
+    loss_fn = CriterionLoss(learner.criterion, y)
+    eager = update_codes(codes, learner.blocks.hidden, learner.blocks.output, loss_fn, **kwargs)
+    compiled = learner._compiled("the code update", update_codes)(
+        codes, learner.blocks.hidden, learner.blocks.output, loss_fn, **kwargs)
+    assert learner._compiled_functions["the code update"].active
+    for e, c, c0 in zip(eager, compiled, codes):
+        assert (e - c0).abs().max() > 1e-3  # the codes moved
+        assert torch.allclose(c, e, atol=1e-12, rtol=0)
+
+
+def test_checkpoints_do_not_depend_on_the_mode():
+    eager = amstream.AMAdam(_mlp(), device="cpu")
+    compiled = amstream.AMAdam(_mlp(), device="cpu", compile=True)
+    for x, y in _batches(2):
+        compiled.learn(x, y)
+    state = compiled.state_dict()
+    assert state.keys() == eager.state_dict().keys()
+    assert state["model"].keys() == eager.state_dict()["model"].keys()  # no "_orig_mod." prefixes
+    eager.load_state_dict(state)
+    x, y = _batches(3)[2]
+    eager.learn(x, y)
+    compiled.learn(x, y)
+    assert _max_difference(eager.model, compiled.model) < 1e-12
+
+
+def test_a_function_that_cannot_be_compiled_runs_eagerly_with_a_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("inductor: no C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    learner = amstream.AMAdam(_mlp(), device="cpu", compile=True)
+    reference = amstream.AMAdam(_mlp(), device="cpu")
+    x, y = _batches(1)[0]
+    with pytest.warns(RuntimeWarning, match=r"AMAdam: the code update could not be compiled.*no C\+\+ compiler"):
+        learner.learn(x, y)
+    reference.learn(x, y)
+    assert _max_difference(learner.model, reference.model) == 0.0  # the eager result, exactly
+    assert not learner._compiled_functions["the code update"].active
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # said once, not at every step
+        learner.learn(x, y)
+
+
+def test_an_error_of_the_function_itself_is_raised_not_hidden(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+    def bad(x):
+        raise ValueError("shapes do not fit")
+
+    wrapped = CompiledFunction(bad, "bad", torch.device("cpu"))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        wrapped(torch.zeros(1))
+    assert wrapped.active  # the compiler was not at fault
+
+
+def test_compile_choice_is_checked():
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        amstream.AMAdam(_mlp(), device="cpu", compile="yes")

@@ -10,12 +10,18 @@
 3. Avalanche: an epoch of AM-Adam through ``AMStrategy`` against its plain loop, and the
    online-replay Split-MNIST protocol of Avalanche's continual-learning-baselines through
    ``AMStrategy`` with a ``Backprop`` learner against Avalanche's own ``OnlineNaive``.
+4. (``--section compiled``) every learner with ``compile=True`` against itself eagerly.
+5. (``--section stream``) Elec2 one sample at a time through amstream's learners and river's
+   deep-river, each in its own worker process (deep-river in its own environment: ``--make-envs``),
+   as samples per second and ratios to deep-river's (``scripts/_bench_stream.py``).
 
 Real MNIST batches are used (``AMSTREAM_DATA`` / ``--data-dir``). Results are printed as a Markdown
 table ready for BENCHMARKS.md, with the device and the command line.
 
     python scripts/bench.py                      # CPU (or CUDA when present)
     python scripts/bench.py --device cuda --rounds 30
+    python scripts/bench.py --threads 1 --section stream --make-envs
+    python scripts/bench.py --threads 1 --section compiled --learner am-adam,am-mem
 """
 from __future__ import annotations
 
@@ -37,10 +43,15 @@ from amstream.memory import (  # noqa: E402
 )
 from amstream.utils import resolve_device  # noqa: E402
 
+from _bench_stream import stream_throughput  # noqa: E402
 from _common import (  # noqa: E402
     Parser, add_option, avalanche_warnings, build_mlp, learner_names, parse_int_list, parse_name_list, parse_run,
 )
 from amstream.hparams import HParam  # noqa: E402
+
+
+SECTIONS = ("steps", "solve", "strategy", "online-replay", "compiled", "stream")
+DEFAULT_SECTIONS = ("steps", "solve", "strategy", "online-replay")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,10 +84,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    count))
     add_option(p, "--online-replay-subset", HParam(None, "online replay: keep the first N MNIST training samples "
                                                    "(default: all 60,000)", int, count, optional=True))
+    p.add_argument("--section", action="append", choices=SECTIONS, default=None,
+                   help="run only these sections (repeatable); default: " + ", ".join(DEFAULT_SECTIONS) +
+                        ". compiled: every learner with compile=True against itself eagerly (compiles first: "
+                        "tens of seconds each on a CPU); stream: Elec2 one sample at a time against deep-river")
+    add_option(p, "--stream-samples", HParam(45312, "stream section: Elec2 samples (45,312: all)", int, count))
+    p.add_argument("--stream-learner", default="backprop,am-adam,am-mem",
+                   help="stream section: learners, each run one sample at a time and with a micro-batch of 16")
+    p.add_argument("--make-envs", action="store_true",
+                   help="stream section: make deep-river's own virtual environment (.bench-envs/deep-river, "
+                        "pip install deep-river==0.3.4 and its torch 2.5: several GB, once) when it is missing")
     args = p.parse_args(argv)
     try:
         parse_int_list(args.hidden)
         args.learners = parse_name_list(args.learner, learner_names(), "learner")
+        args.stream_learners = parse_name_list(args.stream_learner, learner_names(), "learner")
         args.also = [_variant(text) for text in (args.also if args.also is not None else ["am-adam:fast=false"])]
     except ValueError as err:
         p.error(str(err))
@@ -121,15 +143,23 @@ def step_times(args, device, x, y) -> list[dict]:
                       "scripts/sequence.py reports its time per step against backprop through time")
     for name, kwargs in args.also:
         learners[f"{name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"] = fresh(name, **kwargs)
-    n_batches = x.shape[0] // args.batch_size
-    batches = [(x[i * args.batch_size:(i + 1) * args.batch_size], y[i * args.batch_size:(i + 1) * args.batch_size])
-               for i in range(n_batches)]
+    per_round = _interleaved(learners, _batches(x, y, args.batch_size), args, device)
+    return _ratio_rows(per_round, "backprop-adam", "learner")
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]) for i in range(x.shape[0] // size)]
+
+
+def _interleaved(learners: dict, batches: list, args, device) -> dict[str, list[float]]:
+    """Milliseconds per step of each learner in each of ``args.rounds`` rounds, the learners taking
+    ``args.steps`` steps in turn (after ``args.warmup`` untimed ones), so all see the same machine."""
     cursor = {name: 0 for name in learners}
 
     def run(name: str, n: int) -> None:
         learner = learners[name]
         for _ in range(n):
-            bx, by = batches[cursor[name] % n_batches]
+            bx, by = batches[cursor[name] % len(batches)]
             learner.learn(bx, by)
             cursor[name] += 1
 
@@ -139,13 +169,47 @@ def step_times(args, device, x, y) -> list[dict]:
     for _ in range(args.rounds):
         for name in learners:
             per_round[name].append(_timed(lambda: run(name, args.steps), device) / args.steps * 1e3)
-    base = per_round["backprop-adam"]
+    return per_round
+
+
+def _ratio_rows(per_round: dict[str, list[float]], base_name: str, key: str) -> list[dict]:
+    """Median milliseconds and the median (with quartiles) of the per-round ratios to ``base_name``."""
+    base = per_round[base_name]
     rows = []
     for name, times in per_round.items():
         ratios = [t / b for t, b in zip(times, base)]
-        rows.append({"learner": name, "ms_per_step": statistics.median(times),
+        rows.append({key: name, "ms_per_step": statistics.median(times),
                      "ratio": statistics.median(ratios), "ratio_q1": _quantile(ratios, 0.25),
                      "ratio_q3": _quantile(ratios, 0.75)})
+    return rows
+
+
+def compiled_times(args, device, x, y) -> list[dict]:
+    """Every learner with ``compile=True`` against itself eagerly, interleaved: the first step's
+    seconds (compilation) and the ratio of step times; and every row against eager backprop-Adam."""
+    hidden = parse_int_list(args.hidden)
+    batches = _batches(x, y, args.batch_size)
+    rows = []
+    for name in ["backprop", *[n for n in args.learners if n != "backprop"]]:
+        kwargs = {"lr": 0.003} if name == "backprop" else {}
+        pair = {}
+        try:
+            for mode in (False, True):
+                torch.manual_seed(0)
+                pair[mode] = LEARNERS[name](build_mlp((1, 28, 28), hidden, 10), device=device, compile=mode, **kwargs)
+        except UnsupportedModelError:
+            continue
+        start = time.perf_counter()
+        pair[True].learn(*batches[0])
+        first = time.perf_counter() - start
+        per_round = _interleaved({"eager": pair[False], "compiled": pair[True]}, batches, args, device)
+        row = _ratio_rows(per_round, "eager", "mode")[1]
+        functions = pair[True]._compiled_functions
+        rows.append({"learner": name, "eager_ms": statistics.median(per_round["eager"]),
+                     "compiled_ms": row["ms_per_step"], "ratio": row["ratio"], "q1": row["ratio_q1"],
+                     "q3": row["ratio_q3"], "first_step_s": first,
+                     "compiled": ", ".join(k for k, f in functions.items() if f.active) or "none",
+                     "eager_fallback": ", ".join(k for k, f in functions.items() if not f.active)})
     return rows
 
 
@@ -346,15 +410,35 @@ def main(argv=None) -> None:
     print(f"device: {describe_device(device)}; torch {torch.__version__}")
     print(f"command: python scripts/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print()
-    print(f"Step time, MNIST 784-{args.hidden.replace(',', '-')}-10 ReLU MLP, batch {args.batch_size}, "
-          f"{args.rounds} interleaved rounds x {args.steps} steps (median; ratio IQR in brackets)")
-    print()
-    print("| learner | ms/step | ratio to backprop-Adam |")
-    print("|---|---:|---:|")
-    for row in step_times(args, device, x, y):
-        print(f"| {row['learner']} | {row['ms_per_step']:.2f} | {row['ratio']:.2f}x "
-              f"[{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}] |")
-    if not args.skip_solve:
+    sections = set(args.section or DEFAULT_SECTIONS)
+    net = f"MNIST 784-{args.hidden.replace(',', '-')}-10 ReLU MLP, batch {args.batch_size}"
+    if "steps" in sections:
+        _table(f"Step time, {net}, {args.rounds} interleaved rounds x {args.steps} steps (median; ratio IQR in "
+               "brackets)", ["learner", "ms/step", "ratio to backprop-Adam"],
+               [[row["learner"], f"{row['ms_per_step']:.2f}",
+                 f"{row['ratio']:.2f}x [{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}]"]
+                for row in step_times(args, device, x, y)])
+    if "compiled" in sections:
+        _table(f"Compiled (compile=True) against eager steps, {net}, {args.rounds} interleaved rounds x "
+               f"{args.steps} steps each (median; ratio IQR in brackets)",
+               ["learner", "eager ms", "compiled ms", "compiled / eager", "first compiled step (s)",
+                "compiled functions"],
+               [[row["learner"], f"{row['eager_ms']:.2f}", f"{row['compiled_ms']:.2f}",
+                 f"{row['ratio']:.2f}x [{row['q1']:.2f}, {row['q3']:.2f}]", f"{row['first_step_s']:.1f}",
+                 row["compiled"] + (f" (eager: {row['eager_fallback']})" if row["eager_fallback"] else "")]
+                for row in compiled_times(args, device, x, y)])
+    if "stream" in sections:
+        runs = [(f"{name}{'' if mb == 1 else f', micro-batch {mb}'}", name, {"lr": 1e-3} if name == "backprop" else {},
+                 mb) for mb in (1, 16) for name in args.stream_learners]
+        rows = stream_throughput(runs, samples=args.stream_samples, chunk=500, make_envs=args.make_envs,
+                                 data_dir=args.data_dir)
+        _table(f"Streaming: Elec2 in time order ({min(args.stream_samples, 45312):,} samples), dict features, "
+               "test-then-train one sample at a time (predict_one, learn_one), 8-32-2 ReLU MLP, one thread "
+               "per worker, workers taking 500 samples in turn",
+               ["runner", "samples/s", "ratio to deep-river", "prequential accuracy"],
+               [[row["runner"], f"{row['samples_per_s']:,.0f}",
+                 "" if row["ratio"] is None else f"{row['ratio']:.2f}x", f"{row['accuracy']:.4f}"] for row in rows])
+    if "solve" in sections and not args.skip_solve:
         print()
         print("AM-mem weight solve, memories of 4,000 MNIST inputs, width 784 + bias, 100 outputs "
               f"({args.solve_rounds} interleaved rounds, best of {args.solve_repeats} each; median, IQR in brackets)")
@@ -366,13 +450,13 @@ def main(argv=None) -> None:
                 print(f"| {row['solver']} | | {row['speedup']:.1e} |")
             else:
                 print(f"| {row['solver']} | {row['ms']:.2f} | {row['speedup']:.1f}x [{row['q1']:.1f}, {row['q3']:.1f}] |")
-    if not args.skip_strategy:
+    if "strategy" in sections and not args.skip_strategy:
         _table(f"Avalanche overhead: one epoch, first Split-MNIST experience, batch {args.batch_size}, "
                f"{args.strategy_rounds} interleaved rounds (median; ratio IQR in brackets)",
                ["epoch", "seconds", "ratio to the plain loop"],
                [[row["what"], f"{row['s']:.2f}", f"{row['ratio']:.2f}x{_spread(row)}"]
                 for row in strategy_overhead(args, device)])
-    if not args.skip_online_replay:
+    if "online-replay" in sections and not args.skip_online_replay:
         _table("Online-replay Split-MNIST (continual-learning-baselines): the whole protocol, "
                f"{args.online_replay_rounds} interleaved runs per side (median; ratio IQR in brackets)",
                ["strategy", "seconds", "ratio to OnlineNaive", "final stream accuracy"],

@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "update_memory_",
+    "symmetric_update_",
     "gauss_seidel_sweep",
     "gauss_seidel_sweep_",
     "gauss_seidel_sweep_reference",
@@ -39,9 +40,34 @@ def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.
         keep, new = 1.0 - forget, forget
     else:
         raise ValueError(f"memory mode must be 'sum', 'mean' or 'forget', got {mode!r}")
-    # One fused scale-and-accumulate GEMM each, no temporaries.
-    A.addmm_(a.T, a, beta=keep, alpha=new)
+    # One fused scale-and-accumulate GEMM each, no temporaries; A's only for its upper triangle
+    # when it is wide (the lower one is its transpose).
+    symmetric_update_(A, a, beta=keep, alpha=new)
     Bm.addmm_(c.T, a, beta=keep, alpha=new)
+
+
+#: row-panel height of :func:`symmetric_update_` (measured on one CPU thread at d = 785, batch 200:
+#: 1.61 ms for the full GEMM, 1.18-1.25 ms with panels of 100-130 rows)
+SYMMETRIC_PANEL = 128
+
+
+def symmetric_update_(A: torch.Tensor, a: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
+    """``A <- beta A + alpha a^T a`` in place for a symmetric ``A``, computing only the upper triangle.
+
+    Torch has no symmetric rank-k update (BLAS syrk), so the rows are cut into panels of
+    :data:`SYMMETRIC_PANEL`: panel ``I`` updates ``A[I, I_start:]`` with one GEMM (the diagonal
+    block and everything to its right), and the block below the diagonal is copied from its
+    transpose. For d columns this does about half the multiply-adds plus a copy of the lower
+    triangle. Below two panels it is the plain GEMM."""
+    d = A.shape[0]
+    if d < 2 * SYMMETRIC_PANEL:
+        return A.addmm_(a.T, a, beta=beta, alpha=alpha)
+    for start in range(0, d, SYMMETRIC_PANEL):
+        stop = min(start + SYMMETRIC_PANEL, d)
+        A[start:stop, start:].addmm_(a[:, start:stop].T, a[:, start:], beta=beta, alpha=alpha)
+        if stop < d:
+            A[stop:, start:stop].copy_(A[start:stop, stop:].T)
+    return A
 
 
 def _sweep_blocks(d: int) -> int:

@@ -17,7 +17,7 @@ from amstream.functional import (CriterionLoss, code_objective, hidden_code_step
                                  nesterov_step_, spectral_norm_bound,
                                  proximity_anchor, task_loss_gradient, update_codes)
 from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve,
-                             proximal_sweep, soft_threshold, update_memory_)
+                             proximal_sweep, soft_threshold, symmetric_update_, update_memory_)
 
 F64 = torch.float64
 
@@ -124,6 +124,18 @@ def test_gauss_seidel_sweeps_converge_to_solution():
 
 
 # --------------------------------------------------------------------------- memory_solve
+@pytest.mark.parametrize("d", [100, 300, 785])  # one GEMM below two panels; panels with a ragged last one
+def test_symmetric_update_equals_the_full_rank_k_update(d):
+    a = torch.randn(50, d, dtype=F64)
+    base = torch.randn(30, d, dtype=F64)
+    A = base.T @ base
+    expected = 0.7 * A + 0.3 * (a.T @ a)
+    out = symmetric_update_(A, a, beta=0.7, alpha=0.3)
+    assert out is A
+    assert torch.allclose(A, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(A, A.T)  # exactly symmetric: the lower triangle is the upper one's copy
+
+
 @pytest.mark.parametrize("ridge", [0.0, 1e-12])
 def test_memory_solve_equals_dense_solve(ridge):
     A, Bm = relu_memory(300, 40, 8)

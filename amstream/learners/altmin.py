@@ -127,9 +127,10 @@ class AltMinLearner(BlockLearner):
         return F.mse_loss(block(inp), target)
 
     def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                          loss_fn: LossFn) -> list[torch.Tensor]:
+                          loss_fn: LossFn, forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
         """Weight rule for blocks outside Adam (AM-mem's hidden layers, and its output layer with
-        ``output_rule="admm-softmax"``); returns the hidden blocks' local losses."""
+        ``output_rule="admm-softmax"``); returns the hidden blocks' local losses. ``forward_codes``:
+        the codes of this step's forward pass (the first layer's prediction at its current weights)."""
         return []
 
     # ------------------------------------------------------------------------------------ step
@@ -183,7 +184,7 @@ class AltMinLearner(BlockLearner):
             if self._views is not None:
                 local = self._fit_weights_fast(inputs, new_codes, codes, loss_fn, penalty)
             else:
-                local = self._fit_weights(inputs, new_codes, loss_fn, penalty)
+                local = self._fit_weights(inputs, new_codes, codes, loss_fn, penalty)
 
         self._last_codes = new_codes
         displacement = tuple(
@@ -198,8 +199,8 @@ class AltMinLearner(BlockLearner):
     def _adam_params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups if not g.get("solved") for p in g["params"]]
 
-    def _fit_weights(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], loss_fn: LossFn,
-                     penalty: Penalty = None) -> list:
+    def _fit_weights(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                     forward_codes: list[torch.Tensor], loss_fn: LossFn, penalty: Penalty = None) -> list:
         hidden = self.blocks.hidden
         adam_hidden = [b for b in self._adam_blocks() if b is not self.blocks.output]
         local: list[torch.Tensor] = []
@@ -216,7 +217,7 @@ class AltMinLearner(BlockLearner):
             self.optimizer.step()
             local = [item.detach() for item in losses]
         # p.grad keeps the last local gradient, as after a backprop step (Synaptic Intelligence reads it).
-        return local + self._fit_hidden_extra(inputs, targets, loss_fn)
+        return local + self._fit_hidden_extra(inputs, targets, loss_fn, forward_codes)
 
     @torch.no_grad()
     def _fit_weights_fast(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
@@ -245,7 +246,7 @@ class AltMinLearner(BlockLearner):
             self.optimizer.step()
             if step + 1 < self.weight_steps:
                 self.optimizer.zero_grad(set_to_none=True)
-        return local + self._fit_hidden_extra(inputs, targets, loss_fn)
+        return local + self._fit_hidden_extra(inputs, targets, loss_fn, forward_codes)
 
     # ------------------------------------------------------------------------------- internals
     def _frozen_bn_stats(self):

@@ -165,7 +165,7 @@ class AMMem(AltMinLearner):
                 )
 
     def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                          loss_fn: LossFn) -> list[torch.Tensor]:
+                          loss_fn: LossFn, forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._output_admm is not None:
             self._fit_output_admm(inputs[len(self.blocks.hidden)], loss_fn)
         local = []
@@ -183,11 +183,15 @@ class AMMem(AltMinLearner):
                     W = torch.cat([layer.weight, layer.bias[:, None]], dim=1).to(A.dtype)
                 else:
                     W = layer.weight.detach().to(A.dtype, copy=True)
+                # The local loss before the solve, as AM-Adam reports it: the first layer's prediction
+                # is its forward code (its input, x, no code update moves), so the widest product
+                # is not recomputed.
+                pred = forward_codes[0].flatten(1) if block.index == 0 else a @ W.T.to(a.dtype)
+                local.append(F.mse_loss(pred, c))
                 W = self._solve(W, A, Bm).to(layer.weight.dtype)
                 layer.weight.copy_(W[:, : layer.in_features])
                 if layer.bias is not None:
                     layer.bias.copy_(W[:, -1])
-                local.append(F.mse_loss(a @ W.T, c))
         self.samples_seen += inputs[0].shape[0]
         return local
 

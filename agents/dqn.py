@@ -197,12 +197,14 @@ class DQNAgent:
 
     def _act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
         finite = np.isfinite(obs).reshape(len(obs), -1).all(axis=1)
-        greedy = np.zeros(len(obs), dtype=np.int64)
-        if finite.any():
-            greedy[finite] = self.q_values(obs[finite]).argmax(dim=1).cpu().numpy()
         explore = (self._rng.random(len(obs)) < epsilon) | ~finite  # no greedy action from a broken observation
-        random_actions = self._rng.integers(self.n_actions, size=len(obs))
-        return np.where(explore, random_actions, greedy)
+        actions = self._rng.integers(self.n_actions, size=len(obs))
+        # the network runs only for the observations that act greedily (none while epsilon is 1);
+        # the random draws are the same either way, so a seeded run is unchanged
+        if not explore.all():
+            greedy = ~explore
+            actions[greedy] = self.q_values(obs[greedy]).argmax(dim=1).cpu().numpy()
+        return actions
 
     # -------------------------------------------------------------------------------- learning
     def learn(self, total_timesteps: int, callback: Callable[["DQNAgent"], bool | None] | None = None,

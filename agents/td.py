@@ -18,7 +18,7 @@ from amstream.learners import Learner, StepInfo
 
 from .buffer import Batch
 
-__all__ = ["TD_LOSSES", "TDUpdate", "td_targets"]
+__all__ = ["TD_LOSSES", "TDLoss", "TDUpdate", "td_targets"]
 
 TD_LOSSES = {"mse": F.mse_loss, "huber": F.smooth_l1_loss}
 
@@ -33,6 +33,30 @@ def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q_target: t
     else:
         next_value = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
     return rewards + gamma * (1.0 - terminated.to(rewards.dtype)) * next_value
+
+
+class TDLoss:
+    """The TD loss of a batch as a function of the network output ``(B, n_actions)``: the loss of
+    the Q-values of the actions taken against the TD targets, with its gradient in closed form.
+
+    The gradient is nonzero only in the taken action's column: ``2 (q - target) / B`` for the
+    squared error, ``clamp(q - target, -1, 1) / B`` for the Huber loss (beta 1). Learners that
+    need the loss's gradient with respect to the output (the code steps of alternating
+    minimization: six per update) use it instead of autograd (``amstream.functional.task_loss_gradient``).
+    """
+
+    __slots__ = ("kind", "index", "target")
+
+    def __init__(self, kind: str, actions: torch.Tensor, target: torch.Tensor) -> None:
+        self.kind, self.index, self.target = kind, actions[:, None], target
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        return TD_LOSSES[self.kind](out.gather(1, self.index).squeeze(1), self.target)
+
+    def gradient(self, out: torch.Tensor) -> torch.Tensor:
+        error = out.detach().gather(1, self.index).squeeze(1) - self.target
+        scale = error.clamp_(-1.0, 1.0) if self.kind == "huber" else error.mul_(2.0)
+        return torch.zeros_like(out).scatter_(1, self.index, scale.div_(error.numel()).unsqueeze(1))
 
 
 class TDUpdate:
@@ -64,13 +88,7 @@ class TDUpdate:
         with torch.no_grad():
             online = self.learner.predict(batch.next_obs) if self.double_dqn else None
             target = td_targets(batch.rewards, batch.terminated, self.target(batch.next_obs), self.gamma, online)
-        actions = batch.actions[:, None]
-        criterion = TD_LOSSES[self.td_loss]
-
-        def td_loss(out: torch.Tensor) -> torch.Tensor:
-            return criterion(out.gather(1, actions).squeeze(1), target)
-
-        return self.learner.step(batch.obs, td_loss)
+        return self.learner.step(batch.obs, TDLoss(self.td_loss, batch.actions, target))
 
     @torch.no_grad()
     def update_target(self) -> None:

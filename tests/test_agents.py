@@ -363,3 +363,20 @@ def test_a_built_learner_gives_the_agent_its_device():
     assert agent.device == learner.device and agent.buffer.device == learner.device
     with pytest.raises(ValueError, match="differs from the learner's device"):
         DQNAgent(Counter(), learner, device="meta")
+
+
+@pytest.mark.parametrize("kind", ["mse", "huber"])
+def test_td_loss_closed_form_gradient_equals_autograd(kind):
+    from agents.td import TDLoss
+    from amstream.functional import task_loss_gradient
+
+    g = torch.Generator().manual_seed(0)
+    out = (3 * torch.randn(16, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    actions = torch.randint(0, 3, (16,), generator=g)
+    target = torch.randn(16, generator=g, dtype=torch.float64)
+    loss_fn = TDLoss(kind, actions, target)
+    expected = torch.autograd.grad(loss_fn(out), out)[0]
+    closed = loss_fn.gradient(out)
+    assert (closed != 0).sum() <= 16  # only the taken actions' Q-values are fitted
+    assert torch.allclose(closed, expected, rtol=1e-12, atol=1e-15)
+    assert torch.equal(task_loss_gradient(out, loss_fn), closed)

@@ -14,6 +14,8 @@
 5. (``--section stream``) Elec2 one sample at a time through amstream's learners and river's
    deep-river, each in its own worker process (deep-river in its own environment: ``--make-envs``),
    as samples per second and ratios to deep-river's (``scripts/_bench_stream.py``).
+6. (``--section rl``) DQN on CartPole-v1: ``agents.DQNAgent`` against Stable-Baselines3's DQN
+   (``scripts/_bench_rl.py``).
 
 Real MNIST batches are used (``AMSTREAM_DATA`` / ``--data-dir``). Results are printed as a Markdown
 table ready for BENCHMARKS.md, with the device and the command line.
@@ -43,6 +45,7 @@ from amstream.memory import (  # noqa: E402
 )
 from amstream.utils import resolve_device  # noqa: E402
 
+from _bench_rl import dqn_throughput  # noqa: E402
 from _bench_stream import stream_throughput  # noqa: E402
 from _common import (  # noqa: E402
     Parser, add_option, avalanche_warnings, build_mlp, learner_names, parse_int_list, parse_name_list, parse_run,
@@ -50,7 +53,7 @@ from _common import (  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 
 
-SECTIONS = ("steps", "solve", "strategy", "online-replay", "compiled", "stream")
+SECTIONS = ("steps", "solve", "strategy", "online-replay", "compiled", "stream", "rl")
 DEFAULT_SECTIONS = ("steps", "solve", "strategy", "online-replay")
 
 
@@ -91,14 +94,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--stream-samples", HParam(45312, "stream section: Elec2 samples (45,312: all)", int, count))
     p.add_argument("--stream-learner", default="backprop,am-adam,am-mem",
                    help="stream section: learners, each run one sample at a time and with a micro-batch of 16")
+    add_option(p, "--rl-steps", HParam(100_000, "rl section: environment steps per DQN run", int, count))
+    add_option(p, "--rl-rounds", HParam(2, "rl section: rounds of one run per agent", int, count))
+    p.add_argument("--rl-learner", default="backprop,am-adam", help="rl section: the DQNAgent learners")
     p.add_argument("--make-envs", action="store_true",
-                   help="stream section: make deep-river's own virtual environment (.bench-envs/deep-river, "
-                        "pip install deep-river==0.3.4 and its torch 2.5: several GB, once) when it is missing")
+                   help="make the other libraries' environments when missing: deep-river's own virtual "
+                        "environment (.bench-envs/deep-river, pip install deep-river==0.3.4 and its torch 2.5: "
+                        "several GB, once) and Stable-Baselines3 alone (.bench-envs/sb3-overlay)")
     args = p.parse_args(argv)
     try:
         parse_int_list(args.hidden)
         args.learners = parse_name_list(args.learner, learner_names(), "learner")
         args.stream_learners = parse_name_list(args.stream_learner, learner_names(), "learner")
+        args.rl_learners = parse_name_list(args.rl_learner, learner_names(), "learner")
         args.also = [_variant(text) for text in (args.also if args.also is not None else ["am-adam:fast=false"])]
     except ValueError as err:
         p.error(str(err))
@@ -438,6 +446,14 @@ def main(argv=None) -> None:
                ["runner", "samples/s", "ratio to deep-river", "prequential accuracy"],
                [[row["runner"], f"{row['samples_per_s']:,.0f}",
                  "" if row["ratio"] is None else f"{row['ratio']:.2f}x", f"{row['accuracy']:.4f}"] for row in rows])
+    if "rl" in sections:
+        rows = dqn_throughput(args.rl_learners, steps=args.rl_steps, rounds=args.rl_rounds, make_envs=args.make_envs)
+        _table(f"DQN on CartPole-v1, {args.rl_steps:,} steps, BENCHMARKS.md section 7 settings without evaluation, "
+               f"one thread, {args.rl_rounds} rounds of one fresh run each in turn (median; ratio range in brackets)",
+               ["agent", "environment steps/s", "ratio to Stable-Baselines3"],
+               [[row["runner"], f"{row['steps_per_s']:,.0f}",
+                 "" if row["ratio"] is None else f"{row['ratio']:.2f}x [{row['spread'][0]:.2f}, {row['spread'][1]:.2f}]"]
+                for row in rows])
     if "solve" in sections and not args.skip_solve:
         print()
         print("AM-mem weight solve, memories of 4,000 MNIST inputs, width 784 + bias, 100 outputs "

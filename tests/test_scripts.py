@@ -161,6 +161,27 @@ def test_bench_smoke(data_root):
     assert len(online) == 2 and online[0][1] == online[1][1], proc.stdout
 
 
+def test_bench_stream_and_rl_sections(data_root):
+    """The streaming section (Elec2 one sample at a time, each learner in its worker) and the DQN
+    section, on tiny budgets; deep-river and Stable-Baselines3 are measured where their environments
+    exist (a note says so where they do not, as in CI)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(data_root), "--threads", "1",
+         "--section", "stream", "--stream-samples", "600", "--stream-learner", "backprop,am-mem",
+         "--section", "rl", "--rl-steps", "1200", "--rl-rounds", "1", "--rl-learner", "am-adam"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(re.findall(r"^\| (backprop|am-mem|backprop, micro-batch 16|am-mem, micro-batch 16) \| ([\d,]+) \|",
+                           proc.stdout, flags=re.M))
+    assert set(rows) == {"backprop", "am-mem", "backprop, micro-batch 16", "am-mem, micro-batch 16"}, proc.stdout
+    assert all(int(v.replace(",", "")) > 0 for v in rows.values())
+    assert "deep-river 0.3.4, Classifier | " in proc.stdout or "note: deep-river is not measured" in proc.stderr
+    dqn = re.search(r"^\| DQNAgent, am-adam \| ([\d,]+) \|", proc.stdout, flags=re.M)
+    assert dqn and int(dqn[1].replace(",", "")) > 0, proc.stdout
+    assert "Stable-Baselines3 2.9.2 DQN | " in proc.stdout or "note: Stable-Baselines3 is not measured" in proc.stderr
+
+
 def test_bench_bad_option_is_a_clean_error():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-size", "-5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

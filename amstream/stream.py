@@ -105,7 +105,7 @@ class StreamingMixin:
         """
         sample, label = self._as_sample(x), self._as_label(y)
         if self.micro_batch == 1:
-            self.learn(sample.unsqueeze(0), label.unsqueeze(0))
+            self.learn(sample[None], label[None])
             return
         if self._buffer_x and sample.shape != self._buffer_x[0].shape:
             raise InputError(

@@ -32,6 +32,7 @@ import torch
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 
+from amstream.functional import CriterionLoss
 from amstream.learners import Learner
 
 __all__ = ["AMStrategy", "UNSUPPORTED_PLUGINS"]
@@ -181,8 +182,10 @@ class AMStrategy(SupervisedTemplate):
     def optimizer_step(self, penalty=None) -> None:
         x, y, criterion = self.mb_x, self.mb_y, self._criterion
         has_penalty = isinstance(penalty, torch.Tensor) and penalty.requires_grad
+        # the criterion as a loss of the output with its closed-form gradient where it has one (a
+        # plain cross-entropy): the same step as learner.learn on this batch
         self.last_step_info = self.learner.step(
-            x, lambda out: criterion(out, y), penalty=penalty.squeeze() if has_penalty else None
+            x, CriterionLoss(criterion, y), penalty=penalty.squeeze() if has_penalty else None
         )
         # Plugins such as Synaptic Intelligence read p.grad after every iteration; layers that the
         # learner solves without gradients (AM-mem's hidden layers) report zero.

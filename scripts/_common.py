@@ -167,6 +167,11 @@ def add_learner_arguments(parser: argparse.ArgumentParser, names: Iterable[str] 
     parser.set_defaults(learner_options=tuple(offered))
     note = (f"; the learners' {', '.join(shadowed)} can only be set this way (the script has its own "
             f"{', '.join('--' + k.replace('_', '-') for k in shadowed)})") if shadowed else ""
+    if "--compile" not in taken:
+        group.add_argument("--compile", dest="learner_compile", default=None, choices=("auto", "true", "false"),
+                           help="run the learners' pure tensor functions (the forward pass, the code updates) "
+                                "through torch.compile: true, auto (on CUDA only) or false (default); the first "
+                                "steps wait for the compiler (tens of seconds on a CPU), results are the same")
     group.add_argument("--set", dest="learner_set", action="append", default=[], metavar="LEARNER.NAME=VALUE",
                        type=_set_parser(names, exclude),
                        help=f"set a hyperparameter of one learner only, e.g. --set backprop.lr=0.003 (repeatable){note}")
@@ -200,6 +205,9 @@ def learner_kwargs(name: str, args: argparse.Namespace) -> dict:
     for learner, key, value in values.get("learner_set", []):
         if learner == name:
             kwargs[key] = value
+    choice = values.get("learner_compile")
+    if choice is not None:
+        kwargs["compile"] = {"true": True, "false": False}.get(choice, choice)
     return kwargs
 
 

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from amstream import LEARNERS, AMAdam, Backprop, UnsupportedModelError  # noqa: E402
 from amstream.data import load_mnist  # noqa: E402
 from amstream.memory import (  # noqa: E402
-    gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve, update_memory_,
+    gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve, symmetric_update_,
+    update_memory_,
 )
 from amstream.utils import resolve_device  # noqa: E402
 
@@ -268,6 +269,43 @@ def solver_times(args, device, x) -> list[dict]:
     return rows
 
 
+def ammem_parts(args, device, x, y) -> list[dict]:
+    """A whole AM-mem step (784-100-100-10, batch ``--batch-size``) and its first layer's parts, in
+    interleaved rounds (best of ``--solve-repeats`` each): the memory update as one GEMM and as
+    symmetric row panels, the warm-started sweep, and the full Cholesky solve of the same memories
+    (the cost of solving the layer exactly, which the sweep replaces)."""
+    torch.manual_seed(0)
+    learner = LEARNERS["am-mem"](build_mlp((1, 28, 28), parse_int_list(args.hidden), 10), device=device)
+    batches = _batches(x, y, args.batch_size)
+    for bx, by in batches:
+        learner.learn(bx, by)
+    A, Bm = (t.clone() for t in learner._memories[0])
+    a = torch.cat([batches[0][0].flatten(1), torch.ones_like(batches[0][0].flatten(1)[:, :1])], dim=1).to(A.dtype)
+    layer = learner.blocks.hidden[0].weight_layer
+    W = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().to(A.dtype)
+    W_work, A_work = W.clone(), A.clone()
+    cursor = [0]
+
+    def step():
+        learner.learn(*batches[cursor[0] % len(batches)])
+        cursor[0] += 1
+
+    parts = {
+        "AM-mem step, whole": step,
+        "first layer: memory update, one GEMM": lambda: A_work.copy_(A).addmm_(a.T, a, beta=0.7, alpha=0.3),
+        "first layer: memory update, symmetric panels": lambda: symmetric_update_(A_work.copy_(A), a, beta=0.7,
+                                                                                  alpha=0.3),
+        "first layer: the sweep (AM-mem's solve)": lambda: gauss_seidel_sweep_(W_work.copy_(W), A, Bm, 1e-10, shift=0.5),
+        "first layer: full Cholesky solve (exact)": lambda: memory_solve(A, Bm),
+        "copy of the memory alone (in every row above but the step)": lambda: A_work.copy_(A),
+    }
+    per_round: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(args.solve_rounds):
+        for name, fn in parts.items():
+            per_round[name].append(min(_timed(fn, device) for _ in range(args.solve_repeats)) * 1e3)
+    return [{"part": name, "ms": statistics.median(times)} for name, times in per_round.items()]
+
+
 def strategy_overhead(args, device) -> list[dict]:
     """One epoch through Avalanche against the same learner's plain loop over the same data (the
     first Split-MNIST experience, batch ``--batch-size``), in interleaved rounds: AM-Adam through
@@ -466,6 +504,10 @@ def main(argv=None) -> None:
                 print(f"| {row['solver']} | | {row['speedup']:.1e} |")
             else:
                 print(f"| {row['solver']} | {row['ms']:.2f} | {row['speedup']:.1f}x [{row['q1']:.1f}, {row['q3']:.1f}] |")
+    if "solve" in sections and not args.skip_solve:
+        _table(f"AM-mem's step and its first layer's parts (width 785 with the bias, {args.batch_size} samples), "
+               f"{args.solve_rounds} interleaved rounds, best of {args.solve_repeats} each (median)",
+               ["part", "ms"], [[row["part"], f"{row['ms']:.2f}"] for row in ammem_parts(args, device, x, y)])
     if "strategy" in sections and not args.skip_strategy:
         _table(f"Avalanche overhead: one epoch, first Split-MNIST experience, batch {args.batch_size}, "
                f"{args.strategy_rounds} interleaved rounds (median; ratio IQR in brackets)",

@@ -400,7 +400,10 @@ class Learner(StreamingMixin, abc.ABC):
             return replace(info, rolled_back=True, seconds=time.perf_counter() - start)
         self._snapshot.release()
         self.step_count += 1
-        return replace(info, seconds=time.perf_counter() - start)
+        # the record was made by this step's _step: set its time in place (a dataclass replace
+        # costs 5 us, 1% of a one-sample step)
+        object.__setattr__(info, "seconds", time.perf_counter() - start)
+        return info
 
     def _guarded_tensors(self) -> tuple[list[torch.Tensor], list[tuple[torch.optim.Optimizer, set]]]:
         tensors = [*self._params, *self._buffers]

@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "update_memory_",
+    "memory_weights",
     "symmetric_update_",
     "gauss_seidel_sweep",
     "gauss_seidel_sweep_",
@@ -31,19 +32,24 @@ def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.
     ``count`` samples seen before this batch (same solution, bounded magnitudes); ``"forget"``
     exponential forgetting ``A <- (1 - eta) A + eta a^T a`` (reference eta > 0).
     """
-    if mode == "sum":
-        keep, new = 1.0, 1.0
-    elif mode == "mean":
-        total = count + a.shape[0]
-        keep, new = count / total, 1.0 / total
-    elif mode == "forget":
-        keep, new = 1.0 - forget, forget
-    else:
-        raise ValueError(f"memory mode must be 'sum', 'mean' or 'forget', got {mode!r}")
+    keep, new = memory_weights(mode, count, a.shape[0], forget)
     # One fused scale-and-accumulate GEMM each, no temporaries; A's only for its upper triangle
     # when it is wide (the lower one is its transpose).
     symmetric_update_(A, a, beta=keep, alpha=new)
     Bm.addmm_(c.T, a, beta=keep, alpha=new)
+
+
+def memory_weights(mode: str, count: int, batch: int, forget: float = 0.0) -> tuple[float, float]:
+    """``(keep, new)`` of a memory update ``M <- keep M + new * (batch's sum of outer products)``
+    (:func:`update_memory_`'s modes; ``count``: samples seen before this batch of ``batch``)."""
+    if mode == "sum":
+        return 1.0, 1.0
+    if mode == "mean":
+        total = count + batch
+        return count / total, 1.0 / total
+    if mode == "forget":
+        return 1.0 - forget, forget
+    raise ValueError(f"memory mode must be 'sum', 'mean' or 'forget', got {mode!r}")
 
 
 #: row-panel height of :func:`symmetric_update_` (measured on one CPU thread at d = 785, batch 200:

@@ -161,6 +161,10 @@ class AltMinLearner(BlockLearner):
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         mu = self.current_mu
         factor = apply_lr_halving_(self.optimizer, self.step_count, self.lr_halve_every)
+        # Data-parallel: each rank moves its own shard's codes; a mean-reduced code objective's step
+        # scales with 1/batch, so the step sizes take the rank's share to be the whole batch's.
+        if self.reduction == "mean":
+            factor *= self._global_batch_share
         code_lrs = [lr * factor for lr in self.code_lrs]
 
         # (1) forward pass; BatchNorm running statistics update here only
@@ -276,6 +280,8 @@ class AMAdam(AltMinLearner):
         >>> learner.predict(torch.randn(2, 4)).shape
         torch.Size([2, 3])
     """
+
+    data_parallel = True  # gradients of mean losses; codes per sample (amstream.distributed)
 
     defaults = {
         **AltMinLearner.defaults,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, UnsupportedModelError
-from ..memory import gauss_seidel_sweep_, memory_solve, proximal_sweep, update_memory_
+from ..memory import gauss_seidel_sweep_, memory_solve, memory_weights, proximal_sweep, update_memory_
 from ..hparams import HParam, override
 from .admm_softmax import ADMMSoftmax, StreamingSoftmaxADMM
 from .altmin import AltMinLearner
@@ -46,6 +46,8 @@ class AMMem(AltMinLearner):
     and the blocked (GEMM + triangular solve) form of the reference's Gauss-Seidel sweep, which
     gives the same result as its column loop.
     """
+
+    data_parallel = True  # memories are sums over samples: all-reduced exactly (amstream.distributed)
 
     defaults = {
         **override(AltMinLearner.defaults, mu=0.3, code_lr=0.1, reduction="sum"),
@@ -176,8 +178,16 @@ class AMMem(AltMinLearner):
                 if layer.bias is not None:
                     a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
                 c = targets[block.index].flatten(1)
-                update_memory_(A, Bm, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
-                               count=self.samples_seen, forget=self.forget)
+                if self._parallel is None:
+                    update_memory_(A, Bm, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
+                                   count=self.samples_seen, forget=self.forget)
+                else:  # the memories are sums over samples: the shards' increments add up exactly
+                    increments = [a.T.to(A.dtype) @ a.to(A.dtype), c.T.to(A.dtype) @ a.to(A.dtype)]
+                    self._parallel.sum_(increments)
+                    keep, new = memory_weights(self.memory, self.samples_seen, self._parallel.batch_size,
+                                               self.forget)
+                    A.mul_(keep).add_(increments[0], alpha=new)
+                    Bm.mul_(keep).add_(increments[1], alpha=new)
                 # A fresh [W | b] copy in the memory dtype: the sweep updates it in place.
                 if layer.bias is not None:
                     W = torch.cat([layer.weight, layer.bias[:, None]], dim=1).to(A.dtype)
@@ -192,7 +202,7 @@ class AMMem(AltMinLearner):
                 layer.weight.copy_(W[:, : layer.in_features])
                 if layer.bias is not None:
                     layer.bias.copy_(W[:, -1])
-        self.samples_seen += inputs[0].shape[0]
+        self.samples_seen += inputs[0].shape[0] if self._parallel is None else self._parallel.batch_size
         return local
 
     def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
@@ -217,6 +227,11 @@ class AMMem(AltMinLearner):
         if self.damping_scale == "diagonal":
             return self.damping * torch.diagonal(A)
         return self.damping * torch.diagonal(A).mean()
+
+    def _data_parallel_refusal(self) -> str | None:
+        if self._output_admm is not None:
+            return "the ADMM-Softmax output rule keeps its own running sums, which are not reduced yet"
+        return super()._data_parallel_refusal()
 
     def _extra_tensors(self) -> list[torch.Tensor]:
         output = [self._output_admm.G, self._output_admm.H] if self._output_admm is not None else []

@@ -46,6 +46,8 @@ class Backprop(Learner):
         torch.Size([2, 3])
     """
 
+    data_parallel = True  # gradients of the mean loss, as DistributedDataParallel (amstream.distributed)
+
     defaults = {
         "optimizer": HParam("adam", "the optimizer: a name, a torch.optim.Optimizer subclass, or a factory "
                             "params -> Optimizer", str, choices=tuple(OPTIMIZERS),

@@ -128,6 +128,11 @@ class Learner(StreamingMixin, abc.ABC):
     conformance_cases: ClassVar[Mapping[str, Mapping[str, Any]]] = {"": {}}
     #: plain attributes a step may change, restored together with the tensors on rollback
     _counters: ClassVar[tuple[str, ...]] = ("step_count",)
+    #: True when :func:`amstream.distributed.data_parallel` makes this method's steps on N shards
+    #: those of one process on the whole batches; else the reason it cannot
+    data_parallel: ClassVar[bool | str] = "its updates have not been made data-parallel yet"
+    #: the collectives of a data-parallel learner (:mod:`amstream.distributed`), None in one process
+    _parallel = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -292,7 +297,9 @@ class Learner(StreamingMixin, abc.ABC):
         """
         self.sync_parameters()
         if not self._is_pending(x):
-            x, _ = self._check(x, None, training=True)
+            x, _ = self._check_training(x, None)
+        elif self._parallel is not None:
+            self._agree_on_batch(x)
         return self._guarded_step(x, loss_fn, penalty)
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
@@ -301,7 +308,7 @@ class Learner(StreamingMixin, abc.ABC):
         During this step the checked targets are ``self._labels``, for rules that solve the
         criterion itself rather than differentiate it (see :meth:`_cross_entropy_labels`)."""
         self.sync_parameters()
-        x, y = self._check(x, y, training=True)
+        x, y = self._check_training(x, y)
         self._labels = y
         try:
             return self._guarded_step(x, CriterionLoss(self.criterion, y), penalty)
@@ -376,6 +383,42 @@ class Learner(StreamingMixin, abc.ABC):
         return self.inputs.check(x, y, training=training, validate=self.validate,
                                  classification=is_classification_criterion(self.criterion))
 
+    def _check_training(self, x, y):
+        """:meth:`_check` of a training batch; a data-parallel learner's ranks then agree on it
+        (a shard refused on one rank stops the step on every rank, with no rank left waiting)."""
+        if self._parallel is None:
+            return self._check(x, y, training=True)
+        try:
+            x, y = self._check(x, y, training=True)
+        except Exception:
+            self._parallel.agree_on_batch(False, 0, self.device)
+            raise
+        self._agree_on_batch(x)
+        return x, y
+
+    def _agree_on_batch(self, x: torch.Tensor) -> None:
+        from ..distributed import PeerInputError  # the distributed module imports the learners' errors
+
+        if not self._parallel.agree_on_batch(True, x.shape[0], self.device):
+            self.inputs.pending = None
+            raise PeerInputError("another rank refused its shard of this batch (its error is in that rank's "
+                                 "output); no rank took the step")
+
+    def _data_parallel_refusal(self) -> str | None:
+        """Why this learner cannot be data-parallel (None: it can); see :attr:`data_parallel`."""
+        if type(self).data_parallel is not True:
+            return type(self).data_parallel
+        if self._has_batchnorm:
+            return "BatchNorm's batch statistics would be each shard's, not the whole batch's"
+        if getattr(self.model, "stateful", False):
+            return "a stateful sequence model carries each shard's own hidden state"
+        return None
+
+    @property
+    def _global_batch_share(self) -> float:
+        """This process's share of the batch being learned (1 in one process)."""
+        return 1.0 if self._parallel is None else self._parallel.share
+
     def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         self.inputs.commit()  # the batch passed every check: its shape is now the learner's
         start = time.perf_counter()
@@ -385,6 +428,8 @@ class Learner(StreamingMixin, abc.ABC):
         try:
             info = self._step(x, loss_fn, penalty)
             finite = all_finite(self._check_tensors(info))
+            if self._parallel is not None:  # one rank's NaN rolls the step back on every rank
+                finite = self._parallel.all_true(finite, self.device)
         except BaseException:
             self._rollback(opt_keys, counters)
             raise

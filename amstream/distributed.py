@@ -1,0 +1,131 @@
+"""Data parallelism over ``torch.distributed``: N processes, each with a shard of every batch, take
+the steps one process would take on the whole batches.
+
+``data_parallel(learner)`` (in every process of an initialized process group: ``torchrun``, the
+gloo backend on CPUs, NCCL on GPUs) makes a learner's steps collective:
+
+- Before the step, the processes agree on the batch: each reports whether its shard passed the
+  input checks and how many samples it holds (one all-reduce of two numbers). A shard refused on
+  one rank raises its :class:`~amstream.validation.InputError` there and a :class:`PeerInputError`
+  on the others: every rank leaves the step, none waits for a collective the others never reach.
+- Gradients are combined before every optimizer step (a hook on each of the learner's torch
+  optimizers): each rank's gradient of its shard's mean loss, weighted by its share of the batch,
+  summed over the ranks in one flat all-reduce: exactly the gradient of the whole batch's mean loss.
+  This covers backprop, AM-Adam's layer-wise Adam steps and AM-mem's output layer.
+- Alternating minimization's codes are per sample, so each rank updates its own shard's codes; with
+  the reference's mean-reduced code objective a code's step depends on the batch size, so the code
+  step sizes are scaled by the rank's share of the batch (the step the whole batch would take).
+- AM-mem's co-activation memories are sums of per-sample outer products: the increments ``aᵀa`` and
+  ``cᵀa`` are all-reduced before the memories move, so every rank solves the same system, the one a
+  single process solves on the whole batch.
+- The non-finite rollback is decided together: one rank's NaN rolls back the step on every rank.
+
+Weights, optimizer states and memories stay identical on every rank, so a checkpoint written by one
+rank (rank 0: :func:`is_main_process`) resumes on any number of processes. A learner that cannot be
+made data-parallel this way says why (:attr:`Learner.data_parallel`) and is refused.
+
+References: alternating minimization's layer-wise independence (Choromanska et al., "Beyond
+Backprop", ICML 2019) and the sufficient statistics of online dictionary learning (Mairal et al.,
+ICML 2009) are what make the exact reduction possible; the gradient all-reduce is that of
+``torch.nn.parallel.DistributedDataParallel`` (Li et al., VLDB 2020).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .validation import InputError
+
+__all__ = ["DataParallelContext", "PeerInputError", "data_parallel", "is_main_process"]
+
+
+class PeerInputError(InputError):
+    """Another rank refused its shard of this batch; this rank's learner is unchanged too."""
+
+
+def is_main_process() -> bool:
+    """True outside a process group and on its rank 0 (the process that writes checkpoints and logs)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class DataParallelContext:
+    """The collectives of a data-parallel learner, on ``group`` (default: the world)."""
+
+    def __init__(self, group=None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("data_parallel needs an initialized torch.distributed process group "
+                               "(torchrun, or torch.distributed.init_process_group in every process)")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.share = 1.0  # this rank's samples / the whole batch's, set by agree_on_batch
+        self.batch_size = 0  # the whole batch's, over every rank
+
+    def _device(self, tensor_device: torch.device) -> torch.device:
+        # gloo reduces CPU tensors; NCCL needs them on the rank's GPU
+        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else tensor_device
+
+    def agree_on_batch(self, ok: bool, n_samples: int, device: torch.device) -> bool:
+        """Whether every rank accepted its shard; sets :attr:`share` and :attr:`batch_size`."""
+        flags = torch.tensor([0.0 if ok else 1.0, float(n_samples if ok else 0)], dtype=torch.float64,
+                             device=self._device(device))
+        dist.all_reduce(flags, group=self.group)
+        refused, total = int(flags[0]), int(flags[1])
+        if refused == 0:
+            self.batch_size = total
+            self.share = n_samples / total
+        return refused == 0
+
+    def all_true(self, value: bool, device: torch.device) -> bool:
+        """True when ``value`` is True on every rank."""
+        flag = torch.tensor([1.0 if value else 0.0], device=self._device(device))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item() == 1.0)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks, in place: one all-reduce of a flat buffer (per dtype)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            device = self._device(group[0].device)
+            flat = torch.cat([t.reshape(-1).to(device) for t in group])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view_as(t))
+                offset += n
+
+    def combine_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """The whole batch's gradient from the shards': ``sum_r share_r * grad_r`` (each rank's
+        gradient is that of its shard's mean loss)."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        if self.share != 1.0:
+            torch._foreach_mul_(grads, self.share)
+        self.sum_(grads)
+
+
+def data_parallel(learner, group=None):
+    """Make ``learner``'s steps data-parallel over ``group`` (see the module docstring); returns it.
+
+    Call it in every process, on learners built alike (same class, hyperparameters and initial
+    weights: seed each process the same, or load one checkpoint everywhere). Each process then
+    steps on its own shard of every batch.
+
+    Raises:
+        RuntimeError: no initialized process group.
+        ValueError: a learner that cannot be data-parallel (the reason is its ``data_parallel``).
+    """
+    reason = learner._data_parallel_refusal()
+    if reason is not None:
+        raise ValueError(f"{type(learner).__name__} cannot be data-parallel: {reason}")
+    if learner._parallel is not None:
+        raise ValueError(f"this {type(learner).__name__} is data-parallel already")
+    context = DataParallelContext(group)
+    learner._parallel = context
+    for optimizer in learner.optimizers():
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: context.combine_gradients(opt))
+    return learner

@@ -1,0 +1,125 @@
+"""Data parallelism (amstream.distributed): 2 processes on gloo, each with a shard of every batch,
+end exactly where one process ends on the whole batches (float64), agree on bad input and on
+rollbacks without hanging, and write a checkpoint that resumes in one process.
+
+The two ranks run ``tests/distributed_worker.py`` as subprocesses; the timeout is the test's (a
+hung collective fails the test instead of blocking the suite).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import amstream
+from amstream.distributed import data_parallel, is_main_process
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The two ranks' records (one run of the worker script for every test of this module)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(rank), "2",
+                               str(tmp / "init"), str(tmp / f"rank{rank}.pt")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the data-parallel ranks did not finish within 240 s: a collective hung")
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def single_process_records() -> dict:
+    """The same script in one process on the whole batches (refused and rolled-back steps change
+    nothing, so they are skipped)."""
+    learners = {name: amstream.LEARNERS[name](worker.mlp(), device="cpu", **kw) for name, kw in worker.LEARNERS.items()}
+    data = worker.batches()
+    record = {}
+    for phase, index, _ in worker.SCRIPT:
+        for name, learner in learners.items():
+            if phase not in ("bad-input", "non-finite"):
+                learner.learn(*data[index])
+            record[(phase, name)] = ({k: v.clone() for k, v in learner.model.state_dict().items()},
+                                     learner.step_count)
+    return record, learners
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("name", list(worker.LEARNERS))
+def test_two_ranks_with_shards_end_where_one_process_ends_on_whole_batches(ranks, name):
+    reference, _ = single_process_records()
+    for phase, _, cut in worker.SCRIPT:
+        expected, steps = reference[(phase, name)]
+        for rank, record in enumerate(ranks):
+            outcome, state, rank_steps = record[(phase, name)]
+            assert rank_steps == steps, (phase, rank)
+            # exact but for the order of floating-point sums (float64): shards of 12/12, 16/8, 7/17
+            assert _max_difference(state, expected) < 1e-9, (phase, rank, outcome)
+
+
+@pytest.mark.parametrize("name", list(worker.LEARNERS))
+def test_bad_input_on_one_rank_stops_the_step_on_both_without_hanging(ranks, name):
+    assert ranks[1][("bad-input", name)][0] == "refused"  # its own InputError
+    assert ranks[0][("bad-input", name)][0] == "peer refused"  # PeerInputError: no rank waits
+    assert ranks[0][("after-bad-input", name)][0] == ranks[1][("after-bad-input", name)][0] == "stepped"
+
+
+@pytest.mark.parametrize("name", list(worker.LEARNERS))
+def test_one_ranks_non_finite_step_rolls_back_every_rank(ranks, name):
+    for record in ranks:
+        outcome, state, _ = record[("non-finite", name)]
+        assert outcome == "rolled back"
+        assert _max_difference(state, record[("after-bad-input", name)][1]) == 0.0  # exactly as before
+    assert ranks[0][("after-non-finite", name)][0] == "stepped"
+
+
+@pytest.mark.parametrize("name", list(worker.LEARNERS))
+def test_a_checkpoint_of_two_ranks_resumes_in_one_process(ranks, name):
+    _, reference = single_process_records()
+    resumed = amstream.LEARNERS[name](worker.mlp(), device="cpu", **worker.LEARNERS[name])
+    resumed.load_state_dict(ranks[0]["checkpoints"][name])
+    x, y = worker.batches()[0]
+    reference[name].learn(x, y)
+    resumed.learn(x, y)
+    assert _max_difference(resumed.model.state_dict(), reference[name].model.state_dict()) < 1e-9
+
+
+def test_learners_that_cannot_be_data_parallel_say_why(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert is_main_process()
+        with pytest.raises(ValueError, match="LocoProp cannot be data-parallel: its updates have not been made"):
+            data_parallel(amstream.LEARNERS["locoprop-m"](worker.mlp(), device="cpu"))
+        bn = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        with pytest.raises(ValueError, match="BatchNorm's batch statistics would be each shard's"):
+            data_parallel(amstream.AMAdam(bn, device="cpu"))
+        with pytest.raises(ValueError, match="ADMM-Softmax output rule keeps its own running sums"):
+            data_parallel(amstream.AMMem(worker.mlp(), device="cpu", output_rule="admm-softmax"))
+        learner = data_parallel(amstream.AMAdam(worker.mlp(), device="cpu"))
+        with pytest.raises(ValueError, match="data-parallel already"):
+            data_parallel(learner)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="needs an initialized torch.distributed process group"):
+        data_parallel(amstream.AMAdam(worker.mlp(), device="cpu"))

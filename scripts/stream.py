@@ -38,10 +38,12 @@ from amstream import (  # noqa: E402
 )
 from amstream.data import DATASETS, data_dir, iter_samples, load_dataset  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
-from amstream.logging import TensorBoardLogger, make_run_dir  # noqa: E402
+from amstream.distributed import data_parallel, is_main_process  # noqa: E402
+from amstream.logging import NullLogger, TensorBoardLogger, make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
+from _distributed import ShardedLearning, init_from_env, launched_by_torchrun  # noqa: E402
 from _common import add_option, evaluate_accuracy, learner_names, make_learner  # noqa: E402
 
 POSITIVE = "[1, inf)"
@@ -99,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", default=None, help="also write the results (curves, held-out accuracy per epoch, "
                    "seconds, steps, options) to this JSON file")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the processes of torchrun (set by itself when torchrun starts "
+                             "several): every process predicts each batch and learns its shard of it, rank 0 "
+                             "prints, logs and writes checkpoints; e.g. torchrun --nproc-per-node 2 scripts/stream.py "
+                             "--learner am-mem --dataset mnist --batch-size 200")
     c = parser.add_argument_group("checkpoints")
     c.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="checkpoint file; one per learner, named PATH with the learner inserted before the "
@@ -169,8 +176,18 @@ def load_data(args):
         train, test = (dataclasses.replace(d, x=_common.as_sequences(d.x)) for d in (train, test))
     if args.batchnorm and len(train) % args.batch_size == 1:
         train = train.subset(range(len(train) - 1))
-        print("note: dropped the last training sample so that no BatchNorm batch has one sample")
+        say("note: dropped the last training sample so that no BatchNorm batch has one sample")
+    tail = len(train) % args.batch_size
+    if args.world_size > 1 and 0 < tail < args.world_size:
+        train = train.subset(range(len(train) - tail))
+        say(f"note: dropped the last {tail} training sample(s): every process needs a share of every batch")
     return train, test
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only (every process of a distributed run would print the same)."""
+    if is_main_process():
+        print(message)
 
 
 class Run:
@@ -187,7 +204,7 @@ class Run:
         ck = self.ck_path
         if not (self.args.resume and ck.is_file()):
             if self.args.resume:
-                print(f"{self.name}: no checkpoint at {ck}; starting from scratch (--allow-fresh)")
+                say(f"{self.name}: no checkpoint at {ck}; starting from scratch (--allow-fresh)")
             return
         saved = checkpoint_config(ck)
         if saved is not None and {k: v for k, v in saved.items() if k != "run_dir"} != self.stream_config:
@@ -204,10 +221,12 @@ class Run:
             self.run_dir = Path(run_dir)
         where = (f"at epoch {self.epoch + 1}, sample {self.index}" if self.epoch < self.args.epochs
                  else f"after epoch {self.epoch} (finished)")
-        print(f"{self.name}: resumed from {ck} {where} ({self.result.n_seen} samples seen, "
+        say(f"{self.name}: resumed from {ck} {where} ({self.result.n_seen} samples seen, "
               f"step {self.learner.step_count})")
 
-    def open_logger(self) -> TensorBoardLogger:
+    def open_logger(self) -> TensorBoardLogger | NullLogger:
+        if not is_main_process():
+            return NullLogger()
         if self.run_dir is not None:  # continue the interrupted run's folder, without duplicate steps
             return TensorBoardLogger(self.run_dir, purge_step=self.result.n_seen + 1)
         self.run_dir = make_run_dir(self.args.logdir, f"{self.args.dataset}-{self.name}")
@@ -222,7 +241,7 @@ class Run:
 
     def save(self, epoch: int, index: int) -> None:
         """Everything needed to continue exactly from (epoch, index)."""
-        if self.ck_path is not None:
+        if self.ck_path is not None and is_main_process():  # every rank's state is the same
             save_checkpoint(self.ck_path, self.learner, epoch=epoch, index=index, batches=self.batches,
                             elapsed=self.elapsed, rolled_back=self.rolled_back, prequential=self.result.state_dict(),
                             test_curve=self.test_curve, config=self.stream_config, run_dir=str(self.run_dir))
@@ -235,7 +254,9 @@ def stream_learner(run: Run, train, test, n_train: int, eval_every: int, budget:
     order = "stream" if args.dataset == "elec2" else "shuffle"
     writer = run.open_logger()
     bar = tqdm(total=args.epochs * n_train, initial=run.result.n_seen, desc=f"{run.name:>8}", unit="sample",
-               disable=args.quiet, dynamic_ncols=True, leave=True)
+               disable=args.quiet or not is_main_process(), dynamic_ncols=True, leave=True)
+    if args.world_size > 1:
+        learner = ShardedLearning(learner, args.rank, args.world_size)
     try:
         for epoch in range(run.epoch, args.epochs):
             samples = iter_samples(train, order, seed=args.seed * 1000 + epoch, start=run.index)
@@ -265,7 +286,7 @@ def stream_learner(run: Run, train, test, n_train: int, eval_every: int, budget:
             run.index = 0
             test_acc = evaluate_accuracy(learner, test)
             run.test_curve.append((epoch + 1, test_acc))
-            if args.epochs > 1:
+            if args.epochs > 1 and is_main_process():
                 tqdm.write(f"{run.name}: epoch {epoch + 1}/{args.epochs} held-out accuracy {test_acc:.4f}")
             writer.record("test/accuracy", test_acc, run.result.n_seen)
             run.save(epoch + 1, 0)
@@ -303,7 +324,14 @@ def print_summary(results: dict, args, n_train: int) -> None:
 def main(argv=None) -> None:
     args, parser = parse_args(argv)
     with _common.clean_errors(parser):
-        device = resolve_device(args.device)
+        args.rank, args.world_size = 0, 1
+        if args.distributed or launched_by_torchrun():
+            args.rank, args.world_size, device = init_from_env(args.device)
+            if args.batch_size < args.world_size:
+                raise ValueError(f"--batch-size {args.batch_size} is smaller than the {args.world_size} processes: "
+                                 "each needs a share of every batch")
+        else:
+            device = resolve_device(args.device)
         if args.threads or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)
         check_resumable(args, args.learners)
@@ -314,7 +342,7 @@ def main(argv=None) -> None:
         # what defines the stream: a checkpoint made with other values cannot be continued
         stream_config = {"dataset": args.dataset, "n_train": n_train, "model": args.model, "hidden": args.hidden_widths,
                          "batchnorm": args.batchnorm, "batch_size": args.batch_size, "seed": args.seed}
-        print(f"{args.dataset}: stream of {n_train} samples x {args.epochs} epoch(s) "
+        say(f"{args.dataset}: stream of {n_train} samples x {args.epochs} epoch(s) "
               f"({'time order' if args.dataset == 'elec2' else 'shuffled per epoch'}), held-out {len(test)}, "
               f"{args.model} {list(train.x.shape[1:])} -> "
               f"{args.hidden_widths if args.model == 'mlp' else args.hidden_widths[:1] if args.model in _common.RECURRENT_MODELS else 'conv'} -> {train.n_classes}, batch {args.batch_size}, "
@@ -330,14 +358,21 @@ def main(argv=None) -> None:
                 kwargs.setdefault("lr_halve_every", args.lr_halve_epochs * steps_per_epoch)
             try:
                 learner = make_learner(name, model, device, **kwargs)
+                if args.world_size > 1:
+                    learner = data_parallel(learner)
             except UnsupportedModelError as err:
-                print(f"note: skipping {name}: {' '.join(str(err).split())}")
+                say(f"note: skipping {name}: {' '.join(str(err).split())}")
+                continue
+            except ValueError as err:
+                if args.world_size == 1 or "cannot be data-parallel" not in str(err):
+                    raise
+                say(f"note: skipping {name}: {err}")
                 continue
             run = Run(name, learner, args, stream_config)
             run.resume()
             if not stream_learner(run, train, test, n_train, eval_every, budget):
                 where = f"; resume with --resume (checkpoint {run.ck_path})" if run.ck_path else ""
-                print(f"stopped after {budget[0]} steps (--stop-after-steps){where}")
+                say(f"stopped after {budget[0]} steps (--stop-after-steps){where}")
                 return
             result = run.result
             if not result.curve or result.curve[-1][0] != result.n_seen:
@@ -351,6 +386,8 @@ def main(argv=None) -> None:
             }
         if not results:
             raise ValueError("no learner can train this model; see the notes above")
+        if not is_main_process():
+            return
         print_summary(results, args, n_train)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

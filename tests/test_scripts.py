@@ -124,6 +124,31 @@ def test_unknown_learner_is_a_clean_error(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def _summary_rows(stdout: str) -> dict[str, tuple[str, str]]:
+    """learner -> (prequential, held-out) from stream.py's final table."""
+    return {m[0]: (m[1], m[2]) for m in re.findall(r"^(\S+)\s+(0\.\d{4})\s+(0\.\d{4})\s", stdout, flags=re.M)}
+
+
+def test_torchrun_two_processes_learn_what_one_process_learns(tmp_path):
+    """torchrun --nproc-per-node 2 scripts/stream.py: each process learns its shard of every batch
+    (gloo), and the prequential and held-out accuracies are one process's; rank 0 alone prints and
+    writes the checkpoints; a learner that cannot be data-parallel is skipped with its reason."""
+    common = ["--learner", "am-mem,backprop,locoprop-m", "--max-samples", "300", "--quiet", "--batch-size", "10"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(SCRIPT), *common, "--logdir", str(tmp_path / "two"),
+                          "--checkpoint", str(tmp_path / "ck.pt")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run(*common, "--logdir", str(tmp_path / "one"))
+    rows = _summary_rows(two.stdout)
+    single = _summary_rows(one.stdout)
+    assert set(rows) == {"am-mem", "backprop"} and rows == {k: single[k] for k in rows}, (two.stdout, one.stdout)
+    assert two.stdout.count("learner    prequential") == 1  # rank 0 only
+    assert "skipping locoprop-m: LocoProp cannot be data-parallel" in two.stdout
+    assert (tmp_path / "ck-am-mem.pt").is_file() and (tmp_path / "ck-backprop.pt").is_file()
+
+
 def test_help():
     proc = run("--help")
     assert "--dataset" in proc.stdout and "--checkpoint" in proc.stdout

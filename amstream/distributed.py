@@ -60,6 +60,7 @@ class DataParallelContext:
         self.rank = dist.get_rank(group)
         self.share = 1.0  # this rank's samples / the whole batch's, set by agree_on_batch
         self.batch_size = 0  # the whole batch's, over every rank
+        self.bytes_reduced = 0  # payload this rank has all-reduced so far (for the communication budget)
 
     def _device(self, tensor_device: torch.device) -> torch.device:
         # gloo reduces CPU tensors; NCCL needs them on the rank's GPU
@@ -70,6 +71,7 @@ class DataParallelContext:
         flags = torch.tensor([0.0 if ok else 1.0, float(n_samples if ok else 0)], dtype=torch.float64,
                              device=self._device(device))
         dist.all_reduce(flags, group=self.group)
+        self.bytes_reduced += flags.numel() * flags.element_size()
         refused, total = int(flags[0]), int(flags[1])
         if refused == 0:
             self.batch_size = total
@@ -80,6 +82,7 @@ class DataParallelContext:
         """True when ``value`` is True on every rank."""
         flag = torch.tensor([1.0 if value else 0.0], device=self._device(device))
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        self.bytes_reduced += flag.numel() * flag.element_size()
         return bool(flag.item() == 1.0)
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
@@ -91,6 +94,7 @@ class DataParallelContext:
             device = self._device(group[0].device)
             flat = torch.cat([t.reshape(-1).to(device) for t in group])
             dist.all_reduce(flat, group=self.group)
+            self.bytes_reduced += flat.numel() * flat.element_size()
             offset = 0
             for t in group:
                 n = t.numel()

@@ -16,6 +16,8 @@
    as samples per second and ratios to deep-river's (``scripts/_bench_stream.py``).
 6. (``--section rl``) DQN on CartPole-v1: ``agents.DQNAgent`` against Stable-Baselines3's DQN
    (``scripts/_bench_rl.py``).
+7. (``--section distributed``) samples per second on 1, 2, ... data-parallel processes (gloo) and
+   the bytes all-reduced per step (``scripts/_bench_distributed.py``).
 
 Real MNIST batches are used (``AMSTREAM_DATA`` / ``--data-dir``). Results are printed as a Markdown
 table ready for BENCHMARKS.md, with the device and the command line.
@@ -46,6 +48,7 @@ from amstream.memory import (  # noqa: E402
 )
 from amstream.utils import resolve_device  # noqa: E402
 
+from _bench_distributed import distributed_throughput  # noqa: E402
 from _bench_rl import dqn_throughput  # noqa: E402
 from _bench_stream import stream_throughput  # noqa: E402
 from _common import (  # noqa: E402
@@ -54,7 +57,7 @@ from _common import (  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 
 
-SECTIONS = ("steps", "solve", "strategy", "online-replay", "compiled", "stream", "rl")
+SECTIONS = ("steps", "solve", "strategy", "online-replay", "compiled", "stream", "rl", "distributed")
 DEFAULT_SECTIONS = ("steps", "solve", "strategy", "online-replay")
 
 
@@ -98,6 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--rl-steps", HParam(100_000, "rl section: environment steps per DQN run", int, count))
     add_option(p, "--rl-rounds", HParam(2, "rl section: rounds of one run per agent", int, count))
     p.add_argument("--rl-learner", default="backprop,am-adam", help="rl section: the DQNAgent learners")
+    p.add_argument("--processes", default="1,2", help="distributed section: numbers of processes (gloo, one "
+                   "thread each; 1 is always run first, as the base of the speed-ups)")
+    add_option(p, "--distributed-steps", HParam(50, "distributed section: timed steps per run", int, count))
+    p.add_argument("--distributed-learner", default="backprop,am-adam,am-mem",
+                   help="distributed section: the learners (each data-parallel over the processes)")
     p.add_argument("--make-envs", action="store_true",
                    help="make the other libraries' environments when missing: deep-river's own virtual "
                         "environment (.bench-envs/deep-river, pip install deep-river==0.3.4 and its torch 2.5: "
@@ -108,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.learners = parse_name_list(args.learner, learner_names(), "learner")
         args.stream_learners = parse_name_list(args.stream_learner, learner_names(), "learner")
         args.rl_learners = parse_name_list(args.rl_learner, learner_names(), "learner")
+        args.distributed_learners = parse_name_list(args.distributed_learner, learner_names(), "learner")
+        args.process_counts = sorted({1, *parse_int_list(args.processes)})
         args.also = [_variant(text) for text in (args.also if args.also is not None else ["am-adam:fast=false"])]
     except ValueError as err:
         p.error(str(err))
@@ -504,6 +514,15 @@ def main(argv=None) -> None:
                 print(f"| {row['solver']} | | {row['speedup']:.1e} |")
             else:
                 print(f"| {row['solver']} | {row['ms']:.2f} | {row['speedup']:.1f}x [{row['q1']:.1f}, {row['q3']:.1f}] |")
+    if "distributed" in sections:
+        rows = distributed_throughput(args.distributed_learners, args.process_counts, batch=args.batch_size,
+                                      steps=args.distributed_steps, warmup=args.warmup, hidden=args.hidden,
+                                      data_dir=args.data_dir)
+        _table(f"Data-parallel throughput, {net} split across the processes (gloo, one thread each), "
+               f"{args.distributed_steps} timed steps", ["learner", "processes", "samples/s", "speed-up over 1",
+                                                         "all-reduced per step (rank 0)"],
+               [[row["learner"], str(row["processes"]), f"{row['samples_per_s']:,.0f}", f"{row['speedup']:.2f}x",
+                 f"{row['bytes_per_step'] / 1024:,.1f} KiB" if row["processes"] > 1 else ""] for row in rows])
     if "solve" in sections and not args.skip_solve:
         _table(f"AM-mem's step and its first layer's parts (width 785 with the bias, {args.batch_size} samples), "
                f"{args.solve_rounds} interleaved rounds, best of {args.solve_repeats} each (median)",

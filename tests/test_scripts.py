@@ -186,14 +186,16 @@ def test_bench_smoke(data_root):
     assert len(online) == 2 and online[0][1] == online[1][1], proc.stdout
 
 
-def test_bench_stream_and_rl_sections(data_root):
-    """The streaming section (Elec2 one sample at a time, each learner in its worker) and the DQN
-    section, on tiny budgets; deep-river and Stable-Baselines3 are measured where their environments
+def test_bench_stream_rl_and_distributed_sections(data_root):
+    """The streaming section (Elec2 one sample at a time, each learner in its worker), the DQN
+    section and the data-parallel section, on tiny budgets; deep-river and Stable-Baselines3 are measured where their environments
     exist (a note says so where they do not, as in CI)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--data-dir", str(data_root), "--threads", "1",
          "--section", "stream", "--stream-samples", "600", "--stream-learner", "backprop,am-mem",
-         "--section", "rl", "--rl-steps", "1200", "--rl-rounds", "1", "--rl-learner", "am-adam"],
+         "--section", "rl", "--rl-steps", "1200", "--rl-rounds", "1", "--rl-learner", "am-adam",
+         "--section", "distributed", "--processes", "2", "--distributed-steps", "2", "--warmup", "1",
+         "--distributed-learner", "am-mem"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -205,6 +207,11 @@ def test_bench_stream_and_rl_sections(data_root):
     dqn = re.search(r"^\| DQNAgent, am-adam \| ([\d,]+) \|", proc.stdout, flags=re.M)
     assert dqn and int(dqn[1].replace(",", "")) > 0, proc.stdout
     assert "Stable-Baselines3 2.9.2 DQN | " in proc.stdout or "note: Stable-Baselines3 is not measured" in proc.stderr
+    # data-parallel AM-mem: 1 and 2 processes; the payload is the memory increments and the output gradient
+    two = re.search(r"^\| am-mem \| 2 \| [\d,]+ \| [\d.]+x \| ([\d,.]+) KiB \|", proc.stdout, flags=re.M)
+    memories = (785 * 785 + 100 * 785 + 101 * 101 + 100 * 101) * 4 / 1024
+    assert two and float(two[1].replace(",", "")) > memories, proc.stdout
+    assert re.search(r"^\| am-mem \| 1 \| [\d,]+ \| 1.00x \|", proc.stdout, flags=re.M), proc.stdout
 
 
 def test_bench_bad_option_is_a_clean_error():

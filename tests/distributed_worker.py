@@ -16,7 +16,8 @@ import amstream
 from amstream.distributed import PeerInputError, data_parallel
 from amstream.validation import InputError
 
-LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}}
+LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m": {}, "locoprop-s": {},
+            "frank-wolfe": {"lr": 3e-3}}
 
 
 def mlp() -> torch.nn.Sequential:

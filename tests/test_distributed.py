@@ -106,8 +106,10 @@ def test_learners_that_cannot_be_data_parallel_say_why(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         assert is_main_process()
-        with pytest.raises(ValueError, match="LocoProp cannot be data-parallel: its updates have not been made"):
-            data_parallel(amstream.LEARNERS["locoprop-m"](worker.mlp(), device="cpu"))
+        with pytest.raises(ValueError, match="SBE cannot be data-parallel: its updates have not been made"):
+            data_parallel(amstream.LEARNERS["sbe"](worker.mlp(), device="cpu"))
+        with pytest.raises(ValueError, match="same_batch=True its inner steps re-evaluate the batch"):
+            data_parallel(amstream.LEARNERS["frank-wolfe"](worker.mlp(), device="cpu", same_batch=True))
         bn = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         with pytest.raises(ValueError, match="BatchNorm's batch statistics would be each shard's"):
             data_parallel(amstream.AMAdam(bn, device="cpu"))

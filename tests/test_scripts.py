@@ -133,7 +133,7 @@ def test_torchrun_two_processes_learn_what_one_process_learns(tmp_path):
     """torchrun --nproc-per-node 2 scripts/stream.py: each process learns its shard of every batch
     (gloo), and the prequential and held-out accuracies are one process's; rank 0 alone prints and
     writes the checkpoints; a learner that cannot be data-parallel is skipped with its reason."""
-    common = ["--learner", "am-mem,backprop,locoprop-m", "--max-samples", "300", "--quiet", "--batch-size", "10"]
+    common = ["--learner", "am-mem,backprop,sbe", "--max-samples", "300", "--quiet", "--batch-size", "10"]
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     two = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(SCRIPT), *common, "--logdir", str(tmp_path / "two"),
@@ -145,7 +145,7 @@ def test_torchrun_two_processes_learn_what_one_process_learns(tmp_path):
     single = _summary_rows(one.stdout)
     assert set(rows) == {"am-mem", "backprop"} and rows == {k: single[k] for k in rows}, (two.stdout, one.stdout)
     assert two.stdout.count("learner    prequential") == 1  # rank 0 only
-    assert "skipping locoprop-m: LocoProp cannot be data-parallel" in two.stdout
+    assert "skipping sbe: SBE cannot be data-parallel" in two.stdout
     assert (tmp_path / "ck-am-mem.pt").is_file() and (tmp_path / "ck-backprop.pt").is_file()
 
 

@@ -32,6 +32,8 @@ class FrankWolfeLearner(Learner):
     the weights the call started from.
     """
 
+    data_parallel = True  # gradients of the mean loss, combined before each optimizer step
+
     defaults = {
         "lr": HParam(1e-3, "radius of the Frank-Wolfe ball and learning rate of the Adam step", range="(0, inf)",
                      learning_rate=True),
@@ -56,6 +58,12 @@ class FrankWolfeLearner(Learner):
         groups = [{"params": params, "name": name} for name, params in self._named_groups()]
         self.optimizer = FrankWolfe(groups, lr=self.lr, inner_steps=self.inner_steps, betas=(self.beta1, self.beta2),
                                     eps=self.eps, faithful=self.faithful)
+
+    def _data_parallel_refusal(self) -> str | None:
+        if self.same_batch:
+            return ("with same_batch=True its inner steps re-evaluate the batch inside the optimizer's step, "
+                    "after the gradients would have been combined")
+        return super()._data_parallel_refusal()
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         out = self._take_pending(x)

@@ -75,6 +75,9 @@ class LocoProp(BlockLearner):
         2
     """
 
+    data_parallel = True  # targets per sample, local losses summed over samples (amstream.distributed)
+    _local_grad_scale = 1.0
+
     defaults = {
         "variant": HParam("M", "M: post-activation targets f(a) - gamma g with the transfer function's matching "
                           "loss (the reference); S: pre-activation targets a - gamma g with a squared loss", str,
@@ -189,7 +192,12 @@ class LocoProp(BlockLearner):
             transfers = [*self._transfers, (self._output_transfer(), None)]
             fns = [_transfer_fn(name, module) for name, module in transfers] if self.variant == "M" else \
                 [_transfer_fn("identity", None)] * len(self.blocks)
-            targets = [fn(a) - self.gamma * g for fn, a, g in zip(fns, pre_acts, grads)]
+            # Data-parallel: g is the gradient of the shard's mean loss; the whole batch's is `share`
+            # times it, and the local losses are sums over samples, so each rank's gradient is scaled
+            # by 1/share before the optimizer's hook weights it by share and sums (a plain sum).
+            share = self._global_batch_share
+            self._local_grad_scale = 1.0 / share
+            targets = [fn(a) - (self.gamma * share) * g for fn, a, g in zip(fns, pre_acts, grads)]
             anchors = [p.detach().clone() for p in self._params] if self.prox else None
         penalty = frozen_penalty(penalty, self._params)  # its gradient at the batch's start, before any step
         residuals = self._local_steps(inputs, pre_acts, targets, fns, penalty, anchors)
@@ -233,15 +241,16 @@ class LocoProp(BlockLearner):
             with torch.no_grad():
                 a = pre_act if pre_act is not None else F.linear(inp, view.linear.weight, view.linear.bias)
                 r = fn(a) - target
-                view.linear.weight.grad = r.T @ inp
+                scaled = r if self._local_grad_scale == 1.0 else r * self._local_grad_scale
+                view.linear.weight.grad = scaled.T @ inp
                 if view.linear.bias is not None:
-                    view.linear.bias.grad = r.sum(0)
+                    view.linear.bias.grad = scaled.sum(0)
                 return torch.linalg.vector_norm(r)
         with torch.enable_grad(), frozen_batchnorm_stats(self.model):  # Conv, BatchNorm: autograd
             a = block.lin(inp)
             r = (fn(a) - target).detach()
             params = [p for p in block.lin.parameters() if p.requires_grad]
-            local = torch.autograd.grad(a, params, grad_outputs=r, allow_unused=True)
+            local = torch.autograd.grad(a, params, grad_outputs=r * self._local_grad_scale, allow_unused=True)
         for p, g in zip(params, local):
             p.grad = g
         return torch.linalg.vector_norm(r)

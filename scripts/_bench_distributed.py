@@ -69,8 +69,9 @@ def distributed_throughput(learners: list[str], processes: list[int], *, batch: 
         base = None
         for world in processes:
             with tempfile.TemporaryDirectory() as tmp:
-                procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), str(world), os.path.join(tmp, "init"),
-                                           name, str(batch), str(ROOT), str(steps), str(warmup), hidden, data_dir or ""],
+                init = os.path.join(tmp, "init")
+                procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), str(world), init, name, str(batch),
+                                           str(ROOT), str(steps), str(warmup), hidden, data_dir or ""],
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                          for rank in range(world)]
                 outs = [p.communicate(timeout=1800) for p in procs]

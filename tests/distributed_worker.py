@@ -17,7 +17,14 @@ from amstream.distributed import PeerInputError, data_parallel
 from amstream.validation import InputError
 
 LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m": {}, "locoprop-s": {},
-            "frank-wolfe": {"lr": 3e-3}}
+            "frank-wolfe": {"lr": 3e-3}, "admm-softmax": {}, "admm-softmax-batch": {"mode": "batch"},
+            "am-mem-admm-output": {"output_rule": "admm-softmax"}}
+
+
+def make(name: str, **kwargs):
+    """The registered learner ``name``, or a variant named ``<learner>-<what>`` (its kwargs in LEARNERS)."""
+    registered = next(n for n in sorted(amstream.LEARNERS, key=len, reverse=True) if name.startswith(n))
+    return amstream.LEARNERS[registered](mlp(), device="cpu", **kwargs)
 
 
 def mlp() -> torch.nn.Sequential:
@@ -45,8 +52,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    learners = {name: data_parallel(amstream.LEARNERS[name](mlp(), device="cpu", **kw))
-                for name, kw in LEARNERS.items()}
+    learners = {name: data_parallel(make(name, **kw)) for name, kw in LEARNERS.items()}
     data = batches()
     record: dict = {}
     for phase, index, cut in SCRIPT:

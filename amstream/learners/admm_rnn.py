@@ -150,6 +150,10 @@ class ADMMiRNN(Learner):
     after the step (``admm/objective``), the constraints' residual norm (``admm/primal_residual``).
     """
 
+    #: why data_parallel (amstream.distributed) refuses it
+    data_parallel = ("its blocks' least-squares systems and duals span every sample and time step of the "
+                     "batch, and those sums are not reduced yet")
+
     defaults = {
         "rho": HParam(1.0, "penalty rho of every constraint (the reference: 0.025)", range="(0, inf)"),
         "lr": HParam(3.0, "weight steps: proximal least squares with weight rho N / lr toward the weights before "

@@ -308,20 +308,33 @@ class StreamingSoftmaxADMM:
         return prox_lbfgs(lambda Z: batch * loss_fn(Z.to(out_dtype)), V, rho, Z0, iterations=self.z_iterations)
 
     def update(self, D: torch.Tensor, W: torch.Tensor, Y: torch.Tensor | None, loss_fn: LossFn | None, *,
-               out_dtype: torch.dtype, linear_term: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+               out_dtype: torch.dtype, linear_term: torch.Tensor | None = None,
+               reduce: Callable[[list[torch.Tensor]], None] | None = None,
+               batch_size: int | None = None) -> tuple[torch.Tensor, dict]:
         """ADMM iterations on the batch ``D`` (rows with the bias 1) from the weights ``W`` (``[W | b]``);
         ``linear_term``: a penalty's gradient, added to the W-step's objective. Returns the new
-        weights and the diagnostics (residuals, rho)."""
-        keep, new = self._memory_weights(D.shape[0])
-        gram = new * (D.T @ D)
-        solver = NormalEquations(gram, self.alpha, self.M, offset=keep * self.G if keep else None)
+        weights and the diagnostics (residuals, rho).
+
+        Data-parallel (``reduce``: sums tensors over the processes in place; ``batch_size``: the whole
+        batch's): ``D`` is this process's shard; every sum over samples (the Gram matrix, the W-step's
+        right-hand side, the residuals, the memories' increments) is reduced, the Z-step and the duals
+        are per sample, so every process solves the whole batch's W-steps."""
+        batch = D.shape[0] if batch_size is None else batch_size
+        keep, new = self._memory_weights(batch)
+        DtD = D.T @ D
+        if reduce is not None:
+            reduce([DtD])
+        solver = NormalEquations(new * DtD, self.alpha, self.M, offset=keep * self.G if keep else None)
         Z = D @ W.T
         U = torch.zeros_like(Z)
         rho = self.rho
         r_primal = r_dual = torch.zeros((), dtype=W.dtype, device=W.device)
         for _ in range(self.iterations):
             # W-step: (keep G + rho new D^T D + alpha M) W^T = keep H^T + rho new D^T (Z + U) (+ alpha M W_ref^T, W_ref = 0)
-            R = rho * new * (D.T @ (Z + U))
+            R = D.T @ (Z + U)
+            if reduce is not None:
+                reduce([R])
+            R = rho * new * R
             if keep:
                 R = R + keep * self.H.T
             if linear_term is not None:
@@ -332,16 +345,25 @@ class StreamingSoftmaxADMM:
             Z_old = Z
             Z = self.z_step(DW - U, Y, loss_fn, rho, Z, out_dtype)
             U = U + Z - DW
-            r_primal = (Z - DW).norm()
-            r_dual = rho * new * (D.T @ (Z - Z_old)).norm()
+            primal_sq, dual = (Z - DW).square().sum().reshape(1), D.T @ (Z - Z_old)
+            if reduce is not None:
+                reduce([primal_sq, dual])
+            r_primal = primal_sq[0].sqrt()
+            r_dual = rho * new * dual.norm()
             if self.adaptive_rho:
                 rho = update_rho(rho, U, float(r_primal), float(r_dual), mu=self.rho_mu, bounds=self.rho_bounds,
                                  faithful=self.faithful)
         if self.memory is not None:  # the batch's term, weighted by its own rho: sqrt(rho) on both sides
-            root = math.sqrt(rho)
-            update_memory_(self.G, self.H, root * D, root * (Z + U), mode=self.memory, count=self.samples_seen,
-                           forget=self.forget)
-        self.samples_seen += D.shape[0]
+            if reduce is None:
+                root = math.sqrt(rho)
+                update_memory_(self.G, self.H, root * D, root * (Z + U), mode=self.memory, count=self.samples_seen,
+                               forget=self.forget)
+            else:  # the shards' increments add up; D^T D is reduced already
+                H_increment = (Z + U).T @ D
+                reduce([H_increment])
+                self.G.mul_(keep).add_(DtD, alpha=new * rho)
+                self.H.mul_(keep).add_(H_increment, alpha=new * rho)
+        self.samples_seen += batch
         self.rho = rho
         return W, {"admm/primal_residual": r_primal, "admm/dual_residual": r_dual, "admm/rho": rho}
 
@@ -375,6 +397,8 @@ class ADMMSoftmax(Learner):
         >>> sorted(info.diagnostics)[:2]
         ['admm/dual_residual', 'admm/objective']
     """
+
+    data_parallel = True  # sums over samples reduced, Z and U per sample (StreamingSoftmaxADMM.update)
 
     defaults = {
         "mode": HParam("stream", "stream (running least-squares memories over batches, each batch with its own Z "
@@ -515,7 +539,7 @@ class ADMMSoftmax(Learner):
         labels = self._cross_entropy_labels()  # learn() with a cross-entropy: the Newton Z-step
         Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(W.dtype)
         W, diagnostics = self.admm.update(D, W, Y, loss_fn, out_dtype=dtype,
-                                          linear_term=self._penalty_gradient(penalty))
+                                          linear_term=self._penalty_gradient(penalty), **self._reduction())
         self._write(W.to(dtype))
         self.optimizer.step()
         with torch.no_grad():

@@ -107,8 +107,8 @@ class AltMinLearner(BlockLearner):
         ]
         for g in groups:
             g["initial_lr"] = g["lr"]
-        self.optimizer = torch.optim.Adam(groups, betas=tuple(self.betas), eps=self.adam_eps,
-                                          **(fused_kwargs(torch.optim.Adam, self.model.parameters()) or {"foreach": True}))
+        implementation = fused_kwargs(torch.optim.Adam, self.model.parameters()) or {"foreach": True}
+        self.optimizer = torch.optim.Adam(groups, betas=tuple(self.betas), eps=self.adam_eps, **implementation)
         self._on_parameters_changed()
 
     def _on_parameters_changed(self) -> None:

@@ -36,6 +36,10 @@ class AMRNN(Learner):
     """AM-Adam over an unrolled :class:`amstream.models.ElmanRNN` (registered ``am-rnn``; new, see the
     module docstring). Diagnostics: ``am/local_loss`` (recurrent, output), ``am/code_displacement``."""
 
+    #: why data_parallel (amstream.distributed) refuses it
+    data_parallel = ("its codes per time step share the recurrent weights' local losses across the batch, "
+                     "which are not reduced yet")
+
     defaults = {
         "mu": HParam(1.0, "weight of the recurrence's consistency terms in the code objective", range="(0, inf)"),
         "code_steps": HParam(5, "gradient steps on the codes per batch", int, "[0, inf)"),

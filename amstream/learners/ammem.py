@@ -141,7 +141,7 @@ class AMMem(AltMinLearner):
             labels = self._cross_entropy_labels()
             Y = None if labels is None else F.one_hot(labels, W.shape[0]).to(torch.float64)
             W, self._output_diagnostics = admm.update(D, W, Y, None if Y is not None else loss_fn,
-                                                      out_dtype=layer.weight.dtype)
+                                                      out_dtype=layer.weight.dtype, **self._reduction())
             layer.weight.copy_(W[:, : layer.in_features])
             if layer.bias is not None:
                 layer.bias.copy_(W[:, -1])
@@ -227,11 +227,6 @@ class AMMem(AltMinLearner):
         if self.damping_scale == "diagonal":
             return self.damping * torch.diagonal(A)
         return self.damping * torch.diagonal(A).mean()
-
-    def _data_parallel_refusal(self) -> str | None:
-        if self._output_admm is not None:
-            return "the ADMM-Softmax output rule keeps its own running sums, which are not reduced yet"
-        return super()._data_parallel_refusal()
 
     def _extra_tensors(self) -> list[torch.Tensor]:
         output = [self._output_admm.G, self._output_admm.H] if self._output_admm is not None else []

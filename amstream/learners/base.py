@@ -414,6 +414,13 @@ class Learner(StreamingMixin, abc.ABC):
             return "a stateful sequence model carries each shard's own hidden state"
         return None
 
+    def _reduction(self) -> dict:
+        """Keywords of an update that sums over samples: ``{}`` in one process; data-parallel, the
+        in-place sum over the processes (``reduce``) and the whole batch's size (``batch_size``)."""
+        if self._parallel is None:
+            return {}
+        return {"reduce": self._parallel.sum_, "batch_size": self._parallel.batch_size}
+
     @property
     def _global_batch_share(self) -> float:
         """This process's share of the batch being learned (1 in one process)."""

@@ -156,6 +156,10 @@ class DLADMM(Learner):
         0.1
     """
 
+    #: why data_parallel (amstream.distributed) refuses it
+    data_parallel = ("its linearized W and b steps take step sizes from bounds and backtracking on the whole "
+                     "batch's objective, and those sums over samples are not reduced yet")
+
     defaults = {
         "rho": HParam(0.1, "penalty rho of every constraint (the reference starts at 1e-6)", range="(0, inf)"),
         "iterations": HParam(2, "dlADMM iterations (backward sweep, forward sweep, dual step) per batch", int,

@@ -92,6 +92,10 @@ def _safe(divisor: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 class _LowRankLearner(Learner):
     """Shared machinery: capture each layer's input and output gradient, estimate, write."""
 
+    #: why data_parallel (amstream.distributed) refuses it
+    data_parallel = ("its low-rank estimate of the batch's gradient is not linear in the samples: the shards' "
+                     "rank-k estimates do not add up to the batch's")
+
     rank: int
 
     defaults = {

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 13 and 15 as one prepared run for a lent device machine (15 minutes of
+# device time in all: this script is sized to finish in about 10 on an H100/H200).
+#
+#   bash scripts/device_checks.sh            # on the device machine, from the repository root
+#   DEVICE=cpu QUICK=1 bash scripts/device_checks.sh   # a dry run of the same steps, tiny budgets
+#
+# The data travels with the tree: copy the MNIST and Fashion-MNIST files into an ignored folder
+# first (`mkdir -p .devdata && cp -r ../shared/data/{mnist,fashion-mnist} .devdata/`, with `.devdata/`
+# in .git/info/exclude) and name `.devdata` in the run's carry. Results go to $OUT (or ./out): the
+# device tool brings back at most 8 files, so every step's output is appended to $OUT/log.txt, a
+# summary (exit code and seconds per step) to $OUT/summary.txt, and the JSON curves and TensorBoard
+# runs are packed into $OUT/results.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out}"
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+export AMSTREAM_DATA="${AMSTREAM_DATA:-.devdata}" PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+DEVICE="${DEVICE:-cuda}"
+PY="${PY:-python3}"
+if [ -n "${QUICK:-}" ]; then R=2; S=2; IT=2; EP="--max-samples 2000"; else R=20; S=10; IT=200; EP=""; fi
+
+step() {  # step NAME COMMAND...: run, keep the output, never stop the script
+    local name=$1 start=$SECONDS status
+    shift
+    echo "== $name: $*" >>"$OUT/log.txt"
+    "$@" >>"$OUT/log.txt" 2>&1
+    status=$?
+    echo "$name: exit $status, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+}
+
+nvidia-smi >>"$OUT/log.txt" 2>&1 || true
+# 1. tests under the GPU marker: captured (compiled) steps equal eager ones, the conformance suite on CUDA
+step gpu-tests $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_compiled.py tests/test_conformance.py \
+    tests/test_agents.py
+# 2. issue 15: step ratios eager and compiled, batch 200 and 1; the wide network at batch 2048
+step steps-b200 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
+    --learner am-adam,am-mem --rounds $R --steps $S
+step steps-b1 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
+    --learner am-adam --batch-size 1 --rounds $R --steps $S
+step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
+    --learner am-adam --hidden 4096,4096 --batch-size 2048 --rounds $R --steps $S
+# 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy)
+for mode in false true; do
+    step "epoch-compile-$mode" $PY scripts/stream.py --dataset mnist --learner am-adam --batch-size 200 \
+        --epochs 1 --batchnorm --device "$DEVICE" --compile $mode --quiet --logdir "$WORK/runs" $EP
+done
+# 4. issue 13: dlADMM's reference protocol at 784-1000-1000-10 (backtracking and bound), both data sets
+for ds in mnist fashion-mnist; do
+    for run in "dladmm:preset=reference" "dladmm:preset=reference,step_size=bound" "gd:lr=0.1" "adam:lr=1e-3"; do
+        name="full-$ds-$(echo "$run" | tr ':=,' '---')"
+        step "$name" $PY scripts/full_batch.py --dataset $ds --run "$run" --iterations $IT --device "$DEVICE" \
+            --json "$WORK/$name.json"
+    done
+done
+tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
+echo "done: $OUT/summary.txt, $OUT/log.txt, $OUT/results.tgz"

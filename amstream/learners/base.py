@@ -342,7 +342,7 @@ class Learner(StreamingMixin, abc.ABC):
         layer for methods that fit each layer to its own targets.
         """
         self.sync_parameters()
-        x, _ = self._check(x, None, training=True)
+        x, _ = self._check_training(x, None)  # data-parallel: every rank leaves here if one refuses
         payload, out = self._forward_for_step(x)
         self._pending = _PendingForward(x, self._batch_key(x), self._weight_versions(), payload)
         return out

@@ -178,7 +178,7 @@ def load_data(args):
         train = train.subset(range(len(train) - 1))
         say("note: dropped the last training sample so that no BatchNorm batch has one sample")
     tail = len(train) % args.batch_size
-    if args.world_size > 1 and 0 < tail < args.world_size:
+    if args.processes > 1 and 0 < tail < args.processes:
         train = train.subset(range(len(train) - tail))
         say(f"note: dropped the last {tail} training sample(s): every process needs a share of every batch")
     return train, test
@@ -255,8 +255,8 @@ def stream_learner(run: Run, train, test, n_train: int, eval_every: int, budget:
     writer = run.open_logger()
     bar = tqdm(total=args.epochs * n_train, initial=run.result.n_seen, desc=f"{run.name:>8}", unit="sample",
                disable=args.quiet or not is_main_process(), dynamic_ncols=True, leave=True)
-    if args.world_size > 1:
-        learner = ShardedLearning(learner, args.rank, args.world_size)
+    if args.processes > 1:
+        learner = ShardedLearning(learner, args.process_rank, args.processes)
     try:
         for epoch in range(run.epoch, args.epochs):
             samples = iter_samples(train, order, seed=args.seed * 1000 + epoch, start=run.index)
@@ -324,11 +324,11 @@ def print_summary(results: dict, args, n_train: int) -> None:
 def main(argv=None) -> None:
     args, parser = parse_args(argv)
     with _common.clean_errors(parser):
-        args.rank, args.world_size = 0, 1
+        args.process_rank, args.processes = 0, 1
         if args.distributed or launched_by_torchrun():
-            args.rank, args.world_size, device = init_from_env(args.device)
-            if args.batch_size < args.world_size:
-                raise ValueError(f"--batch-size {args.batch_size} is smaller than the {args.world_size} processes: "
+            args.process_rank, args.processes, device = init_from_env(args.device)
+            if args.batch_size < args.processes:
+                raise ValueError(f"--batch-size {args.batch_size} is smaller than the {args.processes} processes: "
                                  "each needs a share of every batch")
         else:
             device = resolve_device(args.device)
@@ -358,13 +358,13 @@ def main(argv=None) -> None:
                 kwargs.setdefault("lr_halve_every", args.lr_halve_epochs * steps_per_epoch)
             try:
                 learner = make_learner(name, model, device, **kwargs)
-                if args.world_size > 1:
+                if args.processes > 1:
                     learner = data_parallel(learner)
             except UnsupportedModelError as err:
                 say(f"note: skipping {name}: {' '.join(str(err).split())}")
                 continue
             except ValueError as err:
-                if args.world_size == 1 or "cannot be data-parallel" not in str(err):
+                if args.processes == 1 or "cannot be data-parallel" not in str(err):
                     raise
                 say(f"note: skipping {name}: {err}")
                 continue

@@ -18,7 +18,8 @@ from amstream.validation import InputError
 
 LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m": {}, "locoprop-s": {},
             "frank-wolfe": {"lr": 3e-3}, "admm-softmax": {}, "admm-softmax-batch": {"mode": "batch"},
-            "am-mem-admm-output": {"output_rule": "admm-softmax"}}
+            "am-mem-admm-output": {"output_rule": "admm-softmax"}, "sbpca-power": {"mode": "power"},
+            "sbe-power": {"mode": "power", "lr": 0.01}}
 
 
 def make(name: str, **kwargs):

@@ -92,9 +92,8 @@ def _safe(divisor: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 class _LowRankLearner(Learner):
     """Shared machinery: capture each layer's input and output gradient, estimate, write."""
 
-    #: why data_parallel (amstream.distributed) refuses it
-    data_parallel = ("its low-rank estimate of the batch's gradient is not linear in the samples: the shards' "
-                     "rank-k estimates do not add up to the batch's")
+    #: modes svd and power: the batch gradient is reduced before its estimate (amstream.distributed)
+    data_parallel = True
 
     rank: int
 
@@ -170,6 +169,9 @@ class _LowRankLearner(Learner):
                     continue  # not used by this forward pass: no gradient, no write
                 rows_x, rows_d = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
                 full = rows_d.T @ rows_x  # the batch gradient [dW | db], for the power step and the diagnostic
+                if self._parallel is not None:  # the whole batch's: the shards' mean-loss gradients by share
+                    full.mul_(self._parallel.share)
+                    self._parallel.sum_([full])
                 u, sigma, v = self._estimate(estimate, rows_x, rows_d, full)  # updates the estimate in place
                 self._write_grads(layer, u, sigma, v, scale=rows_x.shape[0] if self.mode == "stream" else 1.0)
                 energy = full.square().sum().clamp_min(torch.finfo(full.dtype).tiny)
@@ -220,6 +222,13 @@ class _LowRankLearner(Learner):
     def _stream(self, estimate, rows_x, rows_d):
         """The paper's streaming recursion over the batch's rows (SBE: per sample; SBPCA: per
         sub-batch), warm-started from ``estimate``; returns ``(u, sigma, v)``."""
+
+    def _data_parallel_refusal(self) -> str | None:
+        if self.mode == "stream":
+            return ("with mode='stream' its recursion runs over the batch's samples one after another, so the "
+                    "shards' estimates do not add up to the batch's; modes 'svd' and 'power' estimate the "
+                    "whole batch's gradient, reduced first")
+        return super()._data_parallel_refusal()
 
     # ------------------------------------------------------------------------------ checkpointing
     def _extra_tensors(self) -> list[torch.Tensor]:

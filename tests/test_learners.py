@@ -425,3 +425,11 @@ def test_backprop_with_an_optimizer_class_or_factory(digits):
         Backprop(mlp(), optimizer=lambda groups: None, device="cpu")
     with pytest.raises(ValueError, match="did you mean 'adam'"):
         Backprop(mlp(), optimizer="adm", device="cpu")
+
+
+def test_backprop_uses_the_fused_adam_unless_the_user_chose_an_implementation():
+    fused = amstream.Backprop(nn.Linear(3, 2), device="cpu")
+    assert fused.optimizer.defaults["fused"] is True  # one kernel per parameter group (BENCHMARKS.md, section 12)
+    chosen = amstream.Backprop(nn.Linear(3, 2), device="cpu", optimizer_kwargs={"foreach": True})
+    assert chosen.optimizer.defaults["foreach"] is True and not chosen.optimizer.defaults["fused"]
+    chosen.learn(torch.randn(4, 3), torch.randint(0, 2, (4,)))  # fused and foreach together would raise

@@ -73,7 +73,8 @@ class Backprop(Learner):
         kw = dict(self.optimizer_kwargs or {})
         choice = self.optimizer
         if isinstance(choice, str):
-            kw = {**fused_kwargs(OPTIMIZERS[choice], self.model.parameters()), **kw}
+            if not {"fused", "foreach", "capturable", "differentiable"} & set(kw):  # the user's choice stands
+                kw = {**fused_kwargs(OPTIMIZERS[choice], self.model.parameters()), **kw}
             self.optimizer = OPTIMIZERS[choice](groups, lr=self.lr, **kw)
         elif isinstance(choice, type) and issubclass(choice, torch.optim.Optimizer):
             self.optimizer = choice(groups, lr=self.lr, **kw)

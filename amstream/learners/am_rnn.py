@@ -36,9 +36,9 @@ class AMRNN(Learner):
     """AM-Adam over an unrolled :class:`amstream.models.ElmanRNN` (registered ``am-rnn``; new, see the
     module docstring). Diagnostics: ``am/local_loss`` (recurrent, output), ``am/code_displacement``."""
 
-    #: why data_parallel (amstream.distributed) refuses it
-    data_parallel = ("its codes per time step share the recurrent weights' local losses across the batch, "
-                     "which are not reduced yet")
+    #: the code objective is summed over samples (a shard's codes move as the batch's would) and the
+    #: weights' local losses are means: gradients combined by share (amstream.distributed)
+    data_parallel = True
 
     defaults = {
         "mu": HParam(1.0, "weight of the recurrence's consistency terms in the code objective", range="(0, inf)"),

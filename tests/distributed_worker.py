@@ -21,7 +21,7 @@ from amstream.validation import InputError
 LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m": {}, "locoprop-s": {},
             "frank-wolfe": {"lr": 3e-3}, "admm-softmax": {}, "admm-softmax-batch": {"mode": "batch"},
             "am-mem-admm-output": {"output_rule": "admm-softmax"}, "sbpca-power": {"mode": "power"},
-            "sbe-power": {"mode": "power", "lr": 0.01}, "am-rnn": {"lr": 1e-2, "lr_out": 3e-2}}
+            "sbe-power": {"mode": "power", "lr": 0.01}, "am-rnn": {"lr": 1e-2, "lr_out": 3e-2}, "dladmm": {}}
 
 
 def make(name: str, **kwargs):

@@ -109,6 +109,8 @@ def test_learners_that_cannot_be_data_parallel_say_why(tmp_path):
         assert is_main_process()
         with pytest.raises(ValueError, match="SBE cannot be data-parallel: with mode='stream' its recursion"):
             data_parallel(amstream.LEARNERS["sbe"](worker.mlp(), device="cpu"))
+        with pytest.raises(ValueError, match="step_size='backtracking' evaluates the batch's objective"):
+            data_parallel(amstream.DLADMM(worker.mlp(), device="cpu", step_size="backtracking"))
         with pytest.raises(ValueError, match="same_batch=True its inner steps re-evaluate the batch"):
             data_parallel(amstream.LEARNERS["frank-wolfe"](worker.mlp(), device="cpu", same_batch=True))
         bn = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))

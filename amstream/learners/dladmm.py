@@ -156,9 +156,9 @@ class DLADMM(Learner):
         0.1
     """
 
-    #: why data_parallel (amstream.distributed) refuses it
-    data_parallel = ("its linearized W and b steps take step sizes from bounds and backtracking on the whole "
-                     "batch's objective, and those sums over samples are not reduced yet")
+    #: streaming with bound step sizes: the W and b steps' sums over samples are reduced, the z, a and
+    #: dual updates are per sample (amstream.distributed)
+    data_parallel = True
 
     defaults = {
         "rho": HParam(0.1, "penalty rho of every constraint (the reference starts at 1e-6)", range="(0, inf)"),
@@ -256,6 +256,9 @@ class DLADMM(Learner):
         n = len(self.layers)
         thetas, taus = list(constants[0]), list(constants[1])
         last = n - 1
+        # data-parallel: the sums over samples of the W and b steps are reduced (the whole batch's)
+        reduce = self._reduction().get("reduce")
+        batch = self._reduction().get("batch_size", acts[0].shape[0])
 
         def update_W(l, dual):
             W, b = weights[l]
@@ -263,6 +266,8 @@ class DLADMM(Learner):
             target = z + dual / rho if dual is not None else z
             residual = F.linear(inp, W, b) - target
             grad = rho * residual.T @ inp
+            if reduce is not None:
+                reduce([grad])
 
             def phi(W_new):
                 return 0.5 * rho * (F.linear(inp, W_new, b) - target).square().sum()
@@ -273,14 +278,22 @@ class DLADMM(Learner):
                 W, grad, phi, 0.5 * rho * residual.square().sum(), thetas[l], self.step_size == "backtracking",
                 self.max_backtracks, f"W of layer {l}")
             if self.prox:  # the proximal term (lam/2)||W - W_old||^2 shortens the step from 1/theta to 1/(theta + lam)
-                lam = rho * self.prox * float(inp.square().sum(1).mean())
+                squares = inp.square().sum().reshape(1)
+                if reduce is not None:
+                    reduce([squares])
+                lam = rho * self.prox * float(squares) / batch
                 new = W + (new - W) * (thetas[l] / (thetas[l] + lam))
             weights[l][0] = new
 
         def update_b(l, dual):
             W, b = weights[l]
             target = zs[l] + dual / rho if dual is not None else zs[l]
-            weights[l][1] = bias_update(acts[l], W, b, target, self.prox)
+            if reduce is None:
+                weights[l][1] = bias_update(acts[l], W, b, target, self.prox)
+                return
+            residual = (F.linear(acts[l], W, b) - target).sum(0)  # bias_update over the whole batch
+            reduce([residual])
+            weights[l][1] = b - residual / (batch + self.prox)
 
         def update_a(k, dual):
             # acts[k] (k >= 1) is the output of hidden layer k-1 and the input of layer k
@@ -344,8 +357,11 @@ class DLADMM(Learner):
         ``1/theta`` decreases a quadratic whenever theta exceeds half the true curvature."""
         v = self._power[l].to(inp.dtype)
         value = 0.0
+        reduce = self._reduction().get("reduce")
         for _ in range(steps):
             w = inp.T @ (inp @ v)
+            if reduce is not None:  # the whole batch's Gram matrix times v
+                reduce([w])
             value = float(w.norm())
             v = w / max(value, 1e-30)
         if value > 0:
@@ -370,6 +386,14 @@ class DLADMM(Learner):
         data = (torch.logsumexp(zs[last], 1) - (zs[last] * Y).sum(1)).sum() if Y is not None else \
             zs[last].shape[0] * loss_fn(zs[last])
         return total + data
+
+    def _data_parallel_refusal(self) -> str | None:
+        if self.step_size == "backtracking":
+            return ("step_size='backtracking' evaluates the batch's objective inside its searches, which are not "
+                    "reduced; step_size='bound' (the default) is data-parallel")
+        if self.z_solver == "fista":
+            return "z_solver='fista' stops on the summed objective of the batch; z_solver='newton' is data-parallel"
+        return super()._data_parallel_refusal()
 
     # ------------------------------------------------------------------------------- streaming
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:

@@ -21,14 +21,15 @@ from amstream.validation import InputError
 LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m": {}, "locoprop-s": {},
             "frank-wolfe": {"lr": 3e-3}, "admm-softmax": {}, "admm-softmax-batch": {"mode": "batch"},
             "am-mem-admm-output": {"output_rule": "admm-softmax"}, "sbpca-power": {"mode": "power"},
-            "sbe-power": {"mode": "power", "lr": 0.01}, "am-rnn": {"lr": 1e-2, "lr_out": 3e-2}, "dladmm": {}}
+            "sbe-power": {"mode": "power", "lr": 0.01}, "am-rnn": {"lr": 1e-2, "lr_out": 3e-2}, "dladmm": {},
+            "admm-rnn": {}}
 
 
 def make(name: str, **kwargs):
     """The registered learner ``name``, or a variant named ``<learner>-<what>`` (its kwargs in LEARNERS);
-    AM-RNN on an Elman network that reads each sample's 10 features as 5 steps of 2."""
+    AM-RNN and ADMMiRNN on an Elman network that reads each sample's 10 features as 5 steps of 2."""
     registered = next(n for n in sorted(amstream.LEARNERS, key=len, reverse=True) if name.startswith(n))
-    if registered == "am-rnn":
+    if registered in ("am-rnn", "admm-rnn"):
         torch.manual_seed(0)
         return amstream.LEARNERS[registered](ElmanRNN(2, 8, 3).double(), device="cpu", **kwargs)
     return amstream.LEARNERS[registered](mlp(), device="cpu", **kwargs)
@@ -36,7 +37,7 @@ def make(name: str, **kwargs):
 
 def inputs(name: str, x: torch.Tensor) -> torch.Tensor:
     """The batch as the learner ``name`` reads it (sequences of 5 steps of 2 features for AM-RNN)."""
-    return x.view(x.shape[0], 5, 2) if name.startswith("am-rnn") else x
+    return x.view(x.shape[0], 5, 2) if name.startswith(("am-rnn", "admm-rnn")) else x
 
 
 def mlp() -> torch.nn.Sequential:

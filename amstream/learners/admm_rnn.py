@@ -42,6 +42,7 @@ structure, with the penalties ``rho`` on every step; the rest are bugs, not repr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,14 +95,19 @@ def tanh_prox(m: torch.Tensor, q: torch.Tensor, rho1: float, rho2: float, a0: to
 
 
 def proximal_least_squares(features: torch.Tensor, targets: torch.Tensor, old: torch.Tensor, rho: float,
-                           tau: float, shift: torch.Tensor | None = None) -> torch.Tensor:
+                           tau: float, shift: torch.Tensor | None = None,
+                           reduce: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
     """``argmin_theta rho/2 ||targets - features theta||^2 + tau/2 ||theta - old||^2 + <shift, theta>``.
 
     Solves ``(rho F^T F + tau I) theta = rho F^T targets + tau old - shift`` by Cholesky; with
     ``tau = 0`` a singular Gram matrix gets the smallest ridge that makes it positive definite.
+    ``reduce`` (data-parallel): sums ``F^T F`` and ``F^T targets`` over the processes' rows first.
     """
-    gram = rho * (features.T @ features)
-    rhs = rho * (features.T @ targets) + tau * old
+    gram, moments = features.T @ features, features.T @ targets
+    if reduce is not None:
+        reduce([gram, moments])
+    gram = rho * gram
+    rhs = rho * moments + tau * old
     if shift is not None:
         rhs = rhs - shift
     ridge = tau
@@ -150,9 +156,8 @@ class ADMMiRNN(Learner):
     after the step (``admm/objective``), the constraints' residual norm (``admm/primal_residual``).
     """
 
-    #: why data_parallel (amstream.distributed) refuses it
-    data_parallel = ("its blocks' least-squares systems and duals span every sample and time step of the "
-                     "batch, and those sums are not reduced yet")
+    #: the least-squares blocks' sums over rows are reduced; o, s, a and the duals are per sample
+    data_parallel = True
 
     defaults = {
         "rho": HParam(1.0, "penalty rho of every constraint (the reference: 0.025)", range="(0, inf)"),
@@ -267,8 +272,8 @@ class ADMMiRNN(Learner):
             feats = _with_ones(S_out.reshape(-1, S_out.shape[-1]))
             targets = (v.O + v.L3).reshape(-1, v.O.shape[-1])
             old = torch.cat((V.t(), c.unsqueeze(0)))
-            theta = proximal_least_squares(feats, targets, old, rho, rho * feats.shape[0] / self.lr,
-                                           self._shift(shift, [V, c]))
+            theta = proximal_least_squares(feats, targets, old, rho, rho * self._all_rows(feats, v) / self.lr,
+                                           self._shift(shift, [V, c]), self._reduction().get("reduce"))
             V.copy_(theta[:-1].t())
             c.copy_(theta[-1])
         elif block == "in":
@@ -276,8 +281,8 @@ class ADMMiRNN(Learner):
             feats = _with_ones(torch.cat((v.X, S_prev), dim=2).reshape(-1, v.X.shape[-1] + S_prev.shape[-1]))
             targets = (v.A + v.L1).reshape(-1, v.A.shape[-1])
             old = torch.cat((U.t(), W.t(), b.unsqueeze(0)))
-            theta = proximal_least_squares(feats, targets, old, rho, rho * feats.shape[0] / self.lr,
-                                           self._shift(shift, [U, W, b]))
+            theta = proximal_least_squares(feats, targets, old, rho, rho * self._all_rows(feats, v) / self.lr,
+                                           self._shift(shift, [U, W, b]), self._reduction().get("reduce"))
             D = v.X.shape[-1]
             U.copy_(theta[:D].t())
             W.copy_(theta[D:-1].t())
@@ -289,6 +294,11 @@ class ADMMiRNN(Learner):
             v.A = tanh_prox(centre, v.S + v.L2, rho, rho, v.A, iterations=self.a_iterations)
         else:  # pragma: no cover - the order is built above
             raise ValueError(block)
+
+    def _all_rows(self, feats: torch.Tensor, v: _Variables) -> int:
+        """The rows of a least-squares block over the whole batch (data-parallel: every process's)."""
+        batch = self._reduction().get("batch_size")
+        return feats.shape[0] if batch is None else feats.shape[0] // v.X.shape[1] * batch
 
     def _solve_states(self, v: _Variables) -> torch.Tensor:
         """Every ``s_t`` at once: the normal equations of its three quadratic terms (see the module)."""

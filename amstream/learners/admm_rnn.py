@@ -273,7 +273,7 @@ class ADMMiRNN(Learner):
             targets = (v.O + v.L3).reshape(-1, v.O.shape[-1])
             old = torch.cat((V.t(), c.unsqueeze(0)))
             theta = proximal_least_squares(feats, targets, old, rho, rho * self._all_rows(feats, v) / self.lr,
-                                           self._shift(shift, [V, c]), self._reduction().get("reduce"))
+                                           self._shift(shift, [V, c]), self._reduce)
             V.copy_(theta[:-1].t())
             c.copy_(theta[-1])
         elif block == "in":
@@ -282,7 +282,7 @@ class ADMMiRNN(Learner):
             targets = (v.A + v.L1).reshape(-1, v.A.shape[-1])
             old = torch.cat((U.t(), W.t(), b.unsqueeze(0)))
             theta = proximal_least_squares(feats, targets, old, rho, rho * self._all_rows(feats, v) / self.lr,
-                                           self._shift(shift, [U, W, b]), self._reduction().get("reduce"))
+                                           self._shift(shift, [U, W, b]), self._reduce)
             D = v.X.shape[-1]
             U.copy_(theta[:D].t())
             W.copy_(theta[D:-1].t())
@@ -295,10 +295,16 @@ class ADMMiRNN(Learner):
         else:  # pragma: no cover - the order is built above
             raise ValueError(block)
 
+    @property
+    def _reduce(self):
+        """The in-place sum over the processes (data-parallel), else None."""
+        return None if self._parallel is None else self._parallel.sum_
+
     def _all_rows(self, feats: torch.Tensor, v: _Variables) -> int:
         """The rows of a least-squares block over the whole batch (data-parallel: every process's)."""
-        batch = self._reduction().get("batch_size")
-        return feats.shape[0] if batch is None else feats.shape[0] // v.X.shape[1] * batch
+        if self._parallel is None:
+            return feats.shape[0]
+        return feats.shape[0] // v.X.shape[1] * self._parallel.batch_size
 
     def _solve_states(self, v: _Variables) -> torch.Tensor:
         """Every ``s_t`` at once: the normal equations of its three quadratic terms (see the module)."""

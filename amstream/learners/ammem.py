@@ -182,7 +182,8 @@ class AMMem(AltMinLearner):
                     update_memory_(A, Bm, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
                                    count=self.samples_seen, forget=self.forget)
                 else:  # the memories are sums over samples: the shards' increments add up exactly
-                    increments = [a.T.to(A.dtype) @ a.to(A.dtype), c.T.to(A.dtype) @ a.to(A.dtype)]
+                    a_m, c_m = a.to(A.dtype), c.to(A.dtype)
+                    increments = [a_m.T @ a_m, c_m.T @ a_m]
                     self._parallel.sum_(increments)
                     keep, new = memory_weights(self.memory, self.samples_seen, self._parallel.batch_size,
                                                self.forget)

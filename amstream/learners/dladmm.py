@@ -257,8 +257,8 @@ class DLADMM(Learner):
         thetas, taus = list(constants[0]), list(constants[1])
         last = n - 1
         # data-parallel: the sums over samples of the W and b steps are reduced (the whole batch's)
-        reduce = self._reduction().get("reduce")
-        batch = self._reduction().get("batch_size", acts[0].shape[0])
+        reduction = self._reduction()
+        reduce, batch = reduction.get("reduce"), reduction.get("batch_size", acts[0].shape[0])
 
         def update_W(l, dual):
             W, b = weights[l]

@@ -16,7 +16,7 @@ import torch
 
 from .utils import rng_state, set_rng_state
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "atomic_save"]
 
 FORMAT_VERSION = 2  # 2: learner counters in "counters", the stream buffer in "stream"
 
@@ -45,17 +45,10 @@ def _restore_rng_state(state: dict) -> None:
     })
 
 
-def save_checkpoint(path: str | os.PathLike, learner, **extra) -> Path:
-    """Write ``learner`` and ``extra`` (plain values and tensors) to ``path`` atomically."""
+def atomic_save(payload: object, path: str | os.PathLike) -> Path:
+    """``torch.save(payload)`` to a temporary file beside ``path``, synced, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "learner_class": type(learner).__name__,
-        "learner": learner.state_dict(),
-        "rng": _plain_rng_state(),
-        "extra": extra,
-    }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
@@ -70,6 +63,18 @@ def save_checkpoint(path: str | os.PathLike, learner, **extra) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, learner, **extra) -> Path:
+    """Write ``learner`` and ``extra`` (plain values and tensors) to ``path`` atomically."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "learner_class": type(learner).__name__,
+        "learner": learner.state_dict(),
+        "rng": _plain_rng_state(),
+        "extra": extra,
+    }
+    return atomic_save(payload, path)
 
 
 def _read(path: Path, device: torch.device) -> dict:

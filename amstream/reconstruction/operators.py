@@ -52,11 +52,13 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch
         if tol > 0 and rr <= stop:  # one host sync per step only when early stopping was asked for
             break
         ap = apply(p)
-        alpha = rr / torch.vdot(p.flatten(), ap.flatten())
-        x.add_(p, alpha=alpha)
-        r.sub_(ap, alpha=alpha)
+        pap = torch.vdot(p.flatten(), ap.flatten())
+        # once the residual is exactly zero the ratios are 0/0: keep x (no host sync to test for it)
+        alpha = torch.where(pap > 0, rr / pap, torch.zeros_like(rr))
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
         rr_new = torch.vdot(r.flatten(), r.flatten())
-        p.mul_(rr_new / rr).add_(r)
+        p.mul_(torch.where(rr > 0, rr_new / rr, torch.zeros_like(rr))).add_(r)
         rr = rr_new
     return x
 
@@ -283,8 +285,10 @@ class ParallelBeamCT(BlockOperator):
             offsets = torch.arange(d, dtype=torch.float64) - (d - 1) / 2  # detector position t and ray position s
             cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
             t, s = offsets[None, None, :], offsets[None, :, None]
-            col = t * cos - s * sin  # pixel units from the image centre; (angles, samples s, detectors t)
-            row = t * sin + s * cos
+            # pixel units from the image centre, (angles, samples s, detectors t); the orientation of
+            # skimage.transform.radon (angle 0 sums each column, rows grow downwards)
+            col = t * cos + s * sin
+            row = s * cos - t * sin
             height, width = self.image_shape
             # grid_sample(align_corners=False): pixel centre j of n sits at (2j + 1)/n - 1, so centred u -> 2u/n
             grid = torch.stack((2 * col / width, 2 * row / height), dim=-1).to(self.device, self.dtype)

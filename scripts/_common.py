@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from amstream import LEARNERS
-from amstream.data import Dataset
+from amstream.data import DataFileMissing, Dataset
 from amstream.models import ElmanRNN, RecurrentNet
 from amstream.hparams import HParam
 
@@ -217,7 +217,7 @@ def clean_errors(parser: argparse.ArgumentParser):
     try:
         yield
     except (ValueError, FileNotFoundError, ImportError) as err:
-        hint = " (or pass --data-dir)" if isinstance(err, FileNotFoundError) else ""
+        hint = " (or pass --data-dir)" if isinstance(err, DataFileMissing) else ""
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}{hint}\n")
 
 

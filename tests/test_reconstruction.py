@@ -1,6 +1,7 @@
 """Incremental plug-and-play ADMM: operators, proximal steps, the iteration, denoisers, resume, bad input."""
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -338,3 +339,60 @@ def test_missing_scikit_image_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)
     with pytest.raises(MissingExtraError, match=r"amstream\[reconstruction\]"):
         load_test_image("camera")
+
+
+# ----------------------------------------------------------------------------------------- the script
+def _script(*args: str, check: bool = True):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "reconstruct.py"), "--quiet", *args], cwd=root,
+                          env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def test_script_reconstructs_writes_images_and_resumes_exactly(tmp_path):
+    import json
+
+    common = ["--size", "32", "--operator", "ct", "--angles", "18", "--blocks", "6", "--denoiser", "tv",
+              "--denoiser", "train:am-adam", "--patches", "96", "--patch-size", "24", "--epochs", "1",
+              "--checkpoint-every", "2"]
+    _script(*common, "--iterations", "6", "--out", str(tmp_path / "whole"))
+    _script(*common, "--iterations", "3", "--out", str(tmp_path / "cut"))
+    proc = _script(*common, "--iterations", "6", "--resume", str(tmp_path / "cut"))
+    assert "resumed at iteration 3" in proc.stdout and "trained" not in proc.stdout  # the saved network is reused
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert [r["psnr"] for r in resumed["rows"]] == [r["psnr"] for r in whole["rows"]]
+    assert all(r["psnr"] > whole["back_projection_psnr"] + 3 for r in whole["rows"]), whole
+    assert len(whole["rows"]) == 4 and whole["rows"][1]["iterations"] == 36  # incremental: 6 passes of 6 blocks
+    names = {p.name for p in (tmp_path / "whole").iterdir()}
+    assert {"ground-truth.png", "back-projection.png", "full-tv.png", "incremental-dncnn-am-adam.png", "psnr.png",
+            "tensorboard"} <= names
+    assert "PSNR dB" in proc.stdout and "back-projection" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--operator", "blur", "--blocks", "40", "--size", "32"], "at most the image height"),
+    (["--sigma", "80", "--denoiser", "train:backprop"], r"trained for noise levels sigma in \[0.00392157"),
+    (["--denoiser", "train:nope"], "unknown learner 'nope'"),
+    (["--denoiser", "vgg"], "unknown denoiser 'vgg'"),
+    (["--image", "grass"], "unknown test image 'grass'"),
+    (["--noise-range", "5"], "--noise-range must be LOW,HIGH"),
+])
+def test_script_refuses_bad_settings_before_writing(tmp_path, args, message):
+    proc = _script(*args, "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_never_overwrites_a_run(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    proc = _script("--size", "16", "--denoiser", "tv", "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "nothing was overwritten" in proc.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

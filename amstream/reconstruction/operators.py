@@ -182,7 +182,8 @@ class GaussianSensing(BlockOperator):
     exact: with ``A_B`` the rows of the chosen blocks (``k`` of them), it solves
     ``(I_k + c A_B A_B^T)`` by Cholesky when ``k <= H W`` (Woodbury) and ``(I_n + c A_B^T A_B)``
     otherwise; the factor is cached per (blocks, weight), so an incremental run factors each
-    block once.
+    block once. Random mini-batches of blocks cut their Gram matrix from that of all rows
+    (computed once, ``m^2`` numbers), so a new mini-batch costs one ``k x k`` Cholesky.
     """
 
     name = "compressive sensing"
@@ -202,6 +203,7 @@ class GaussianSensing(BlockOperator):
         self.blocks = [b.to(device=self.device, dtype=dtype).contiguous()
                        for b in torch.tensor_split(matrix, n_blocks, dim=0)]
         self._factors: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._row_gram: torch.Tensor | None = None
 
     def describe(self) -> str:
         return f"{super().describe()}, ratio {self.ratio:g} ({self.n_measurements} rows)"
@@ -215,15 +217,29 @@ class GaussianSensing(BlockOperator):
     def adjoint_block(self, y: torch.Tensor, i: int) -> torch.Tensor:
         return (self.blocks[i].T @ self._as_input(y)).reshape(self.image_shape)
 
+    def _gram(self, blocks: tuple[int, ...], rows: torch.Tensor) -> torch.Tensor:
+        """``A_B A_B^T``. For a mini-batch of some of the blocks (a new set each iteration) it is cut
+        from the Gram matrix of all rows, computed once; one block, or all, is computed directly."""
+        if len(blocks) in (1, self.n_blocks):
+            return rows @ rows.T
+        if self._row_gram is None:
+            everything = torch.cat(self.blocks)
+            self._row_gram = everything @ everything.T
+            self._offsets = [0]
+            for block in self.blocks:
+                self._offsets.append(self._offsets[-1] + block.shape[0])
+        index = torch.cat([torch.arange(self._offsets[i], self._offsets[i + 1], device=self.device) for i in blocks])
+        return self._row_gram[index][:, index]
+
     def _factor(self, blocks: tuple[int, ...], weight: float) -> tuple[str, torch.Tensor, torch.Tensor]:
         rows = self.blocks[blocks[0]] if len(blocks) == 1 else torch.cat([self.blocks[i] for i in blocks])
         key = (blocks, float(weight))
         if key not in self._factors:
-            if len(self._factors) >= 4 * self.n_blocks + 4:  # a schedule of weights would grow it without end
+            if len(self._factors) >= 4 * self.n_blocks + 4:  # random mini-batches or a weight schedule: bounded
                 self._factors.clear()
             k, n = rows.shape
             if k <= n:
-                gram = torch.addmm(torch.eye(k, device=self.device, dtype=self.dtype), rows, rows.T, alpha=weight)
+                gram = torch.eye(k, device=self.device, dtype=self.dtype).add_(self._gram(blocks, rows), alpha=weight)
                 self._factors[key] = ("rows", torch.linalg.cholesky(gram))
             else:
                 gram = torch.addmm(torch.eye(n, device=self.device, dtype=self.dtype), rows.T, rows, alpha=weight)

@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""The reconstruction benchmark of BENCHMARKS.md: incremental PnP-ADMM against the full method.
+
+Parts (``--part``, repeatable, run in this order; each writes JSON into ``--out``):
+
+- ``denoisers``: a DnCNN-style network trained by each ``--learner`` run (backprop-Adam and AM-Adam by
+  default) on the same noisy patches of scikit-image's training images; denoising PSNR on the
+  four test images at two noise levels. The networks are saved for the other parts.
+- ``tune``: PnP's gamma and sigma per operator family and denoiser, on a tuning image that is not
+  a test image (``--tune-image``, default scikit-image's ``astronaut``, from the training pool).
+- ``table``: every test image at ``--size`` x ``--size``, compressive sensing at ratios 0.1, 0.3,
+  0.5 and sparse-view CT at 30 and 60 angles, measurement noise at two levels: PSNR of the
+  back-projection, TV-regularized reconstruction (ADMM with the TV prox), and full and incremental
+  PnP-ADMM with each network.
+- ``scaling``: CT with blocks of ``--angles-per-block`` angles and 4, 16, 64, 256 blocks (so 16 to
+  1,024 angles): seconds per iteration, peak memory of the process and PSNR of the full and the
+  incremental method, each configuration in its own process.
+
+    python scripts/bench_reconstruct.py --part denoisers --part tune --part table --threads 1
+    python scripts/bench_reconstruct.py --part scaling --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _common import Parser, make_learner, parse_run  # noqa: E402
+from amstream import set_seed  # noqa: E402
+from amstream.reconstruction import (GaussianSensing, ParallelBeamCT, PnPADMM, TVDenoiser, back_projection,  # noqa: E402
+                                     dncnn, denoising_psnr, load_denoiser, load_test_image, load_training_images,
+                                     psnr, random_patches, save_denoiser, train_denoiser)
+from amstream.reconstruction.images import TEST_IMAGES  # noqa: E402
+from reconstruct import measure  # noqa: E402
+
+PARTS = ("denoisers", "tune", "table", "scaling")
+DEFAULT_LEARNERS = ["backprop", "am-adam:reduction=sum,lr=0.001,lr_out=0.001,code_lr=0.1"]
+#: (label, family, operator keywords, blocks): the table's problems
+PROBLEMS = [("CS 0.1", "cs", {"ratio": 0.1}, 16), ("CS 0.3", "cs", {"ratio": 0.3}, 16),
+            ("CS 0.5", "cs", {"ratio": 0.5}, 16), ("CT 30", "ct", {"n_angles": 30}, 10),
+            ("CT 60", "ct", {"n_angles": 60}, 15)]
+NOISE_LEVELS = (0.01, 0.05)  # relative to the measurements' RMS: 40 dB and 26 dB input SNR
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--part", action="append", choices=PARTS, help="parts to run (default: all, in order)")
+    p.add_argument("--out", default="runs/bench-reconstruct", help="results and trained networks")
+    p.add_argument("--size", type=int, default=128, help="test images are resized to SIZE x SIZE")
+    p.add_argument("--learner", action="append", metavar="LEARNER[:NAME=VALUE,...]",
+                   help=f"denoiser trainers (default: {' and '.join(DEFAULT_LEARNERS)})")
+    p.add_argument("--patches", type=int, default=6000, help="training patches")
+    p.add_argument("--patch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--noise-range", default="1,50", help="training noise levels, 0-255 scale")
+    p.add_argument("--full-iterations", type=int, default=40)
+    p.add_argument("--incremental-iterations", type=int, default=300)
+    p.add_argument("--images", default=",".join(TEST_IMAGES), help="table: test images")
+    p.add_argument("--tune-image", default="astronaut", help="tune: an image of the training pool")
+    p.add_argument("--angles-per-block", type=int, default=4, help="scaling: angles per block")
+    p.add_argument("--block-counts", default="4,16,64,256", help="scaling: numbers of blocks")
+    p.add_argument("--scaling-iterations", type=int, default=20, help="scaling: timed iterations per run")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one scaling run, in a fresh process
+    args = p.parse_args(argv)
+    args.part = args.part or list(PARTS)
+    args.learner = args.learner or DEFAULT_LEARNERS
+    low, high = (float(v) / 255 for v in args.noise_range.split(","))
+    args.noise_range = (low, high)
+    return args
+
+
+def _label(spec: str) -> str:
+    return spec.partition(":")[0]
+
+
+def _write(out: Path, name: str, payload) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+
+
+def part_denoisers(args, out: Path) -> None:
+    patches = random_patches(load_training_images(), args.patches, args.patch_size, seed=args.seed)
+    tests = [load_test_image(name, args.size) for name in TEST_IMAGES]
+    rows = []
+    for spec in args.learner:
+        name, kwargs = parse_run(spec)
+        set_seed(args.seed)
+        learner = make_learner(name, dncnn(), "cpu", criterion=nn.MSELoss(), **kwargs)
+        start = time.perf_counter()
+        denoiser, losses = train_denoiser(learner, patches, args.noise_range, epochs=args.epochs, batch_size=32,
+                                          seed=args.seed, name=f"DnCNN ({_label(spec)})", progress=True)
+        seconds = time.perf_counter() - start
+        save_denoiser(out / f"dncnn-{_label(spec)}.pt", denoiser, learner=spec, seconds=seconds)
+        row = {"learner": spec, "seconds": seconds, "final_loss": sum(losses[-50:]) / 50}
+        for sigma in (15, 25):
+            row[f"noisy_{sigma}"], row[f"denoised_{sigma}"] = denoising_psnr(denoiser, tests, sigma / 255, seed=1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    _write(out, "denoisers", rows)
+
+
+def _denoisers(args, out: Path) -> list[tuple[str, object]]:
+    found = [("TV", TVDenoiser(1.0))]
+    for spec in args.learner:
+        denoiser, _ = load_denoiser(out / f"dncnn-{_label(spec)}.pt")
+        found.append((denoiser.name, denoiser))
+    return found
+
+
+def _operator(family: str, shape, kwargs: dict, blocks: int, seed: int):
+    if family == "cs":
+        return GaussianSensing(shape, kwargs["ratio"], blocks, seed=seed)
+    return ParallelBeamCT(shape, kwargs["n_angles"], blocks)
+
+
+def _reconstruct(op, denoiser, ys, image, gamma, sigma, mode, iterations, seed, blocks_per_step=1):
+    pnp = PnPADMM(op, denoiser, ys, gamma=gamma, sigma=sigma, mode=mode, reference=image, seed=seed,
+                  blocks_per_step=blocks_per_step)
+    records = pnp.run(iterations)
+    return {"psnr": psnr(pnp.x, image), "best_psnr": max(r.psnr for r in records),
+            "seconds_per_iteration": sum(r.seconds for r in records) / len(records)}
+
+
+GAMMAS = (0.5, 2.0, 8.0)
+SIGMAS = {"TV": (20, 40, 80), "network": (5, 10, 20)}
+
+
+def part_tune(args, out: Path) -> None:
+    from amstream.reconstruction.images import _gray
+    from skimage.transform import resize
+
+    image = torch.from_numpy(resize(_gray(args.tune_image), (args.size, args.size), anti_aliasing=True)).float()
+    settings = {}
+    for label, family, kwargs, blocks in (PROBLEMS[1], PROBLEMS[4]):
+        op = _operator(family, image.shape, kwargs, blocks, args.seed)
+        ys = measure(op, image, NOISE_LEVELS[0], args.seed)
+        for name, denoiser in _denoisers(args, out):
+            trials = []
+            for gamma in GAMMAS:
+                for sigma in SIGMAS["TV" if name == "TV" else "network"]:
+                    result = _reconstruct(op, denoiser, ys, image, gamma, sigma / 255, "full", 30, args.seed)
+                    trials.append((result["psnr"], gamma, sigma))
+            best = max(trials)
+            settings[f"{family}/{name}"] = {"gamma": best[1], "sigma": best[2], "tuning_psnr": best[0]}
+            print(f"tune {label} {name}: gamma {best[1]}, sigma {best[2]} ({best[0]:.2f} dB on {args.tune_image})",
+                  flush=True)
+    _write(out, "tuned", settings)
+
+
+def part_table(args, out: Path) -> None:
+    settings = json.loads((out / "tuned.json").read_text())
+    denoisers = _denoisers(args, out)
+    rows = []
+    for image_name in args.images.split(","):
+        image = load_test_image(image_name, args.size)
+        for label, family, kwargs, blocks in PROBLEMS:
+            op = _operator(family, image.shape, kwargs, blocks, args.seed)
+            for level in NOISE_LEVELS:
+                ys = measure(op, image, level, args.seed)
+                row = {"image": image_name, "problem": label, "blocks": blocks, "noise": level,
+                       "back_projection": psnr(back_projection(op, ys), image)}
+                for name, denoiser in denoisers:
+                    tuned = settings[f"{family}/{name}"]
+                    modes = [("full", args.full_iterations)] if name == "TV" else \
+                        [("full", args.full_iterations), ("incremental", args.incremental_iterations)]
+                    for mode, iterations in modes:
+                        row[f"{mode}/{name}"] = _reconstruct(op, denoiser, ys, image, tuned["gamma"],
+                                                             tuned["sigma"] / 255, mode, iterations, args.seed)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                _write(out, f"table-{args.images.replace(',', '-')}", rows)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def scaling_worker(spec: str) -> None:
+    """One scaling run in this process: ``MODE,BLOCKS,ANGLES_PER_BLOCK,ITERATIONS,SIZE,DENOISER_FILE,GAMMA,SIGMA``."""
+    mode, blocks, per_block, iterations, size, denoiser_file, gamma, sigma = spec.split(",")
+    blocks, per_block, iterations, size = int(blocks), int(per_block), int(iterations), int(size)
+    image = load_test_image("camera", size)
+    op = ParallelBeamCT((size, size), blocks * per_block, blocks, cache_grids=False)
+    ys = measure(op, image, NOISE_LEVELS[0], 0)
+    denoiser = TVDenoiser(1.0) if denoiser_file == "tv" else load_denoiser(denoiser_file)[0]
+    pnp = PnPADMM(op, denoiser, ys, gamma=float(gamma), sigma=float(sigma) / 255, mode=mode, reference=image)
+    pnp.step()  # warm-up (first calls allocate)
+    before = _peak_rss_mib()
+    records = pnp.run(iterations)
+    print(json.dumps({"mode": mode, "blocks": blocks, "angles": blocks * per_block,
+                      "seconds_per_iteration": sorted(r.seconds for r in records)[len(records) // 2],
+                      "peak_rss_mib": _peak_rss_mib(), "rss_growth_mib": _peak_rss_mib() - before,
+                      "measurements_kib": sum(y.numel() * y.element_size() for y in ys) / 1024,
+                      "psnr": records[-1].psnr, "iterations": pnp.iteration}))
+
+
+def part_scaling(args, out: Path) -> None:
+    settings = json.loads((out / "tuned.json").read_text()) if (out / "tuned.json").is_file() else {}
+    network = next((s for s in args.learner if s.startswith("backprop")), None)
+    tuned = settings.get("ct/DnCNN (backprop)", {"gamma": 2.0, "sigma": 10})
+    denoiser = str(out / "dncnn-backprop.pt") if network and (out / "dncnn-backprop.pt").is_file() else "tv"
+    if denoiser == "tv":
+        tuned = settings.get("ct/TV", {"gamma": 8.0, "sigma": 40})
+    rows = []
+    for blocks in (int(b) for b in args.block_counts.split(",")):
+        for mode, iterations in (("full", args.scaling_iterations), ("incremental", args.scaling_iterations * 10)):
+            spec = ",".join(str(v) for v in (mode, blocks, args.angles_per_block, iterations, args.size, denoiser,
+                                             tuned["gamma"], tuned["sigma"]))
+            proc = subprocess.run([sys.executable, __file__, "--worker", spec, "--threads", str(args.threads)],
+                                  capture_output=True, text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write(out, "scaling", rows)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        scaling_worker(args.worker)
+        return
+    out = Path(args.out)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); command: python scripts/bench_reconstruct.py "
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}", flush=True)
+    for part in PARTS:
+        if part in args.part:
+            globals()[f"part_{part}"](args, out)
+
+
+if __name__ == "__main__":
+    main()

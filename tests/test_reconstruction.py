@@ -45,7 +45,7 @@ def _matrix(op, blocks=None) -> torch.Tensor:
 
 def _measure(op, image, noise=0.0, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [y + noise * torch.randn(y.shape, generator=generator, dtype=y.dtype) for y in op.forward(image)]
+    return [y + noise * torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device) for y in op.forward(image)]
 
 
 # ----------------------------------------------------------------------------------------- operators
@@ -396,3 +396,21 @@ def test_script_never_overwrites_a_run(tmp_path):
     proc = _script("--size", "16", "--denoiser", "tv", "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "nothing was overwritten" in proc.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [lambda d: GaussianSensing((24, 24), 0.4, 6, dtype=F64, device=d),
+                                  lambda d: ParallelBeamCT((24, 24), 12, 4, dtype=F64, device=d)], ids=["cs", "ct"])
+def test_reconstruction_on_cuda_equals_the_cpu(make):
+    image = load_test_image("coins", 24).double()
+    results = []
+    for device in ("cpu", "cuda"):
+        op = make(device)
+        torch.manual_seed(0)
+        denoiser = NetworkDenoiser(dncnn(8, 3).double().to(device), (0.01, 0.2))
+        pnp = PnPADMM(op, denoiser, _measure(op, image.to(device)), gamma=1.0, sigma=0.05, seed=1,
+                      reference=image.to(device))
+        pnp.run(12)
+        assert pnp.x.device.type == device
+        results.append(pnp.x.cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-9)

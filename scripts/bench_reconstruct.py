@@ -13,8 +13,8 @@ Parts (``--part``, repeatable, run in this order; each writes JSON into ``--out`
   back-projection, TV-regularized reconstruction (ADMM with the TV prox), and full and incremental
   PnP-ADMM with each network.
 - ``scaling``: CT with blocks of ``--angles-per-block`` angles and 4, 16, 64, 256 blocks (so 16 to
-  1,024 angles): seconds per iteration, peak memory of the process and PSNR of the full and the
-  incremental method, each configuration in its own process.
+  1,024 angles): seconds per iteration, peak memory of the process and PSNR of the full method
+  (its sampling grids kept, or rebuilt per call) and the incremental one, each run in its own process.
 
     python scripts/bench_reconstruct.py --part denoisers --part tune --part table --threads 1
     python scripts/bench_reconstruct.py --part scaling --threads 1
@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--tune-image", default="astronaut", help="tune: an image of the training pool")
     p.add_argument("--angles-per-block", type=int, default=4, help="scaling: angles per block")
     p.add_argument("--block-counts", default="4,16,64,256", help="scaling: numbers of blocks")
-    p.add_argument("--scaling-iterations", type=int, default=20, help="scaling: timed iterations per run")
+    p.add_argument("--scaling-iterations", type=int, default=6,
+                   help="scaling: iterations of the full method per run (the incremental one runs 10x as many)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one scaling run, in a fresh process
@@ -187,42 +188,74 @@ def _peak_rss_mib() -> float:
 
 
 def scaling_worker(spec: str) -> None:
-    """One scaling run in this process: ``MODE,BLOCKS,ANGLES_PER_BLOCK,ITERATIONS,SIZE,DENOISER_FILE,GAMMA,SIGMA``."""
-    mode, blocks, per_block, iterations, size, denoiser_file, gamma, sigma = spec.split(",")
+    """One scaling run in this process: ``MODE,CACHE,BLOCKS,ANGLES_PER_BLOCK,ITERATIONS,SIZE,DENOISER,GAMMA,SIGMA``."""
+    mode, cache, blocks, per_block, iterations, size, denoiser_file, gamma, sigma = spec.split(",")
     blocks, per_block, iterations, size = int(blocks), int(per_block), int(iterations), int(size)
     image = load_test_image("camera", size)
-    op = ParallelBeamCT((size, size), blocks * per_block, blocks, cache_grids=False)
+    op = ParallelBeamCT((size, size), blocks * per_block, blocks, cache_grids=cache == "cached")
     ys = measure(op, image, NOISE_LEVELS[0], 0)
     denoiser = TVDenoiser(1.0) if denoiser_file == "tv" else load_denoiser(denoiser_file)[0]
     pnp = PnPADMM(op, denoiser, ys, gamma=float(gamma), sigma=float(sigma) / 255, mode=mode, reference=image)
-    pnp.step()  # warm-up (first calls allocate)
     before = _peak_rss_mib()
     records = pnp.run(iterations)
-    print(json.dumps({"mode": mode, "blocks": blocks, "angles": blocks * per_block,
-                      "seconds_per_iteration": sorted(r.seconds for r in records)[len(records) // 2],
+    grids = sum(g.numel() * g.element_size() for g in op._grids.values())
+    print(json.dumps({"mode": mode, "grids": cache, "blocks": blocks, "angles": blocks * per_block,
+                      "seconds_per_iteration": sorted(r.seconds for r in records[1:])[(len(records) - 1) // 2],
                       "peak_rss_mib": _peak_rss_mib(), "rss_growth_mib": _peak_rss_mib() - before,
+                      "cached_grids_mib": grids / 2 ** 20,
                       "measurements_kib": sum(y.numel() * y.element_size() for y in ys) / 1024,
                       "psnr": records[-1].psnr, "iterations": pnp.iteration}))
 
 
+#: the scaling part's runs: the full method with the sampling grids of every angle kept (fast) and
+#: rebuilt per call (the memory of one block at a time), the incremental one with them rebuilt
+SCALING_RUNS = (("full", "cached"), ("full", "rebuilt"), ("incremental", "rebuilt"))
+
+
 def part_scaling(args, out: Path) -> None:
     settings = json.loads((out / "tuned.json").read_text()) if (out / "tuned.json").is_file() else {}
-    network = next((s for s in args.learner if s.startswith("backprop")), None)
-    tuned = settings.get("ct/DnCNN (backprop)", {"gamma": 2.0, "sigma": 10})
-    denoiser = str(out / "dncnn-backprop.pt") if network and (out / "dncnn-backprop.pt").is_file() else "tv"
-    if denoiser == "tv":
-        tuned = settings.get("ct/TV", {"gamma": 8.0, "sigma": 40})
+    network = out / "dncnn-backprop.pt"
+    denoiser, tuned = (str(network), settings.get("ct/DnCNN (backprop)", {"gamma": 2.0, "sigma": 10})) \
+        if network.is_file() else ("tv", settings.get("ct/TV", {"gamma": 8.0, "sigma": 40}))
     rows = []
     for blocks in (int(b) for b in args.block_counts.split(",")):
-        for mode, iterations in (("full", args.scaling_iterations), ("incremental", args.scaling_iterations * 10)):
-            spec = ",".join(str(v) for v in (mode, blocks, args.angles_per_block, iterations, args.size, denoiser,
-                                             tuned["gamma"], tuned["sigma"]))
+        for mode, cache in SCALING_RUNS:
+            iterations = args.scaling_iterations * (10 if mode == "incremental" else 1)
+            spec = ",".join(str(v) for v in (mode, cache, blocks, args.angles_per_block, iterations, args.size,
+                                             denoiser, tuned["gamma"], tuned["sigma"]))
             proc = subprocess.run([sys.executable, __file__, "--worker", spec, "--threads", str(args.threads)],
                                   capture_output=True, text=True, check=True)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
             _write(out, "scaling", rows)
+    plot_scaling(rows, out / "scaling.png")
+
+
+def plot_scaling(rows: list[dict], path: Path) -> None:
+    """Seconds per iteration and peak memory against the number of blocks, full and incremental."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (mode, cache), marker in zip(SCALING_RUNS, "o^s"):
+        mine = [r for r in rows if r["mode"] == mode and r["grids"] == cache]
+        blocks = [r["blocks"] for r in mine]
+        label = f"{mode} (grids {cache})"
+        axes[0].loglog(blocks, [r["seconds_per_iteration"] for r in mine], marker=marker, label=label, base=2)
+        axes[1].semilogx(blocks, [r["peak_rss_mib"] for r in mine], marker=marker, label=label, base=2)
+    axes[0].set_ylabel("seconds per iteration (median)")
+    axes[1].set_ylabel("peak memory of the process (MiB)")
+    for ax in axes:
+        ax.set_xlabel(f"measurement blocks ({rows[0]['angles'] // rows[0]['blocks']} angles each)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("Sparse-view CT: PnP-ADMM against incremental PnP-ADMM as the measurements grow", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:

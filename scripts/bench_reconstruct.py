@@ -163,10 +163,10 @@ def part_table(args, out: Path) -> None:
     settings = json.loads((out / "tuned.json").read_text())
     denoisers = _denoisers(args, out)
     rows = []
-    for image_name in args.images.split(","):
-        image = load_test_image(image_name, args.size)
-        for label, family, kwargs, blocks in PROBLEMS:
-            op = _operator(family, image.shape, kwargs, blocks, args.seed)
+    images = {name: load_test_image(name, args.size) for name in args.images.split(",")}
+    for label, family, kwargs, blocks in PROBLEMS:  # one operator per problem: its factors serve every image
+        op = _operator(family, (args.size, args.size), kwargs, blocks, args.seed)
+        for image_name, image in images.items():
             for level in NOISE_LEVELS:
                 ys = measure(op, image, level, args.seed)
                 row = {"image": image_name, "problem": label, "blocks": blocks, "noise": level,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from _common import Parser, clean_errors, make_learner, parse_run  # noqa: E402
 from amstream import CheckpointError, load_checkpoint, resolve_device, save_checkpoint, set_seed  # noqa: E402
@@ -286,30 +287,27 @@ def main(argv=None) -> dict:
                           seed=args.seed)
             name = f"{method}, {label}"
             ckpt = out / f"{slug(name)}.pt"
+            history = []  # (iteration, PSNR, seconds, fixed-point residual) of every iteration, kept in checkpoints
             if args.resume and ckpt.is_file():
                 try:
-                    load_checkpoint(ckpt, pnp, restore_rng=False)
+                    history = [tuple(h) for h in load_checkpoint(ckpt, pnp, restore_rng=False)["history"]]
                 except CheckpointError as err:
                     parser.exit(2, f"{parser.prog}: error: {err}\n")
                 print(f"{name}: resumed at iteration {pnp.iteration}")
-            records, seconds = [], 0.0
-            from tqdm.auto import tqdm
-
             for _ in tqdm(range(pnp.iteration, total), desc=name, disable=args.quiet, leave=False):
                 record = pnp.step()
-                records.append(record)
-                seconds += record.seconds
+                history.append((record.iteration, record.psnr, record.seconds, record.fixed_point_residual))
                 for tag, value in record.diagnostics.items():
                     logger.record(f"{slug(name)}/{tag}", value, record.iteration)
                 if args.checkpoint_every and record.iteration % args.checkpoint_every == 0:
-                    save_checkpoint(ckpt, pnp)
-            save_checkpoint(ckpt, pnp)
+                    save_checkpoint(ckpt, pnp, history=history)
+            save_checkpoint(ckpt, pnp, history=history)
             final = psnr(pnp.x, reference)
-            curves[name] = [(r.iteration * per_step / args.blocks, r.psnr) for r in records]
+            curves[name] = [(h[0] * per_step / args.blocks, h[1]) for h in history]
             save_png(pnp.x, out / f"{slug(name)}.png", f"{name}: {final:.2f} dB")
             rows.append({"method": method, "denoiser": label, "psnr": final, "iterations": pnp.iteration,
-                         "seconds_per_iteration": seconds / max(len(records), 1),
-                         "fixed_point_residual": records[-1].fixed_point_residual if records else None})
+                         "seconds_per_iteration": sum(h[2] for h in history) / max(len(history), 1),
+                         "fixed_point_residual": history[-1][3] if history else None})
     logger.close()
     if curves:
         plot_psnr(curves, bp_psnr, out / "psnr.png", operator.describe())

@@ -368,6 +368,8 @@ def test_script_reconstructs_writes_images_and_resumes_exactly(tmp_path):
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert [r["psnr"] for r in resumed["rows"]] == [r["psnr"] for r in whole["rows"]]
+    history = torch.load(tmp_path / "cut" / "full-tv.pt", weights_only=True)["extra"]["history"]
+    assert [h[0] for h in history] == [1, 2, 3, 4, 5, 6]  # the curve before the cut survives the resume
     assert all(r["psnr"] > whole["back_projection_psnr"] + 3 for r in whole["rows"]), whole
     assert len(whole["rows"]) == 4 and whole["rows"][1]["iterations"] == 36  # incremental: 6 passes of 6 blocks
     names = {p.name for p in (tmp_path / "whole").iterdir()}

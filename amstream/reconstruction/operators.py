@@ -267,7 +267,7 @@ class ParallelBeamCT(BlockOperator):
     of each cover the whole image, so no part of it is outside every ray. Bilinear interpolation
     with zero outside the image (``grid_sample``); block ``i`` holds the angles ``i::n_blocks``.
     With ``cache_grids`` the sampling grids are kept (memory grows with the number of angles);
-    otherwise they are rebuilt per call (memory per block only).
+    otherwise only the last block's is, and the others are rebuilt when used (memory of one block).
     """
 
     name = "parallel-beam CT"
@@ -283,6 +283,7 @@ class ParallelBeamCT(BlockOperator):
         self.n_detectors = math.ceil(math.sqrt(2) * max(self.image_shape))
         self.cache_grids = cache_grids
         self._grids: dict[int, torch.Tensor] = {}
+        self._last_grid: tuple[int, torch.Tensor] | None = None
 
     def describe(self) -> str:
         return f"{self.name} {self.image_shape[0]}x{self.image_shape[1]}, {self.n_angles} angles, {self.n_blocks} blocks"
@@ -295,6 +296,8 @@ class ParallelBeamCT(BlockOperator):
 
     def _grid(self, i: int) -> torch.Tensor:
         grid = self._grids.get(i)
+        if grid is None and self._last_grid is not None and self._last_grid[0] == i:
+            grid = self._last_grid[1]
         if grid is None:
             theta = self.block_angles(i)
             d = self.n_detectors
@@ -310,6 +313,8 @@ class ParallelBeamCT(BlockOperator):
             grid = torch.stack((2 * col / width, 2 * row / height), dim=-1).to(self.device, self.dtype)
             if self.cache_grids:
                 self._grids[i] = grid
+            else:  # the last block's only: the many products of one proximal step reuse it
+                self._last_grid = (i, grid)
         return grid
 
     def _project(self, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ Parts (``--part``, repeatable, run in this order; each writes JSON into ``--out`
   0.5 and sparse-view CT at 30 and 60 angles, measurement noise at two levels: PSNR of the
   back-projection, TV-regularized reconstruction (ADMM with the TV prox), and full and incremental
   PnP-ADMM with each network.
+- ``minibatch``: camera, CS 0.3 and CT 60: incremental PnP-ADMM with mini-batches of 1, 2, 4 and 8
+  blocks per iteration against the full method, with the backprop-trained network.
 - ``scaling``: CT with blocks of ``--angles-per-block`` angles and 4, 16, 64, 256 blocks (so 16 to
   1,024 angles): seconds per iteration, peak memory of the process and PSNR of the full method
   (its sampling grids kept, or rebuilt per call) and the incremental one, each run in its own process.
@@ -42,7 +44,7 @@ from amstream.reconstruction import (GaussianSensing, ParallelBeamCT, PnPADMM, T
 from amstream.reconstruction.images import TEST_IMAGES  # noqa: E402
 from reconstruct import measure  # noqa: E402
 
-PARTS = ("denoisers", "tune", "table", "scaling")
+PARTS = ("denoisers", "tune", "table", "minibatch", "scaling")
 DEFAULT_LEARNERS = ["backprop", "am-adam:reduction=sum,lr=0.001,lr_out=0.001,code_lr=0.1"]
 #: (label, family, operator keywords, blocks): the table's problems
 PROBLEMS = [("CS 0.1", "cs", {"ratio": 0.1}, 16), ("CS 0.3", "cs", {"ratio": 0.3}, 16),
@@ -181,6 +183,27 @@ def part_table(args, out: Path) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 _write(out, f"table-{args.images.replace(',', '-')}", rows)
+
+
+def part_minibatch(args, out: Path) -> None:
+    """Incremental PnP-ADMM with mini-batches of 1, 2, 4, 8 blocks against the full method (camera)."""
+    settings = json.loads((out / "tuned.json").read_text())
+    name, denoiser = _denoisers(args, out)[1]
+    image = load_test_image("camera", args.size)
+    rows = []
+    for label, family, kwargs, blocks in (PROBLEMS[1], PROBLEMS[4]):
+        op = _operator(family, image.shape, kwargs, blocks, args.seed)
+        ys = measure(op, image, NOISE_LEVELS[0], args.seed)
+        tuned = settings[f"{family}/{name}"]
+        for per_step in (1, 2, 4, 8, blocks):
+            mode = "full" if per_step == blocks else "incremental"
+            iterations = args.full_iterations if mode == "full" else args.incremental_iterations
+            result = _reconstruct(op, denoiser, ys, image, tuned["gamma"], tuned["sigma"] / 255, mode, iterations,
+                                  args.seed, blocks_per_step=per_step)
+            rows.append({"problem": label, "blocks": blocks, "blocks_per_step": per_step, "iterations": iterations,
+                         "denoiser": name, **result})
+            print(json.dumps(rows[-1]), flush=True)
+            _write(out, "minibatch", rows)
 
 
 def _peak_rss_mib() -> float:

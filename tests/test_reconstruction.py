@@ -267,6 +267,9 @@ def test_a_non_finite_iteration_and_a_foreign_state_change_nothing():
     other = PnPADMM(op, TVDenoiser(), ys, gamma=2.0, sigma=0.1)
     with pytest.raises(ValueError, match="another reconstruction"):
         pnp.load_state_dict(other.state_dict())
+    other_data = PnPADMM(op, TVDenoiser(), [y * 1.5 for y in ys], gamma=1.0, sigma=0.1)
+    with pytest.raises(ValueError, match="measurements_sum"):
+        pnp.load_state_dict(other_data.state_dict())
     assert torch.equal(pnp.state_dict()["x"], before["x"])
 
 

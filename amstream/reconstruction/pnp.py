@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .images import psnr
 from .operators import BlockOperator
 
 __all__ = ["PnPADMM", "ReconstructionStep", "back_projection"]
@@ -74,11 +75,6 @@ def back_projection(operator: BlockOperator, ys: Sequence[torch.Tensor]) -> torc
     num = sum(torch.vdot(p.flatten(), operator._as_input(y).flatten()) for p, y in zip(projected, ys))
     den = sum(torch.vdot(p.flatten(), p.flatten()) for p in projected)
     return bp * (num / den) if float(den) > 0 else bp
-
-
-def _psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
-    mse = float(torch.mean((x.clamp(0, 1) - reference) ** 2))
-    return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 class PnPADMM:
@@ -172,7 +168,7 @@ class PnPADMM:
         primal = float(torch.linalg.vector_norm(z - x)) / math.sqrt(x.numel())
         self.x, self.s = x, s
         self.iteration += 1
-        quality = None if self.reference is None else _psnr(x, self.reference)
+        quality = None if self.reference is None else psnr(x, self.reference)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         seconds = time.perf_counter() - start
@@ -217,9 +213,11 @@ class PnPADMM:
     # ----------------------------------------------------------------------------- checkpoints
     def _config(self) -> dict:
         op = self.operator
+        # the measurements' sum identifies them cheaply: a state of another data set is refused
+        checksum = None if self.measurements is None else float(sum(y.double().sum() for y in self.measurements))
         return {"operator": op.describe(), "image_shape": list(op.image_shape), "n_blocks": op.n_blocks,
                 "mode": self.mode, "order": self.order, "blocks_per_step": self.blocks_per_step,
-                "gamma": self.gamma, "sigma": self.sigma}
+                "gamma": self.gamma, "sigma": self.sigma, "measurements_sum": checksum}
 
     def state_dict(self) -> dict:
         """The iterates, the dual, the iteration count and the block generator: an exact resume point."""

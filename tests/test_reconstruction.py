@@ -297,10 +297,30 @@ def test_dncnn_trains_with_backprop_and_am_adam_and_denoises_test_images():
         assert denoised_db > noisy_db + 1.5, (name, noisy_db, denoised_db)
 
 
-def test_learners_that_cannot_fit_the_network_say_why():
-    for name in ("am-mem", "dladmm", "admm-softmax"):
-        with pytest.raises(amstream.UnsupportedModelError):
-            amstream.LEARNERS[name](dncnn(4, 3), criterion=nn.MSELoss())
+def test_which_learners_train_the_network_and_which_say_why_not():
+    """Every registered learner either steps the DnCNN (finite losses, changed weights) or refuses it."""
+    patches = random_patches(load_training_images(("brick",)), 16, 12, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    trains, refuses = set(), {}
+    for name, cls in amstream.LEARNERS.items():
+        torch.manual_seed(0)
+        try:
+            learner = cls(dncnn(4, 3), criterion=nn.MSELoss())
+        except amstream.UnsupportedModelError as err:
+            refuses[name] = str(err)
+            continue
+        before = [p.detach().clone() for p in learner.model.parameters()]
+        for start in (0, 8):
+            clean = patches[start:start + 8]
+            sigma = torch.full((8,), 0.1)
+            noise = 0.1 * torch.randn(clean.shape, generator=generator)
+            info = learner.learn(torch.cat([clean + noise, sigma.reshape(-1, 1, 1, 1).expand_as(clean)], 1), noise)
+            assert torch.isfinite(info.loss) and not info.rolled_back, name
+        assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters())), name
+        trains.add(name)
+    assert trains == {"backprop", "am-adam", "locoprop-s", "locoprop-m", "sbe", "sbpca", "frank-wolfe"}
+    assert set(refuses) == {"am-mem", "dladmm", "admm-softmax", "admm-rnn", "am-rnn"}
+    assert "Conv" in refuses["am-mem"] and "Conv2d" in refuses["dladmm"]
 
 
 def test_denoiser_files_round_trip_and_refuse_other_files(tmp_path):

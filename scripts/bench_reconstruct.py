@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--incremental-iterations", type=int, default=300)
     p.add_argument("--images", default=",".join(TEST_IMAGES), help="table: test images")
     p.add_argument("--tune-image", default="astronaut", help="tune: an image of the training pool")
+    p.add_argument("--tune-families", default="cs,ct", help="tune: operator families (cs, ct), e.g. one per process")
     p.add_argument("--angles-per-block", type=int, default=4, help="scaling: angles per block")
     p.add_argument("--block-counts", default="4,16,64,256", help="scaling: numbers of blocks")
     p.add_argument("--scaling-iterations", type=int, default=6,
@@ -136,34 +137,49 @@ def _reconstruct(op, denoiser, ys, image, gamma, sigma, mode, iterations, seed, 
             "seconds_per_iteration": sum(r.seconds for r in records) / len(records)}
 
 
-GAMMAS = (0.5, 2.0, 8.0)
-SIGMAS = {"TV": (20, 40, 80), "network": (5, 10, 20)}
+#: the tuning grids (sigma on the 0-255 scale; the networks know 1-50). The incremental method takes
+#: far smaller data steps than the full one at its best: its step weighs one block as b blocks.
+GAMMAS = {"full": (2.0, 8.0, 32.0), "incremental": (0.125, 0.5, 2.0)}
+SIGMAS = {"TV": (40, 80, 160), "network": (10, 20, 40)}
 
 
 def part_tune(args, out: Path) -> None:
+    """Each method's best (gamma, sigma) per operator family and denoiser, on the tuning image."""
     from amstream.reconstruction.images import _gray
     from skimage.transform import resize
 
     image = torch.from_numpy(resize(_gray(args.tune_image), (args.size, args.size), anti_aliasing=True)).float()
     settings = {}
     for label, family, kwargs, blocks in (PROBLEMS[1], PROBLEMS[4]):
+        if family not in args.tune_families:
+            continue
         op = _operator(family, image.shape, kwargs, blocks, args.seed)
         ys = measure(op, image, NOISE_LEVELS[0], args.seed)
         for name, denoiser in _denoisers(args, out):
-            trials = []
-            for gamma in GAMMAS:
-                for sigma in SIGMAS["TV" if name == "TV" else "network"]:
-                    result = _reconstruct(op, denoiser, ys, image, gamma, sigma / 255, "full", 30, args.seed)
-                    trials.append((result["psnr"], gamma, sigma))
-            best = max(trials)
-            settings[f"{family}/{name}"] = {"gamma": best[1], "sigma": best[2], "tuning_psnr": best[0]}
-            print(f"tune {label} {name}: gamma {best[1]}, sigma {best[2]} ({best[0]:.2f} dB on {args.tune_image})",
-                  flush=True)
-    _write(out, "tuned", settings)
+            for mode in ("full",) if name == "TV" else ("full", "incremental"):
+                iterations = 30 if mode == "full" else args.incremental_iterations
+                trials = []
+                for gamma in GAMMAS[mode]:
+                    for sigma in SIGMAS["TV" if name == "TV" else "network"]:
+                        result = _reconstruct(op, denoiser, ys, image, gamma, sigma / 255, mode, iterations, args.seed)
+                        trials.append((result["psnr"], gamma, sigma))
+                best = max(trials)
+                settings[f"{family}/{name}/{mode}"] = {"gamma": best[1], "sigma": best[2], "tuning_psnr": best[0]}
+                print(f"tune {label} {name} {mode}: gamma {best[1]}, sigma {best[2]} ({best[0]:.2f} dB on "
+                      f"{args.tune_image})", flush=True)
+                _write(out, f"tuned-{family}", settings)
+
+
+def _tuned(out: Path) -> dict:
+    """The tuned settings of every family (``tuned-<family>.json``)."""
+    settings = {}
+    for path in sorted(out.glob("tuned-*.json")):
+        settings.update(json.loads(path.read_text()))
+    return settings
 
 
 def part_table(args, out: Path) -> None:
-    settings = json.loads((out / "tuned.json").read_text())
+    settings = _tuned(out)
     denoisers = _denoisers(args, out)
     rows = []
     images = {name: load_test_image(name, args.size) for name in args.images.split(",")}
@@ -175,10 +191,10 @@ def part_table(args, out: Path) -> None:
                 row = {"image": image_name, "problem": label, "blocks": blocks, "noise": level,
                        "back_projection": psnr(back_projection(op, ys), image)}
                 for name, denoiser in denoisers:
-                    tuned = settings[f"{family}/{name}"]
                     modes = [("full", args.full_iterations)] if name == "TV" else \
                         [("full", args.full_iterations), ("incremental", args.incremental_iterations)]
                     for mode, iterations in modes:
+                        tuned = settings[f"{family}/{name}/{mode}"]
                         row[f"{mode}/{name}"] = _reconstruct(op, denoiser, ys, image, tuned["gamma"],
                                                              tuned["sigma"] / 255, mode, iterations, args.seed)
                 rows.append(row)
@@ -188,16 +204,16 @@ def part_table(args, out: Path) -> None:
 
 def part_minibatch(args, out: Path) -> None:
     """Incremental PnP-ADMM with mini-batches of 1, 2, 4, 8 blocks against the full method (camera)."""
-    settings = json.loads((out / "tuned.json").read_text())
+    settings = _tuned(out)
     name, denoiser = _denoisers(args, out)[1]
     image = load_test_image("camera", args.size)
     rows = []
     for label, family, kwargs, blocks in (PROBLEMS[1], PROBLEMS[4]):
         op = _operator(family, image.shape, kwargs, blocks, args.seed)
         ys = measure(op, image, NOISE_LEVELS[0], args.seed)
-        tuned = settings[f"{family}/{name}"]
         for per_step in (1, 2, 4, 8, blocks):
             mode = "full" if per_step == blocks else "incremental"
+            tuned = settings[f"{family}/{name}/{mode}"]
             iterations = args.full_iterations if mode == "full" else args.incremental_iterations
             result = _reconstruct(op, denoiser, ys, image, tuned["gamma"], tuned["sigma"] / 255, mode, iterations,
                                   args.seed, blocks_per_step=per_step)
@@ -255,15 +271,16 @@ SCALING_RUNS = (("full", "cached"), ("full", "rebuilt"), ("incremental", "rebuil
 
 
 def part_scaling(args, out: Path) -> None:
-    settings = json.loads((out / "tuned.json").read_text()) if (out / "tuned.json").is_file() else {}
+    settings = _tuned(out)
     network = out / "dncnn-backprop.pt"
-    denoiser, tuned = (str(network), settings.get("ct/DnCNN (backprop)", {"gamma": 2.0, "sigma": 10})) \
-        if network.is_file() else ("tv", settings.get("ct/TV", {"gamma": 8.0, "sigma": 40}))
+    denoiser, prior = (str(network), "DnCNN (backprop)") if network.is_file() else ("tv", "TV")
+    fallback = {"gamma": 2.0, "sigma": 10} if network.is_file() else {"gamma": 8.0, "sigma": 80}
     rows = []
     for blocks in (int(b) for b in args.block_counts.split(",")):
         for mode, cache in SCALING_RUNS:
             # equal passes over the measurements: one incremental iteration uses one block
             iterations = args.scaling_iterations * (blocks if mode == "incremental" else 1)
+            tuned = settings.get(f"ct/{prior}/{mode}" if prior != "TV" else "ct/TV/full", fallback)
             spec = ",".join(str(v) for v in (mode, cache, blocks, args.angles_per_block, iterations, args.size,
                                              denoiser, tuned["gamma"], tuned["sigma"]))
             proc = subprocess.run([sys.executable, __file__, "--worker", spec, "--threads", str(args.threads)],

@@ -139,8 +139,8 @@ def _reconstruct(op, denoiser, ys, image, gamma, sigma, mode, iterations, seed, 
 
 #: the tuning grids (sigma on the 0-255 scale; the networks know 1-50). The incremental method takes
 #: far smaller data steps than the full one at its best: its step weighs one block as b blocks.
-GAMMAS = {"full": (2.0, 8.0, 32.0), "incremental": (0.125, 0.5, 2.0)}
-SIGMAS = {"TV": (40, 80, 160), "network": (10, 20, 40)}
+GAMMAS = {"full": (2.0, 8.0, 32.0), "incremental": (0.5, 2.0, 8.0, 32.0)}
+SIGMAS = {"TV": (40, 80, 160), "full": (10, 20, 40), "incremental": (2.5, 5, 10, 20)}
 
 
 def part_tune(args, out: Path) -> None:
@@ -149,7 +149,7 @@ def part_tune(args, out: Path) -> None:
     from skimage.transform import resize
 
     image = torch.from_numpy(resize(_gray(args.tune_image), (args.size, args.size), anti_aliasing=True)).float()
-    settings = {}
+    settings = _tuned(out)  # what an interrupted tuning found is kept
     for label, family, kwargs, blocks in (PROBLEMS[1], PROBLEMS[4]):
         if family not in args.tune_families:
             continue
@@ -157,17 +157,19 @@ def part_tune(args, out: Path) -> None:
         ys = measure(op, image, NOISE_LEVELS[0], args.seed)
         for name, denoiser in _denoisers(args, out):
             for mode in ("full",) if name == "TV" else ("full", "incremental"):
-                iterations = 30 if mode == "full" else args.incremental_iterations
+                if f"{family}/{name}/{mode}" in settings:
+                    continue
+                iterations = 30 if mode == "full" else args.incremental_iterations // 2
                 trials = []
                 for gamma in GAMMAS[mode]:
-                    for sigma in SIGMAS["TV" if name == "TV" else "network"]:
+                    for sigma in SIGMAS["TV" if name == "TV" else mode]:
                         result = _reconstruct(op, denoiser, ys, image, gamma, sigma / 255, mode, iterations, args.seed)
                         trials.append((result["psnr"], gamma, sigma))
                 best = max(trials)
                 settings[f"{family}/{name}/{mode}"] = {"gamma": best[1], "sigma": best[2], "tuning_psnr": best[0]}
                 print(f"tune {label} {name} {mode}: gamma {best[1]}, sigma {best[2]} ({best[0]:.2f} dB on "
                       f"{args.tune_image})", flush=True)
-                _write(out, f"tuned-{family}", settings)
+                _write(out, f"tuned-{family}", {k: v for k, v in settings.items() if k.startswith(family + "/")})
 
 
 def _tuned(out: Path) -> dict:

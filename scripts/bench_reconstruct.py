@@ -6,6 +6,7 @@ Parts (``--part``, repeatable, run in this order; each writes JSON into ``--out`
 - ``denoisers``: a DnCNN-style network trained by each ``--learner`` run (backprop-Adam and AM-Adam by
   default) on the same noisy patches of scikit-image's training images; denoising PSNR on the
   four test images at two noise levels. The networks are saved for the other parts.
+- ``drift``: each network applied to its own output 60 times from a clean test image.
 - ``tune``: PnP's gamma and sigma per operator family and denoiser, on a tuning image that is not
   a test image (``--tune-image``, default scikit-image's ``astronaut``, from the training pool).
 - ``table``: every test image at ``--size`` x ``--size``, compressive sensing at ratios 0.1, 0.3,
@@ -44,7 +45,7 @@ from amstream.reconstruction import (GaussianSensing, ParallelBeamCT, PnPADMM, T
 from amstream.reconstruction.images import TEST_IMAGES  # noqa: E402
 from reconstruct import measure  # noqa: E402
 
-PARTS = ("denoisers", "tune", "table", "minibatch", "scaling")
+PARTS = ("denoisers", "drift", "tune", "table", "minibatch", "scaling")
 DEFAULT_LEARNERS = ["backprop", "am-adam:reduction=sum,lr=0.001,lr_out=0.001,code_lr=0.1"]
 #: (label, family, operator keywords, blocks): the table's problems
 PROBLEMS = [("CS 0.1", "cs", {"ratio": 0.1}, 16), ("CS 0.3", "cs", {"ratio": 0.3}, 16),
@@ -113,6 +114,23 @@ def part_denoisers(args, out: Path) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     _write(out, "denoisers", rows)
+
+
+def part_drift(args, out: Path) -> None:
+    """Each network applied to its own output 60 times from a clean test image (sigma 5/255): how far
+    it drifts when nothing pulls it back, as in an iteration whose data steps are weak."""
+    rows = []
+    for name, denoiser in _denoisers(args, out)[1:]:
+        for image_name in TEST_IMAGES:
+            image = x = load_test_image(image_name, args.size)
+            for k in range(1, 61):
+                x = denoiser(x, 5 / 255)
+                if k in (1, 10, 30, 60):
+                    rows.append({"denoiser": name, "image": image_name, "applications": k, "psnr": psnr(x, image),
+                                 "mean_shift": float(x.mean() - image.mean())})
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    _write(out, "drift", rows)
 
 
 def _denoisers(args, out: Path) -> list[tuple[str, object]]:

@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--full-iterations", type=int, default=40)
     p.add_argument("--incremental-iterations", type=int, default=300)
     p.add_argument("--images", default=",".join(TEST_IMAGES), help="table: test images")
+    p.add_argument("--problems", default=None, help="table: only these problems (e.g. 'CT 60'; default: all)")
     p.add_argument("--tune-image", default="astronaut", help="tune: an image of the training pool")
     p.add_argument("--tune-families", default="cs,ct", help="tune: operator families (cs, ct), e.g. one per process")
     p.add_argument("--angles-per-block", type=int, default=4, help="scaling: angles per block")
@@ -150,7 +151,13 @@ def _operator(family: str, shape, kwargs: dict, blocks: int, seed: int):
 def _reconstruct(op, denoiser, ys, image, gamma, sigma, mode, iterations, seed, blocks_per_step=1):
     pnp = PnPADMM(op, denoiser, ys, gamma=gamma, sigma=sigma, mode=mode, reference=image, seed=seed,
                   blocks_per_step=blocks_per_step)
-    records = pnp.run(iterations)
+    records = []
+    try:
+        for _ in range(iterations):
+            records.append(pnp.step())
+    except FloatingPointError:  # the iteration diverged: recorded as such, the table goes on
+        return {"psnr": float("nan"), "diverged_at": pnp.iteration + 1,
+                "seconds_per_iteration": sum(r.seconds for r in records) / max(len(records), 1)}
     return {"psnr": psnr(pnp.x, image), "best_psnr": max(r.psnr for r in records),
             "seconds_per_iteration": sum(r.seconds for r in records) / len(records)}
 
@@ -204,6 +211,8 @@ def part_table(args, out: Path) -> None:
     rows = []
     images = {name: load_test_image(name, args.size) for name in args.images.split(",")}
     for label, family, kwargs, blocks in PROBLEMS:  # one operator per problem: its factors serve every image
+        if args.problems and label not in args.problems.split(","):
+            continue
         op = _operator(family, (args.size, args.size), kwargs, blocks, args.seed)
         for image_name, image in images.items():
             for level in NOISE_LEVELS:
@@ -219,7 +228,8 @@ def part_table(args, out: Path) -> None:
                                                              tuned["sigma"] / 255, mode, iterations, args.seed)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                _write(out, f"table-{args.images.replace(',', '-')}", rows)
+                _write(out, f"table-{args.images.replace(',', '-')}{'-' + args.problems if args.problems else ''}",
+                       rows)
 
 
 def part_minibatch(args, out: Path) -> None:

@@ -7,8 +7,9 @@ Parts (``--part``, repeatable, run in this order; each writes JSON into ``--out`
   default) on the same noisy patches of scikit-image's training images; denoising PSNR on the
   four test images at two noise levels. The networks are saved for the other parts.
 - ``drift``: each network applied to its own output 60 times from a clean test image.
-- ``tune``: PnP's gamma and sigma per operator family and denoiser, on a tuning image that is not
-  a test image (``--tune-image``, default scikit-image's ``astronaut``, from the training pool).
+- ``tune``: PnP's gamma and sigma per operator family, denoiser, method and noise level
+  (``--tune-noise``), on a tuning image that is not a test image (``--tune-image``, default
+  scikit-image's ``astronaut``, from the training pool), at CS 0.3 and CT 60.
 - ``table``: every test image at ``--size`` x ``--size``, compressive sensing at ratios 0.1, 0.3,
   0.5 and sparse-view CT at 30 and 60 angles, measurement noise at two levels: PSNR of the
   back-projection, TV-regularized reconstruction (ADMM with the TV prox), and full and incremental
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--problems", default=None, help="table: only these problems (e.g. 'CT 60'; default: all)")
     p.add_argument("--tune-image", default="astronaut", help="tune: an image of the training pool")
     p.add_argument("--tune-families", default="cs,ct", help="tune: operator families (cs, ct), e.g. one per process")
+    p.add_argument("--tune-noise", type=float, default=NOISE_LEVELS[0], help="tune: the measurement noise level")
+    p.add_argument("--noise", type=float, default=None, help="table: only this noise level (default: both)")
     p.add_argument("--angles-per-block", type=int, default=4, help="scaling: angles per block")
     p.add_argument("--block-counts", default="4,16,64,256", help="scaling: numbers of blocks")
     p.add_argument("--scaling-iterations", type=int, default=6,
@@ -179,10 +182,11 @@ def part_tune(args, out: Path) -> None:
         if family not in args.tune_families:
             continue
         op = _operator(family, image.shape, kwargs, blocks, args.seed)
-        ys = measure(op, image, NOISE_LEVELS[0], args.seed)
+        ys = measure(op, image, args.tune_noise, args.seed)
         for name, denoiser in _denoisers(args, out):
             for mode in ("full",) if name == "TV" else ("full", "incremental"):
-                if f"{family}/{name}/{mode}" in settings:
+                key = _key(family, name, mode, args.tune_noise)
+                if key in settings:
                     continue
                 iterations = 30 if mode == "full" else args.incremental_iterations // 2
                 trials = []
@@ -191,10 +195,16 @@ def part_tune(args, out: Path) -> None:
                         result = _reconstruct(op, denoiser, ys, image, gamma, sigma / 255, mode, iterations, args.seed)
                         trials.append((result["psnr"], gamma, sigma))
                 best = max(trials)
-                settings[f"{family}/{name}/{mode}"] = {"gamma": best[1], "sigma": best[2], "tuning_psnr": best[0]}
+                settings[key] = {"gamma": best[1], "sigma": best[2], "tuning_psnr": best[0]}
                 print(f"tune {label} {name} {mode}: gamma {best[1]}, sigma {best[2]} ({best[0]:.2f} dB on "
                       f"{args.tune_image})", flush=True)
-                _write(out, f"tuned-{family}", {k: v for k, v in settings.items() if k.startswith(family + "/")})
+                _write(out, f"tuned-{family}-{args.tune_noise:g}",
+                       {k: v for k, v in settings.items() if k.startswith(family + "/") and k.endswith(f"@{args.tune_noise:g}")})
+
+
+def _key(family: str, denoiser: str, mode: str, noise: float) -> str:
+    """The tuned settings' key: ``"ct/DnCNN (backprop)/incremental@0.01"``."""
+    return f"{family}/{denoiser}/{mode}@{noise:g}"
 
 
 def _tuned(out: Path) -> dict:
@@ -215,7 +225,7 @@ def part_table(args, out: Path) -> None:
             continue
         op = _operator(family, (args.size, args.size), kwargs, blocks, args.seed)
         for image_name, image in images.items():
-            for level in NOISE_LEVELS:
+            for level in NOISE_LEVELS if args.noise is None else (args.noise,):
                 ys = measure(op, image, level, args.seed)
                 row = {"image": image_name, "problem": label, "blocks": blocks, "noise": level,
                        "back_projection": psnr(back_projection(op, ys), image)}
@@ -223,13 +233,13 @@ def part_table(args, out: Path) -> None:
                     modes = [("full", args.full_iterations)] if name == "TV" else \
                         [("full", args.full_iterations), ("incremental", args.incremental_iterations)]
                     for mode, iterations in modes:
-                        tuned = settings[f"{family}/{name}/{mode}"]
+                        tuned = settings[_key(family, name, mode, level)]
                         row[f"{mode}/{name}"] = _reconstruct(op, denoiser, ys, image, tuned["gamma"],
                                                              tuned["sigma"] / 255, mode, iterations, args.seed)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                _write(out, f"table-{args.images.replace(',', '-')}{'-' + args.problems if args.problems else ''}",
-                       rows)
+                _write(out, f"table-{args.images.replace(',', '-')}{'-' + args.problems if args.problems else ''}"
+                            f"{'' if args.noise is None else f'-{args.noise:g}'}", rows)
 
 
 def part_minibatch(args, out: Path) -> None:
@@ -243,7 +253,7 @@ def part_minibatch(args, out: Path) -> None:
         ys = measure(op, image, NOISE_LEVELS[0], args.seed)
         for per_step in (1, 2, 4, 8, blocks):
             mode = "full" if per_step == blocks else "incremental"
-            tuned = settings[f"{family}/{name}/{mode}"]
+            tuned = settings[_key(family, name, mode, NOISE_LEVELS[0])]
             iterations = args.full_iterations if mode == "full" else args.incremental_iterations
             result = _reconstruct(op, denoiser, ys, image, tuned["gamma"], tuned["sigma"] / 255, mode, iterations,
                                   args.seed, blocks_per_step=per_step)
@@ -310,7 +320,7 @@ def part_scaling(args, out: Path) -> None:
         for mode, cache in SCALING_RUNS:
             # equal passes over the measurements: one incremental iteration uses one block
             iterations = args.scaling_iterations * (blocks if mode == "incremental" else 1)
-            tuned = settings.get(f"ct/{prior}/{mode}" if prior != "TV" else "ct/TV/full", fallback)
+            tuned = settings.get(_key("ct", prior, mode if prior != "TV" else "full", NOISE_LEVELS[0]), fallback)
             spec = ",".join(str(v) for v in (mode, cache, blocks, args.angles_per_block, iterations, args.size,
                                              denoiser, tuned["gamma"], tuned["sigma"]))
             proc = subprocess.run([sys.executable, __file__, "--worker", spec, "--threads", str(args.threads)],

@@ -39,8 +39,9 @@ from _common import Parser, clean_errors, make_learner, parse_run  # noqa: E402
 from amstream import CheckpointError, load_checkpoint, resolve_device, save_checkpoint, set_seed  # noqa: E402
 from amstream.logging import TensorBoardLogger, make_run_dir  # noqa: E402
 from amstream.reconstruction import (OPERATORS, IdentityDenoiser, PnPADMM, TVDenoiser, back_projection,  # noqa: E402
-                                     NetworkDenoiser, dncnn, load_denoiser, load_test_image,
+                                     dncnn, load_denoiser, load_test_image,
                                      load_training_images, psnr, random_patches, save_denoiser, train_denoiser)
+from amstream.reconstruction.denoisers import check_noise_level  # noqa: E402
 from amstream.reconstruction.images import TRAINING_IMAGES  # noqa: E402
 
 METHODS = ("full", "incremental")
@@ -146,7 +147,7 @@ def check_denoisers(args, device) -> dict[int, object]:
             loaded[k].check_sigma(args.sigma / 255)
         elif kind == "train" and rest:
             parse_run(rest)  # an unknown learner or option fails here
-            NetworkDenoiser(nn.Identity(), args.noise_range, f"DnCNN ({rest})").check_sigma(args.sigma / 255)
+            check_noise_level(args.sigma / 255, args.noise_range, f"DnCNN ({rest})")  # before it is trained
         else:
             raise ValueError(f"unknown denoiser {spec!r}: use tv, identity, train:LEARNER[:NAME=VALUE,...] or file:PATH")
     return loaded

@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoint import atomic_save
 from ..utils import eval_mode
 
-__all__ = ["dncnn", "NetworkDenoiser", "TVDenoiser", "IdentityDenoiser", "DenoiserRangeError",
+__all__ = ["dncnn", "NetworkDenoiser", "TVDenoiser", "IdentityDenoiser", "DenoiserRangeError", "check_noise_level",
            "load_denoiser", "save_denoiser"]
 
 
@@ -67,6 +67,18 @@ def _check_sigma(sigma: float) -> float:
     return float(sigma)
 
 
+def check_noise_level(sigma: float, noise_range: tuple[float, float], name: str = "the network") -> float:
+    """``sigma`` if a network trained on ``noise_range`` knows it, else :class:`DenoiserRangeError`."""
+    sigma = _check_sigma(sigma)
+    low, high = noise_range
+    if not low * (1 - 1e-6) <= sigma <= high * (1 + 1e-6):
+        raise DenoiserRangeError(
+            f"{name} was trained for noise levels sigma in [{low:g}, {high:g}] "
+            f"({low * 255:.3g}-{high * 255:.3g} on the 0-255 scale), not {sigma:g}; train one for this level "
+            "or choose sigma in its range")
+    return sigma
+
+
 def _as_batch(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if not isinstance(image, torch.Tensor) or image.dim() not in (2, 3):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
@@ -92,14 +104,7 @@ class NetworkDenoiser:
         self.name = name
 
     def check_sigma(self, sigma: float) -> float:
-        sigma = _check_sigma(sigma)
-        low, high = self.noise_range
-        if not low * (1 - 1e-6) <= sigma <= high * (1 + 1e-6):
-            raise DenoiserRangeError(
-                f"{self.name} was trained for noise levels sigma in [{low:g}, {high:g}] "
-                f"({low * 255:.3g}-{high * 255:.3g} on the 0-255 scale), not {sigma:g}; train one for this level "
-                "or choose sigma in its range")
-        return sigma
+        return check_noise_level(sigma, self.noise_range, self.name)
 
     def __call__(self, image: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = self.check_sigma(sigma)

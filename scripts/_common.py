@@ -26,7 +26,7 @@ from amstream.hparams import HParam
 
 __all__ = [
     "Parser", "HelpFormatter", "avalanche_warnings", "add_option", "add_learner_arguments", "learner_kwargs", "learner_names",
-    "learner_options", "make_learner", "parse_run", "clean_errors", "build_model", "as_sequences", "RECURRENT_MODELS", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list",
+    "learner_options", "make_learner", "parse_run", "clean_errors", "build_model", "as_sequences", "RECURRENT_MODELS", "build_mlp", "build_lenet5", "evaluate_accuracy", "parse_int_list", "parse_name_list", "CommaList",
 ]
 
 
@@ -372,6 +372,19 @@ def parse_int_list(text: str) -> list[int]:
     if any(v < 1 for v in values):
         raise ValueError(f"widths must be >= 1, got {text!r}")
     return values
+
+
+class CommaList(argparse.Action):
+    """A comma-separated list option that may also be repeated: ``--learner a,b --learner c`` means
+    ``a,b,c`` (a repeated option would otherwise replace the earlier value without a word)."""
+
+    class Given(str):
+        """A value the command line gave (the default is a plain ``str``): a repeat adds to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        joined = f"{previous},{values}" if isinstance(previous, CommaList.Given) else values
+        setattr(namespace, self.dest, CommaList.Given(joined))
 
 
 def parse_name_list(text: str, known: Iterable[str], what: str = "name") -> list[str]:

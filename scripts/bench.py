@@ -52,7 +52,8 @@ from _bench_distributed import distributed_throughput  # noqa: E402
 from _bench_rl import dqn_throughput  # noqa: E402
 from _bench_stream import stream_throughput  # noqa: E402
 from _common import (  # noqa: E402
-    Parser, add_option, avalanche_warnings, build_mlp, learner_names, parse_int_list, parse_name_list, parse_run,
+    CommaList, Parser, add_option, avalanche_warnings, build_mlp, learner_names, parse_int_list, parse_name_list,
+    parse_run,
 )
 from amstream.hparams import HParam  # noqa: E402
 
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--threads", HParam(None, "torch CPU threads (default: torch's own)", int, count, optional=True))
     p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
     p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP")
-    p.add_argument("--learner", default=",".join(learner_names()),
+    p.add_argument("--learner", action=CommaList, default=",".join(learner_names()),
                    help="registered learners timed against backprop-Adam, each with its defaults")
     p.add_argument("--also", action="append", default=None, metavar="LEARNER:NAME=VALUE[,NAME=VALUE]",
                    help="also time a learner with other hyperparameters, e.g. am-adam:fast=false (repeatable; "

@@ -31,7 +31,7 @@ from amstream.logging import make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import add_option, build_mlp, learner_names, make_learner  # noqa: E402
+from _common import CommaList, add_option, build_mlp, learner_names, make_learner  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
 PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _common.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", default="split-digits", choices=BENCHMARK_NAMES,
                    help="scenario built from the local data files (split-digits needs none)")
-    p.add_argument("--learner", default=",".join(learner_names()),
+    p.add_argument("--learner", action=CommaList, default=",".join(learner_names()),
                    help=f"comma-separated learners to compare, from {', '.join(learner_names())}")
     p.add_argument("--plugins", default="", help=f"comma-separated Avalanche plugins, from {', '.join(PLUGIN_NAMES)}")
     add_option(p, "--experiences", HParam(None, "number of experiences (default: the benchmark's)", int, "[1, inf)",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 import torch  # noqa: E402
 
 import _common  # noqa: E402
-from _common import add_option  # noqa: E402
+from _common import CommaList, add_option  # noqa: E402
 from amstream import LEARNERS  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rescale observations from the observation space's bounds to [-1, 1] (needs finite bounds; "
                         "MountainCar's velocity is otherwise ~1/20 of its position's scale)")
     add_option(p, "--steps-per-task", HParam(50_000, "environment steps on each task with --tasks", int, steps))
-    p.add_argument("--learner", default="am-adam", help=f"comma-separated learners, from {', '.join(LEARNERS)}")
+    p.add_argument("--learner", action=CommaList, default="am-adam", help=f"comma-separated learners, from {', '.join(LEARNERS)}")
     p.add_argument("--seed", type=int, default=1, help="seed of a single run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed), e.g. 1,2,3,4,5")
     add_option(p, "--total-timesteps", HParam(500_000, "environment steps per run", int, steps))

@@ -39,11 +39,11 @@ FEATURES = ("date", "day", "period", "nswprice", "nswdemand", "vicprice", "vicde
 
 
 def parse_args(argv=None):
-    from _common import Parser, add_option, learner_names, parse_name_list
+    from _common import CommaList, Parser, add_option, learner_names, parse_name_list
     from amstream.hparams import HParam
 
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--learner", default=",".join(learner_names()),
+    p.add_argument("--learner", action=CommaList, default=",".join(learner_names()),
                    help=f"comma-separated learners, from {', '.join(learner_names())}")
     add_option(p, "--samples", HParam(2_000_000, "samples streamed with the micro-batch", int, "[1, inf)"))
     add_option(p, "--single-samples", HParam(200_000, "samples streamed then one per step", int, "[0, inf)"))

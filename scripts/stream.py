@@ -44,7 +44,7 @@ from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
 from _distributed import ShardedLearning, init_from_env, launched_by_torchrun  # noqa: E402
-from _common import add_option, evaluate_accuracy, learner_names, make_learner  # noqa: E402
+from _common import CommaList, add_option, evaluate_accuracy, learner_names, make_learner  # noqa: E402
 
 POSITIVE = "[1, inf)"
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(d, "--max-samples", HParam(None, "use only the first N samples of the training stream (for "
                                           "smoke tests; default: all)", int, POSITIVE, optional=True))
     m = parser.add_argument_group("learners and model")
-    m.add_argument("--learner", default=",".join(learner_names()),
+    m.add_argument("--learner", action=CommaList, default=",".join(learner_names()),
                    help=f"comma-separated learners to compare, from {', '.join(learner_names())}")
     m.add_argument("--model", default="mlp", choices=_common.MODELS,
                    help="the network: mlp (a ReLU MLP of --hidden widths), lenet5 (28x28 images), elman or gru "

@@ -124,6 +124,28 @@ def test_unknown_learner_is_a_clean_error(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("script", ["stream", "continual", "soak", "bench", "rl"])
+def test_a_repeated_learner_option_adds_to_the_list(script):
+    """``--learner a --learner b,c`` is ``a,b,c`` in every script that takes a list of learners (a
+    repeat used to replace the earlier value silently); one ``--learner`` replaces the default."""
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    module = importlib.import_module(script)
+    parser = module.build_parser() if hasattr(module, "build_parser") else None
+    argv = ["--learner", "am-adam", "--learner", "backprop,am-mem"]
+    if parser is not None:
+        args = parser.parse_args(argv)
+    else:
+        args = module.parse_args(argv)
+        args = args[0] if isinstance(args, tuple) else args
+    assert args.learner == "am-adam,backprop,am-mem"
+    one = parser.parse_args(["--learner", "backprop"]) if parser is not None else module.parse_args(["--learner", "backprop"])
+    one = one[0] if isinstance(one, tuple) else one
+    assert one.learner == "backprop"
+
+
 def _summary_rows(stdout: str) -> dict[str, tuple[str, str]]:
     """learner -> (prequential, held-out) from stream.py's final table."""
     return {m[0]: (m[1], m[2]) for m in re.findall(r"^(\S+)\s+(0\.\d{4})\s+(0\.\d{4})\s", stdout, flags=re.M)}

@@ -116,3 +116,53 @@ def test_rho_schedule_raises_rho_after_three_rises_of_the_cost():
     assert rho_schedule([1.0, 1.1, 1.2, 1.3], 1e-6, 0.1) == pytest.approx(1e-5)
     assert rho_schedule([1.0, 1.1, 1.1, 1.3], 1e-6, 0.1) == 1e-6  # a tie breaks the run
     assert rho_schedule([0.5, 1.0, 1.1, 1.2, 1.3], 0.05, 0.1) == 0.1  # capped
+
+
+@pytest.mark.parametrize("preset", ["reference", "bound"])
+def test_full_batch_fit_resumes_exactly_from_a_checkpoint(digits, preset, tmp_path, monkeypatch):
+    """A run stopped at iteration 7 and continued from its checkpoint by a fresh learner reaches the
+    uninterrupted run's weights, rho and step constants bit for bit, across rho changes (forced at
+    iterations 5 and 9: on the digits the cost does not rise three times in a row this early)."""
+    from amstream import load_checkpoint, save_checkpoint
+    from amstream.learners import dladmm
+
+    monkeypatch.setattr(dladmm, "rho_schedule", lambda costs, rho, _: 10 * rho if len(costs) in (5, 9) else rho)
+    train, _ = digits
+    kwargs = {**DLADMM.presets["reference"], "rho": 1e-4}
+    if preset == "bound":
+        kwargs["step_size"] = "bound"
+
+    def learner():
+        torch.manual_seed(0)
+        return DLADMM(nn.Sequential(nn.Flatten(), nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10)),
+                      device="cpu", **kwargs)
+
+    whole = learner()
+    records = whole.fit(train.x, train.y, iterations=14)
+    assert sorted({r["rho"] for r in records}) == pytest.approx([1e-4, 1e-3, 1e-2])
+
+    first = learner()
+    first.fit(train.x, train.y, iterations=14,
+              callback=lambda it, _: it == 7 and save_checkpoint(tmp_path / "run.pt", first))
+    resumed = learner()
+    load_checkpoint(tmp_path / "run.pt", resumed)
+    assert resumed.fit_run.iteration == 7 and resumed.step_count == 7
+    rest = resumed.fit(train.x, train.y, iterations=14, resume=True)
+    assert [r["iteration"] for r in rest] == list(range(8, 15))
+    assert [r["training_cost"] for r in rest] == [r["training_cost"] for r in records[7:]]
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert (resumed.current_rho, resumed.step_constants) == (whole.current_rho, whole.step_constants)
+
+
+def test_full_batch_resume_refuses_another_data_set_or_no_run(digits):
+    train, _ = digits
+    learner = DLADMM(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)), device="cpu")
+    with pytest.raises(ValueError, match="no full-batch run to resume"):
+        learner.fit(train.x, train.y, iterations=2, resume=True)
+    learner.fit(train.x, train.y, iterations=2)
+    before = [p.clone() for p in learner.model.parameters()]
+    with pytest.raises(ValueError, match="the data differ"):
+        learner.fit(train.x.flip(0), train.y.flip(0), iterations=4, resume=True)  # the same samples, reordered
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+    assert len(learner.fit(train.x, train.y, iterations=4, resume=True)) == 2  # iterations 3 and 4

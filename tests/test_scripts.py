@@ -494,12 +494,26 @@ def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
     assert set(results) == {"admm", "adam"} and all(r["curve"] for r in results.values())
     assert results["adam"]["best_validation"] > 0.8  # one second of Adam on MNIST pixels
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    proc = subprocess.run([sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:preset=reference",
-                           "--hidden", "8", "--iterations", "2", "--json", str(tmp_path / "f.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads((tmp_path / "f.json").read_text())
-    assert [c[0] for c in out["curve"]] == [1, 2] and out["peak_mb"] > 0
+    full_batch = [sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:preset=reference", "--hidden", "8"]
+
+    def run(name, *options):
+        proc = subprocess.run([*full_batch, *options, "--json", str(tmp_path / name)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((tmp_path / name).read_text())
+
+    whole = run("f.json", "--iterations", "4")
+    assert [c[0] for c in whole["curve"]] == [1, 2, 3, 4] and whole["peak_mb"] > 0
+    # stopped after 2 iterations and resumed to 4: the uninterrupted run's accuracies and costs
+    run("half.json", "--iterations", "2", "--checkpoint", str(tmp_path / "run.pt"))
+    resumed = run("resumed.json", "--iterations", "4", "--checkpoint", str(tmp_path / "run.pt"), "--resume")
+    assert [c[::2] for c in resumed["curve"]] == [c[::2] for c in whole["curve"]]
+    used = subprocess.run([*full_batch, "--checkpoint", str(tmp_path / "run.pt")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert used.returncode == 2 and "add --resume" in used.stderr
+    other = subprocess.run([*full_batch[:3], "dladmm:step_size=bound", *full_batch[4:], "--checkpoint",
+                            str(tmp_path / "run.pt"), "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "holds the run" in other.stderr and "Traceback" not in other.stderr
     bad = subprocess.run([sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:step_size=wide"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid step_size" in bad.stderr and "Traceback" not in bad.stderr

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +52,58 @@ from .admm_softmax import prox_lbfgs, softmax_prox_newton
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
 
-__all__ = ["DLADMM", "relu_z_update", "bias_update", "fista_last_z", "rho_schedule", "BacktrackingError"]
+__all__ = ["DLADMM", "FullBatchRun", "relu_z_update", "bias_update", "fista_last_z", "rho_schedule", "BacktrackingError"]
 
 STEP_SIZES = ("backtracking", "bound")
 Z_SOLVERS = ("fista", "newton")
+
+
+@dataclass
+class FullBatchRun:
+    """The state of :meth:`DLADMM.fit`'s full-batch run besides the weights: the hidden activations
+    ``acts`` (each layer's input after the first), the pre-activations ``zs``, the dual ``u``, the
+    training costs the rho schedule reads, the last iteration done, its seconds, the step constants,
+    and a fingerprint of the data it runs on."""
+
+    acts: list[torch.Tensor]
+    zs: list[torch.Tensor]
+    u: torch.Tensor
+    costs: list[float]
+    iteration: int
+    seconds: float
+    constants: tuple
+    fingerprint: tuple
+
+    def state_dict(self) -> dict:
+        return {"acts": list(self.acts), "zs": list(self.zs), "u": self.u, "costs": list(self.costs),
+                "iteration": self.iteration, "seconds": self.seconds,
+                "constants": [list(self.constants[0]), list(self.constants[1])],
+                "fingerprint": list(self.fingerprint)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> FullBatchRun:
+        return cls(acts=[a.to(device) for a in state["acts"]], zs=[z.to(device) for z in state["zs"]],
+                   u=state["u"].to(device), costs=[float(c) for c in state["costs"]],
+                   iteration=int(state["iteration"]), seconds=float(state["seconds"]),
+                   constants=(tuple(state["constants"][0]), tuple(state["constants"][1])),
+                   fingerprint=tuple(state["fingerprint"]))
+
+
+def _data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """Shape and float64 sums of a full-batch data set: enough to tell another set (or order) apart."""
+    position = torch.arange(1, x.shape[0] + 1, device=x.device, dtype=torch.float64)
+    rows = x.sum(1, dtype=torch.float64)
+    return (*x.shape, float(rows.sum()), float(position @ rows), float(position @ y.double()))
+
+
+def _same_data(a: tuple, b: tuple) -> bool:
+    """Fingerprints equal up to the summation order of another device."""
+    return tuple(a[:2]) == tuple(b[:2]) and all(math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-9)
+                                                for u, v in zip(a[2:], b[2:]))
+
+
+def _describe(fingerprint: tuple) -> str:
+    return f"{fingerprint[0]} samples x {fingerprint[1]} features, sum {fingerprint[2]:.6g}"
 
 
 class BacktrackingError(RuntimeError):
@@ -208,6 +257,7 @@ class DLADMM(Learner):
         # warm starts of the power iterations: one vector per layer input
         self._power = [torch.ones(layer.in_features, device=self.device) / math.sqrt(layer.in_features)
                        for layer in self.layers]
+        self.fit_run: FullBatchRun | None = None  # the state of fit's full-batch run, kept for resume=True
 
     def _linear_layers(self) -> list[nn.Linear]:
         modules = list(self.model) if isinstance(self.model, nn.Sequential) else [self.model]
@@ -429,39 +479,67 @@ class DLADMM(Learner):
 
     # ------------------------------------------------------------------------------- full batch
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, iterations: int = 200, seconds: float | None = None,
-            callback: Callable[[int, dict], None] | None = None) -> list[dict]:
+            callback: Callable[[int, dict], None] | None = None, resume: bool = False) -> list[dict]:
         """The reference's full-batch run on ``(x, y)``: auxiliaries for every sample (``z_L`` started at
-        +1 for the label and -1 elsewhere, as the reference), ``iterations`` dlADMM iterations (or
-        ``seconds`` of wall time), the rho schedule on the training cost. ``callback(iteration, record)``
-        after each iteration (its time not counted). Returns the records: iteration, seconds, rho,
-        training cost, primal residual."""
+        +1 for the label and -1 elsewhere, as the reference), dlADMM iterations up to iteration
+        ``iterations`` (or ``seconds`` of wall time in this call), the rho schedule on the training
+        cost. ``callback(iteration, record)`` after each iteration (its time not counted). Returns the
+        records of this call: iteration, seconds (since the run began), rho, training cost, primal
+        residual.
+
+        The run's state (auxiliaries, dual, costs, step constants, iteration) stays on the learner as
+        :attr:`fit_run` and travels in its ``state_dict``, so a checkpoint written from ``callback``
+        resumes the run exactly: ``fit(x, y, iterations=200, resume=True)`` on a learner loaded from
+        it continues from the checkpoint's iteration (new: the reference cannot stop). Set
+        ``fit_run = None`` to free the auxiliaries (four n x width matrices).
+
+        Raises:
+            ValueError: ``resume=True`` without a run, or with other data than the run's.
+            FloatingPointError: non-finite weights; the model keeps the iteration before's and the run
+                is dropped.
+        """
         self.sync_parameters()
         x, y = self._check(x, y, training=True)
         self.inputs.commit()
-        acts, zs = self._forward_auxiliaries(x)
-        acts, zs = list(acts), list(zs)
-        Y = F.one_hot(y, zs[-1].shape[1]).to(zs[-1].dtype)
-        zs[-1] = 2 * Y - 1
-        u = torch.zeros_like(zs[-1])
+        fingerprint = _data_fingerprint(self._input(x), y)
+        if resume:
+            run = self.fit_run
+            if run is None:
+                raise ValueError("fit(resume=True): this learner has no full-batch run to resume (load the "
+                                 "checkpoint written during the run first)")
+            if not _same_data(run.fingerprint, fingerprint):
+                raise ValueError(f"fit(resume=True): the data differ from the run's ({_describe(fingerprint)} "
+                                 f"against {_describe(run.fingerprint)})")
+        else:
+            acts, zs = self._forward_auxiliaries(x)
+            zs = list(zs)
+            zs[-1] = 2 * F.one_hot(y, zs[-1].shape[1]).to(zs[-1].dtype) - 1
+            run = FullBatchRun(acts=list(acts[1:]), zs=zs, u=torch.zeros_like(zs[-1]), costs=[], iteration=0,
+                               seconds=0.0, constants=self.step_constants, fingerprint=fingerprint)
+            self.fit_run = run
+        acts = [self._input(x), *run.acts]  # the lists are the run's: _iterate replaces their entries
+        Y = F.one_hot(y, run.zs[-1].shape[1]).to(run.zs[-1].dtype)
         weights = [[layer.weight.detach().clone(), layer.bias.detach().clone()] for layer in self.layers]
-        rho, constants = self.current_rho, self.step_constants
-        costs, records, clock = [], [], RunClock(seconds)
+        rho, constants, costs = self.current_rho, run.constants, run.costs
+        records, clock, offset = [], RunClock(seconds), run.seconds
         with torch.no_grad():
-            for it in range(1, iterations + 1):
-                u, constants = self._iterate(acts, zs, u, Y, None, rho, weights, constants)
+            for it in range(run.iteration + 1, iterations + 1):
+                run.u, constants = self._iterate(acts, run.zs, run.u, Y, None, rho, weights, constants)
+                run.acts[:] = acts[1:]
                 if not (self.persist_steps or self.step_size == "bound"):
                     constants = self.step_constants  # the reference restarts every search from its theta, tau
                 if not all(bool(torch.isfinite(W).all()) for pair in weights for W in pair):
+                    self.fit_run = None
                     raise FloatingPointError(f"dlADMM fit: non-finite weights at iteration {it}; the model keeps "
-                                             "the weights of the iteration before")
+                                             "the weights of the iteration before and the run is dropped")
                 self._write(weights)
                 self.step_count += 1
                 out = self.model(x)
                 cost = float(F.cross_entropy(out, y))
                 costs.append(cost)
-                record = {"iteration": it, "seconds": clock.elapsed(), "rho": rho,
+                record = {"iteration": it, "seconds": offset + clock.elapsed(), "rho": rho,
                           "training_cost": cost,
-                          "primal_residual": float((zs[-1] - F.linear(acts[-1], *weights[-1])).norm())}
+                          "primal_residual": float((run.zs[-1] - F.linear(acts[-1], *weights[-1])).norm())}
                 records.append(record)
                 new_rho = rho_schedule(costs, rho, self.rho_max)
                 if new_rho != rho:
@@ -471,11 +549,12 @@ class DLADMM(Learner):
                         self.step_constants = (tuple(10 * t for t in thetas), tuple(10 * t for t in taus))
                         constants = (tuple(10 * t for t in constants[0]), tuple(10 * t for t in constants[1]))
                 self.current_rho = rho
+                run.iteration, run.seconds, run.constants = it, record["seconds"], constants
+                if self.persist_steps or self.step_size == "bound":
+                    self.step_constants = constants
                 clock.call(callback, it, record)
                 if clock.spent:
                     break
-        if self.persist_steps or self.step_size == "bound":
-            self.step_constants = constants
         return records
 
     # ------------------------------------------------------------------------------- state
@@ -483,8 +562,13 @@ class DLADMM(Learner):
         return list(self._power)
 
     def _extra_state(self) -> dict:
-        return {"power": list(self._power)}
+        state: dict = {"power": list(self._power)}
+        if self.fit_run is not None:
+            state["fit_run"] = self.fit_run.state_dict()
+        return state
 
     def _load_extra_state(self, state: dict) -> None:
         for v, new in zip(self._power, state["power"]):
             v.copy_(new)
+        run = state.get("fit_run")
+        self.fit_run = None if run is None else FullBatchRun.from_state(run, self.device)

@@ -135,6 +135,19 @@ class AMStrategy(SupervisedTemplate):
         super().make_train_dataloader(num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
                                       persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
 
+    def _obtain_common_dataloader_parameters(self, **kwargs) -> dict:
+        """Avalanche's loader arguments; in evaluation, without its distributed sampler.
+
+        Under a process group Avalanche gives each process a shard of every loader, padded with
+        repeated samples. For training that is the data parallelism (a data-parallel learner
+        combines the shards' steps). Evaluated that way, each process's metrics would cover its
+        shard only, with the repeats counted twice: every process evaluates the whole stream
+        instead (their weights are the same, and so are their metrics; no gathering)."""
+        args = super()._obtain_common_dataloader_parameters(**kwargs)
+        if not self.is_training:
+            args["distributed_sampling"] = False
+        return args
+
     # ----------------------------------------------------------------------------------- forward
     def forward(self):
         if not self.is_training:

@@ -18,9 +18,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from amstream.distributed import data_parallel, is_main_process
 from amstream.utils import resolve_device
 
-__all__ = ["ShardedLearning", "init_from_env", "launched_by_torchrun"]
+__all__ = ["ShardedLearning", "init_from_env", "launched_by_torchrun", "make_data_parallel", "say"]
 
 
 def launched_by_torchrun() -> bool:
@@ -43,6 +44,27 @@ def init_from_env(device: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
     return dist.get_rank(), dist.get_world_size(), resolved
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only (every process of a distributed run would print the same)."""
+    if is_main_process():
+        print(message)
+
+
+def make_data_parallel(learner, processes: int, name: str):
+    """``learner`` (registered as ``name``) made data-parallel over the process group when there are
+    several processes (as is otherwise); None, after saying why on rank 0, when it cannot be (the
+    caller skips it)."""
+    if processes == 1:
+        return learner
+    try:
+        return data_parallel(learner)
+    except ValueError as err:
+        if "cannot be data-parallel" not in str(err):
+            raise
+        say(f"note: skipping {name}: {err}")
+        return None
 
 
 class ShardedLearning:

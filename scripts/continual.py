@@ -11,6 +11,17 @@ PNG heat map of the matrices.
 
     python scripts/continual.py --benchmark split-mnist --learner am-adam,am-mem,backprop --plugins replay
     python scripts/continual.py --benchmark permuted-mnist --online 10 --plugins ewc --ewc-lambda 100
+
+Under ``torchrun --nproc-per-node N`` (or with ``--distributed``) every learner is data-parallel
+(:func:`amstream.distributed.data_parallel`): Avalanche's distributed sampler gives each process its
+shard of each experience, ``--batch-size`` / N samples of every batch of ``--batch-size`` (the same
+batches as one process when the order is not shuffled, up to the N - 1 samples the sampler repeats so
+that every process has as many), and the processes combine their steps. Every process evaluates the
+whole test stream with the same weights, so the accuracy matrix needs no gathering: rank 0 prints
+it, writes TensorBoard, the plot and the JSON. Its training-epoch accuracy and loss are those of its
+own shard.
+
+    torchrun --nproc-per-node 2 scripts/continual.py --benchmark split-mnist --learner am-mem --batch-size 32
 """
 from __future__ import annotations
 
@@ -26,12 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 import torch  # noqa: E402
 
 from amstream import UnsupportedModelError, set_seed  # noqa: E402
+from amstream.distributed import is_main_process  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 from amstream.logging import make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
 from _common import CommaList, add_option, build_mlp, learner_names, make_learner  # noqa: E402
+from _distributed import init_from_env, launched_by_torchrun, make_data_parallel, say  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
 PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
@@ -50,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--online", HParam(None, "train each experience as an online stream of sub-experiences of "
                                      "SIZE samples", int, "[1, inf)", optional=True), metavar="SIZE")
     add_option(p, "--epochs", HParam(1, "passes over each (sub-)experience", int, "[1, inf)"))
-    add_option(p, "--batch-size", HParam(16, "training mini-batch size", int, "[1, inf)"))
+    add_option(p, "--batch-size", HParam(16, "training mini-batch size (over all processes of a distributed run)",
+                                         int, "[1, inf)"))
+    p.add_argument("--no-shuffle", action="store_true", help="train on each (sub-)experience in its stored order (the split benchmarks store "
+                   "theirs sorted by class: for tests and ordered streams)")
     add_option(p, "--eval-batch-size", HParam(512, "evaluation mini-batch size", int, "[1, inf)"))
     p.add_argument("--hidden", default="100,100", help="hidden widths of the ReLU MLP")
     p.add_argument("--growing-head", action="store_true",
@@ -77,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results (matrices, metrics, seconds, options) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress output: neither Avalanche's per-iteration "
                    "log nor its warnings")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes of torchrun (set by itself when torchrun starts several): "
+                        "each process trains on its shard of every batch, rank 0 prints and logs")
     return p
 
 
@@ -113,6 +132,7 @@ def summarize(matrix: list[list[float]]) -> dict[str, float]:
 
 
 def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes):
+    """Train and evaluate one learner over the benchmark; None when it cannot be data-parallel."""
     from avalanche.logging import InteractiveLogger, TensorboardLogger
     from scenarios.benchmarks import online
     from scenarios.metrics import default_cl_evaluator
@@ -125,23 +145,28 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
 
         last = model[-1]
         model[-1] = IncrementalClassifier(last.in_features, initial_out_features=2)
-    learner = make_learner(name, model, device, **_common.learner_kwargs(name, args))
-    run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}")
-    loggers = [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()])
+    learner = make_data_parallel(make_learner(name, model, device, **_common.learner_kwargs(name, args)),
+                                 args.processes, name)
+    if learner is None:
+        return None
+    main_process = is_main_process()
+    run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}") if main_process else None
+    # Avalanche refuses loggers off rank 0
+    loggers = [] if not main_process else (
+        [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()]))
     # accuracy, loss, forgetting and BWT that also work on online streams, the accuracy matrix, timing
     evaluator = default_cl_evaluator(loggers=loggers, online=bool(args.online))
-    strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=args.eval_batch_size,
-                          plugins=make_plugins(plugin_names, args), evaluator=evaluator, eval_every=-1)
+    strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size // args.processes, train_epochs=args.epochs,
+                          eval_mb_size=args.eval_batch_size, plugins=make_plugins(plugin_names, args),
+                          evaluator=evaluator, eval_every=-1)
     start = time.perf_counter()
     for i, experience in enumerate(benchmark.train_stream):
-        if args.online:
-            strategy.train(online(experience, args.online, seed=args.seed), eval_streams=[])
-        else:
-            strategy.train(experience, eval_streams=[])
+        train = online(experience, args.online, seed=args.seed) if args.online else experience
+        strategy.train(train, eval_streams=[], shuffle=not args.no_shuffle)
         strategy.eval(benchmark.test_stream)
         if not args.quiet:
             row = evaluator.accuracy_matrix.tolist()[i]
-            print(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in row))
+            say(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in row))
     seconds = time.perf_counter() - start
     matrix = evaluator.accuracy_matrix.tolist()
     for p in evaluator.loggers:
@@ -158,7 +183,17 @@ def main(argv=None) -> None:
         learners = _common.parse_name_list(args.learner, learner_names(), "learner")
         plugin_names = _common.parse_name_list(args.plugins, PLUGIN_NAMES, "plugin") if args.plugins else []
         _common.parse_int_list(args.hidden)
-        device = resolve_device(args.device)
+        args.processes = 1
+        if args.distributed or launched_by_torchrun():
+            # Avalanche builds loggers when its training package is imported (default arguments), and
+            # refuses to off rank 0 once a process group exists: import it first.
+            import scenarios.strategy  # noqa: F401
+            _, args.processes, device = init_from_env(args.device)
+            if args.batch_size % args.processes:
+                raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {args.processes} processes: "
+                                 "each takes an equal share of every batch")
+        else:
+            device = resolve_device(args.device)
         if args.threads or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)
         from scenarios.benchmarks import make_benchmark
@@ -182,20 +217,26 @@ def main(argv=None) -> None:
     input_shape = tuple(first.dataset[0][0].shape)
     n_classes = getattr(benchmark, "n_classes", None) or 1 + max(
         c for e in benchmark.train_stream for c in e.classes_in_this_experience)
-    print(f"{args.benchmark}: {len(benchmark.train_stream)} experiences, input {list(input_shape)}, {n_classes} classes, "
-          f"plugins: {', '.join(plugin_names) or 'none'}" + (f", online sub-experiences of {args.online}" if args.online else ""))
+    say(f"{args.benchmark}: {len(benchmark.train_stream)} experiences, input {list(input_shape)}, {n_classes} classes, "
+        f"plugins: {', '.join(plugin_names) or 'none'}" + (f", online sub-experiences of {args.online}" if args.online else "")
+        + (f", data-parallel over {args.processes} processes" if args.processes > 1 else ""))
 
     results = {}
     with _common.avalanche_warnings(args.quiet):
         for name in learners:
             try:
-                results[name] = run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes)
+                result = run_learner(name, benchmark, args, device, plugin_names, input_shape, n_classes)
             except UnsupportedModelError as err:
-                print(f"note: skipping {name}: {' '.join(str(err).split())}")
+                say(f"note: skipping {name}: {' '.join(str(err).split())}")
+                continue
             except ValueError as err:  # an unsupported option or plugin
                 parser.error(f"{name}: {' '.join(str(err).split())}")
+            if result is not None:
+                results[name] = result
     if not results:
         parser.error("no learner can train this model; see the notes above")
+    if not is_main_process():
+        return  # every process has the same results: rank 0 reports them
 
     for name, r in results.items():
         print(f"\naccuracy matrix, {name} (row: after training experience i; column: test experience j)")

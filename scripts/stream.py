@@ -38,12 +38,12 @@ from amstream import (  # noqa: E402
 )
 from amstream.data import DATASETS, data_dir, iter_samples, load_dataset  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
-from amstream.distributed import data_parallel, is_main_process  # noqa: E402
+from amstream.distributed import is_main_process  # noqa: E402
 from amstream.logging import NullLogger, TensorBoardLogger, make_run_dir  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _distributed import ShardedLearning, init_from_env, launched_by_torchrun  # noqa: E402
+from _distributed import ShardedLearning, init_from_env, launched_by_torchrun, make_data_parallel, say  # noqa: E402
 from _common import CommaList, add_option, evaluate_accuracy, learner_names, make_learner  # noqa: E402
 
 POSITIVE = "[1, inf)"
@@ -182,12 +182,6 @@ def load_data(args):
         train = train.subset(range(len(train) - tail))
         say(f"note: dropped the last {tail} training sample(s): every process needs a share of every batch")
     return train, test
-
-
-def say(message: str) -> None:
-    """Print on rank 0 only (every process of a distributed run would print the same)."""
-    if is_main_process():
-        print(message)
 
 
 class Run:
@@ -357,16 +351,11 @@ def main(argv=None) -> None:
             if args.lr_halve_epochs and "lr_halve_every" in LEARNERS[name].defaults:
                 kwargs.setdefault("lr_halve_every", args.lr_halve_epochs * steps_per_epoch)
             try:
-                learner = make_learner(name, model, device, **kwargs)
-                if args.processes > 1:
-                    learner = data_parallel(learner)
+                learner = make_data_parallel(make_learner(name, model, device, **kwargs), args.processes, name)
             except UnsupportedModelError as err:
                 say(f"note: skipping {name}: {' '.join(str(err).split())}")
                 continue
-            except ValueError as err:
-                if args.processes == 1 or "cannot be data-parallel" not in str(err):
-                    raise
-                say(f"note: skipping {name}: {err}")
+            if learner is None:
                 continue
             run = Run(name, learner, args, stream_config)
             run.resume()

@@ -25,14 +25,12 @@ import distributed_worker as worker  # noqa: E402
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """The two ranks' records (one run of the worker script for every test of this module)."""
-    tmp = tmp_path_factory.mktemp("dist")
+def _run_ranks(script: str, tmp: Path, world: int = 2) -> list:
+    """Run ``script RANK WORLD INIT_FILE OUT`` as ``world`` processes; their saved records."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(rank), "2",
+    procs = [subprocess.Popen([sys.executable, str(HERE / script), str(rank), str(world),
                                str(tmp / "init"), str(tmp / f"rank{rank}.pt")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
     try:
         outputs = [p.communicate(timeout=240) for p in procs]
     except subprocess.TimeoutExpired:
@@ -41,7 +39,30 @@ def ranks(tmp_path_factory):
         pytest.fail("the data-parallel ranks did not finish within 240 s: a collective hung")
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The two ranks' records (one run of the worker script for every test of this module)."""
+    return _run_ranks("distributed_worker.py", tmp_path_factory.mktemp("dist"))
+
+
+def test_avalanche_strategy_on_two_ranks_learns_what_one_process_learns(tmp_path):
+    """AMStrategy under a process group: Avalanche's distributed sampler shards each experience (and
+    the replay buffer), the data-parallel learners combine the shards (8 + 8 samples per step against
+    one process's 16), every rank evaluates the whole test stream: the same weights (float64, up to
+    the order of sums) and the same accuracy matrices on both ranks as one process."""
+    import distributed_strategy_worker as strategy_worker
+
+    two = _run_ranks("distributed_strategy_worker.py", tmp_path)
+    for name in strategy_worker.LEARNERS:
+        one = strategy_worker.run(name, world=1)
+        assert one["steps"] > 50
+        for rank in two:
+            assert rank[name]["steps"] == one["steps"] and rank[name]["matrix"] == one["matrix"], name
+            assert _max_difference(rank[name]["weights"], one["weights"]) < 1e-9, name
+        assert _max_difference(one["weights"], one["initial"]) > 1e-2, name  # the steps moved the weights
 
 
 def single_process_records() -> dict:

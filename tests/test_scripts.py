@@ -271,6 +271,44 @@ def test_continual_compares_learners_with_a_plugin(tmp_path):
         assert list(tmp_path.glob(f"split-digits-{name}-*/events.out.tfevents.*")), name
 
 
+def test_continual_under_torchrun_reports_one_process_results_from_rank_0(tmp_path):
+    """torchrun --nproc-per-node 2 scripts/continual.py: the distributed sampler shards each
+    experience and the replay buffer, the learners are data-parallel, every rank evaluates the whole
+    test stream; rank 0 alone prints, logs and writes the JSON; a learner that cannot be
+    data-parallel is skipped with its reason. The matrices are one process's (AM-mem in float32
+    differs in the last digits after a few hundred steps, so it is compared in the float64 test of
+    tests/test_distributed.py)."""
+    common = ["--learner", "backprop,am-adam,sbe", "--plugins", "replay", "--experiences", "2", "--no-shuffle",
+              "--batch-size", "16", "--quiet"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), *common, "--logdir",
+                          str(tmp_path / "two"), "--json", str(tmp_path / "two.json")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_continual(*common, "--logdir", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "data-parallel over 2 processes" in two.stdout and two.stdout.count("accuracy matrix, backprop") == 1
+    assert "skipping sbe: SBE cannot be data-parallel" in two.stdout
+    results = {n: json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two")}
+    assert set(results["two"]) == {"backprop", "am-adam"}
+    for name in ("backprop", "am-adam"):
+        two_matrix, one_matrix = results["two"][name]["matrix"], results["one"][name]["matrix"]
+        assert [pytest.approx(row, abs=1e-9) for row in one_matrix] == two_matrix, name
+        assert results["two"][name]["steps"] == results["one"][name]["steps"] > 0
+        assert len(list((tmp_path / "two").glob(f"split-digits-{name}-*/events.out.tfevents.*"))) == 1
+    # the other plugins under the process group, all at once (their penalties add up)
+    plugins = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), "--learner", "am-mem", "--plugins",
+                              "gdumb,ewc,si,mas,rwalk,lwf", "--experiences", "2", "--quiet", "--logdir",
+                              str(tmp_path / "plugins")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert plugins.returncode == 0, plugins.stderr[-3000:]
+    assert re.search(r"^am-mem\s+0\.\d{4}", plugins.stdout, flags=re.M), plugins.stdout
+    odd = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), *common[:2], "--batch-size", "15",
+                          "--quiet", "--logdir", str(tmp_path / "odd")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert odd.returncode != 0 and "not a multiple of the 2 processes" in odd.stderr
+
+
 def test_continual_online_stream(tmp_path):
     proc = run_continual("--learner", "am-mem", "--online", "32", "--experiences", "2", "--quiet",
                          "--logdir", str(tmp_path))

@@ -124,6 +124,25 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process(ranks, name):
     assert _max_difference(resumed.model.state_dict(), reference[name].model.state_dict()) < 1e-9
 
 
+def test_a_rank_that_fails_mid_step_ends_the_job_instead_of_hanging_it(tmp_path):
+    """Not an input error: rank 1 raises inside its step and exits; rank 0, in the step's next
+    collective, fails within seconds (gloo sees the closed connection) instead of waiting for the
+    10-minute process-group timeout. Under torchrun the agent then stops every process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_crash_worker.py"), str(rank), "2",
+                               str(tmp_path / "init"), str(tmp_path / f"rank{rank}.pt")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("rank 0 kept waiting for the failed rank 1")
+    assert procs[1].returncode != 0 and "a failure inside the step on rank 1" in outputs[1][1]
+    assert procs[0].returncode != 0 and not (tmp_path / "rank0.pt").exists()
+    assert "Connection closed by peer" in outputs[0][1] or "Connection reset" in outputs[0][1], outputs[0][1][-2000:]
+
+
 def test_learners_that_cannot_be_data_parallel_say_why(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:

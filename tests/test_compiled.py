@@ -34,7 +34,8 @@ def _max_difference(a: nn.Module, b: nn.Module) -> float:
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {})])
+@pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {}),
+                                          ("locoprop-s", {}), ("locoprop-m", {})])
 def test_compiled_steps_equal_eager_ones(name, kwargs):
     eager = amstream.LEARNERS[name](_mlp(), device="cpu", **kwargs)
     compiled = amstream.LEARNERS[name](_mlp(), device="cpu", compile=True, **kwargs)
@@ -50,6 +51,24 @@ def test_compiled_steps_equal_eager_ones(name, kwargs):
         assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-10, rtol=0)
     assert compiled._compiled_functions, "compile=True must route the step through compiled functions"
     assert all(f.active for f in compiled._compiled_functions.values())
+
+
+def test_the_compiled_local_gradient_is_specialized_once_per_layer_kind():
+    """LocoProp-M's local gradient, compiled: one graph per (transfer function, first-step or later)
+    and layer shape, reused at every step (the transfer functions are the same objects each step)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # compile here, not in an earlier test's cache
+    learner = amstream.LEARNERS["locoprop-m"](_mlp(), device="cpu", compile=True)
+    counters.clear()
+    batches = _batches(4)
+    for x, y in batches[:2]:
+        learner.learn(x, y)
+    after_two = counters["stats"]["unique_graphs"]
+    for x, y in batches[2:]:
+        learner.learn(x, y)
+    assert after_two > 0 and counters["stats"]["unique_graphs"] == after_two  # no recompilation
+    assert learner._compiled_functions["the local gradient"].active
 
 
 def test_the_compiled_code_update_equals_the_eager_one():

@@ -24,6 +24,8 @@ closed-form local gradients for Linear layers (Conv and BatchNorm layers through
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,18 +46,39 @@ OUTPUT_TRANSFERS = ("auto", "identity", "softmax", "sigmoid")
 _TRANSFERS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
 
+def _identity(a: torch.Tensor) -> torch.Tensor:
+    return a
+
+
+def _softmax_rows(a: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(a, dim=1)
+
+
 def _transfer_fn(name: str, module: nn.Module | None):
+    # the same function object at every step: a compiled local gradient is specialized on it
     if name == "identity":
-        return lambda a: a
+        return _identity
     if name == "softmax":
-        return lambda a: torch.softmax(a, dim=1)
+        return _softmax_rows
     if name == "sigmoid":
         return torch.sigmoid
     if name == "tanh":
         return torch.tanh
     if name == "relu":
         return torch.relu
-    return lambda a: F.leaky_relu(a, module.negative_slope)
+    return functools.partial(F.leaky_relu, negative_slope=module.negative_slope)
+
+
+def local_linear_gradient(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          pre_act: torch.Tensor | None, target: torch.Tensor, fn, scale: float) -> tuple:
+    """The gradient of a Linear layer's local loss ``sum D_F(a, target)`` (matching loss of the
+    transfer ``fn``: its gradient w.r.t. the pre-activation ``a = inp W^T + b`` is ``fn(a) - target``),
+    scaled by ``scale``: ``(dW, db, ||fn(a) - target||)``. ``pre_act``: ``a`` when the weights have not
+    moved since it was computed. A pure function: ``compile=True`` runs it through torch.compile."""
+    a = pre_act if pre_act is not None else F.linear(inp, weight, bias)
+    r = fn(a) - target
+    scaled = r if scale == 1.0 else r * scale
+    return scaled.T @ inp, None if bias is None else scaled.sum(0), torch.linalg.vector_norm(r)
 
 
 class LocoProp(BlockLearner):
@@ -237,15 +260,15 @@ class LocoProp(BlockLearner):
     def _local_grad(self, block: Block, view, inp, pre_act, target, fn) -> torch.Tensor:
         """Set the layer's ``.grad`` to its local loss's gradient (summed over the batch); returns
         the residual's norm. ``pre_act``: the forward pre-activation when the weights have not moved."""
-        if view is not None:  # Linear: closed form, no autograd
+        if view is not None:  # Linear: closed form, no autograd (compiled with compile=True)
             with torch.no_grad():
-                a = pre_act if pre_act is not None else F.linear(inp, view.linear.weight, view.linear.bias)
-                r = fn(a) - target
-                scaled = r if self._local_grad_scale == 1.0 else r * self._local_grad_scale
-                view.linear.weight.grad = scaled.T @ inp
-                if view.linear.bias is not None:
-                    view.linear.bias.grad = scaled.sum(0)
-                return torch.linalg.vector_norm(r)
+                weight, bias = view.linear.weight, view.linear.bias
+                grad_w, grad_b, norm = self._compiled("the local gradient", local_linear_gradient)(
+                    inp, weight, bias, pre_act, target, fn, self._local_grad_scale)
+                weight.grad = grad_w
+                if bias is not None:
+                    bias.grad = grad_b
+                return norm
         with torch.enable_grad(), frozen_batchnorm_stats(self.model):  # Conv, BatchNorm: autograd
             a = block.lin(inp)
             r = (fn(a) - target).detach()

@@ -69,16 +69,16 @@ def _transfer_fn(name: str, module: nn.Module | None):
     return functools.partial(F.leaky_relu, negative_slope=module.negative_slope)
 
 
-def local_linear_gradient(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          pre_act: torch.Tensor | None, target: torch.Tensor, fn, scale: float) -> tuple:
-    """The gradient of a Linear layer's local loss ``sum D_F(a, target)`` (matching loss of the
-    transfer ``fn``: its gradient w.r.t. the pre-activation ``a = inp W^T + b`` is ``fn(a) - target``),
-    scaled by ``scale``: ``(dW, db, ||fn(a) - target||)``. ``pre_act``: ``a`` when the weights have not
-    moved since it was computed. A pure function: ``compile=True`` runs it through torch.compile."""
-    a = pre_act if pre_act is not None else F.linear(inp, weight, bias)
+def local_linear_gradient(inp: torch.Tensor, a: torch.Tensor, target: torch.Tensor, fn, scale: float,
+                          with_bias: bool) -> tuple:
+    """The gradient of a Linear layer's local loss ``sum D_F(a, target)`` at its pre-activation
+    ``a = inp W^T + b`` (the matching loss of the transfer ``fn``: its gradient w.r.t. ``a`` is
+    ``fn(a) - target``), scaled by ``scale``: ``(dW, db or None, ||fn(a) - target||)``. A pure function:
+    ``compile=True`` runs it through torch.compile (one graph per transfer function; the layer's
+    product stays outside, so that the graphs do not multiply with the first step's reuse of ``a``)."""
     r = fn(a) - target
     scaled = r if scale == 1.0 else r * scale
-    return scaled.T @ inp, None if bias is None else scaled.sum(0), torch.linalg.vector_norm(r)
+    return scaled.T @ inp, scaled.sum(0) if with_bias else None, torch.linalg.vector_norm(r)
 
 
 class LocoProp(BlockLearner):
@@ -263,8 +263,9 @@ class LocoProp(BlockLearner):
         if view is not None:  # Linear: closed form, no autograd (compiled with compile=True)
             with torch.no_grad():
                 weight, bias = view.linear.weight, view.linear.bias
+                a = pre_act if pre_act is not None else F.linear(inp, weight, bias)
                 grad_w, grad_b, norm = self._compiled("the local gradient", local_linear_gradient)(
-                    inp, weight, bias, pre_act, target, fn, self._local_grad_scale)
+                    inp, a, target, fn, self._local_grad_scale, bias is not None)
                 weight.grad = grad_w
                 if bias is not None:
                     bias.grad = grad_b

@@ -32,6 +32,7 @@ gradient's energy inside the estimated subspaces, ``||Delta^T G X||^2 / ||G||^2`
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,9 @@ class _LowRankLearner(Learner):
             return self._stream(estimate, rows_x, rows_d)
         if self.mode == "power":
             u, sigma, v = self._power(estimate, full)
+        elif not bool(torch.isfinite(full).all()):
+            # LAPACK's SVD fails on non-finite entries: NaN triples let the step guard roll back
+            u, sigma, v = (torch.full_like(t, math.nan) for t in estimate)
         else:
             u, sigma, vh = torch.linalg.svd(full, full_matrices=False)
             k = estimate[1].shape[0]
@@ -311,6 +315,8 @@ class SBPCA(_LowRankLearner):
              "one_sample": ({"momentum": 0.0, "lr": 0.05}, 0.3)},
         "power": {"kwargs": {"mode": "power", "lr": 0.05, "momentum": 0.9},
                   "one_sample": ({"momentum": 0.0, "lr": 0.05}, 0.25)},
+        "svd": {"kwargs": {"mode": "svd", "lr": 0.05, "momentum": 0.9},
+                "one_sample": ({"momentum": 0.0, "lr": 0.05}, 0.25)},
         "cnn": {"model": "cnn", "kwargs": {"mode": "power", "lr": 0.1, "momentum": 0.9},
                 "one_sample": ({"momentum": 0.0, "lr": 0.05}, 0.3)},
     }

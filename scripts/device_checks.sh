@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 13 and 15 as one prepared run for a lent device machine (15 minutes of
+# The device checks of issues 13, 15 and 16 as one prepared run for a lent device machine (15 minutes of
 # device time in all: this script is sized to finish in about 10 on an H100/H200).
 #
 #   bash scripts/device_checks.sh            # on the device machine, from the repository root
@@ -41,6 +41,10 @@ step steps-b1 $PY scripts/bench.py --device "$DEVICE" --section steps --section 
     --learner am-adam --batch-size 1 --rounds $R --steps $S
 step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
     --learner am-adam --hidden 4096,4096 --batch-size 2048 --rounds $R --steps $S
+step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m \
+    --rounds $R --steps $S
+# issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
+step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50
 # 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy)
 for mode in false true; do
     step "epoch-compile-$mode" $PY scripts/stream.py --dataset mnist --learner am-adam --batch-size 200 \

@@ -37,6 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tqdm import tqdm  # noqa: E402
+
 from _common import Parser  # noqa: E402
 from amstream import DLADMM, CheckpointError, load_checkpoint, save_checkpoint, set_seed  # noqa: E402
 from amstream.data import load_fashion_mnist, load_mnist  # noqa: E402
@@ -92,6 +94,7 @@ def main(argv=None) -> None:
                    help="dlADMM: save the run here every --checkpoint-every iterations and at its end")
     p.add_argument("--checkpoint-every", type=int, default=10, metavar="N")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         method, kwargs = parse_run(args.run)
@@ -120,11 +123,15 @@ def main(argv=None) -> None:
     model = network([784, *hidden, 10]).to(args.device)
     curve: list[tuple[int, float, float, float]] = []  # iteration, seconds, test accuracy, training cost
 
+    bar = tqdm(total=args.iterations, desc=args.run, unit="it", disable=args.quiet, dynamic_ncols=True)
+
     def evaluate(it: int, seconds: float) -> None:
         with torch.no_grad():
             acc = float((model(xt).argmax(1) == yt).float().mean())
             cost = float(F.cross_entropy(model(x), y))
         curve.append((it, seconds, acc, cost))
+        bar.set_postfix(test=f"{acc:.4f}", cost=f"{cost:.4f}", refresh=False)
+        bar.update(it - bar.n)
 
     print(f"{args.dataset}: {n_train} training images, full batch, 784-{'-'.join(map(str, hidden))}-10 ReLU, "
           f"{args.run}, {args.iterations} iterations, {args.threads} thread(s), {args.device}")
@@ -145,6 +152,7 @@ def main(argv=None) -> None:
             curve[:] = [tuple(point) for point in saved["curve"]]
             peak_before = saved["peak_mb"]
             print(f"resumed at iteration {learner.fit_run.iteration} from {args.checkpoint}")
+            bar.n = bar.last_print_n = learner.fit_run.iteration
 
         def after_iteration(it: int, record: dict) -> None:
             evaluate(it, record["seconds"])
@@ -164,6 +172,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             evaluate(it, t0 - start - paused)
             paused += time.perf_counter() - t0
+    bar.close()
     peak_mb = max(peak_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     seconds = curve[-1][1]
     marks = {it: acc for it, _, acc, _ in curve if it in MARKS}

@@ -11,7 +11,13 @@ gloo backend on CPUs, NCCL on GPUs) makes a learner's steps collective:
 - Gradients are combined before every optimizer step (a hook on each of the learner's torch
   optimizers): each rank's gradient of its shard's mean loss, weighted by its share of the batch,
   summed over the ranks in one flat all-reduce: exactly the gradient of the whole batch's mean loss.
-  This covers backprop, AM-Adam's layer-wise Adam steps and AM-mem's output layer.
+  This covers backprop, AM-Adam's layer-wise Adam steps and AM-mem's output layer. With
+  ``overlap=True``, learners whose layers' gradients are ready one layer at a time (AM-Adam, AM-mem's
+  output layer, LocoProp) start each layer's all-reduce in the background as soon as it is computed
+  (:meth:`DataParallelContext.start_gradient_reduce`), so that it overlaps the next layer's work;
+  the hook then waits for them. That is more, smaller messages: it pays where the links and cores
+  have room to spare (NCCL between GPUs), not on a small CPU machine, where gloo's threads compete
+  with the computation (BENCHMARKS.md, section 13: slower on 2 vCPUs), hence off by default.
 - Alternating minimization's codes are per sample, so each rank updates its own shard's codes; with
   the reference's mean-reduced code objective a code's step depends on the batch size, so the code
   step sizes are scaled by the rank's share of the batch (the step the whole batch would take).
@@ -51,16 +57,18 @@ def is_main_process() -> bool:
 class DataParallelContext:
     """The collectives of a data-parallel learner, on ``group`` (default: the world)."""
 
-    def __init__(self, group=None) -> None:
+    def __init__(self, group=None, overlap: bool = False) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("data_parallel needs an initialized torch.distributed process group "
                                "(torchrun, or torch.distributed.init_process_group in every process)")
-        self.group = group
+        self.group, self.overlap = group, overlap
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.share = 1.0  # this rank's samples / the whole batch's, set by agree_on_batch
         self.batch_size = 0  # the whole batch's, over every rank
         self.bytes_reduced = 0  # payload this rank has all-reduced so far (for the communication budget)
+        self._pending: list[tuple] = []  # background gradient all-reduces: (work, flat buffer, gradients)
+        self.background_reduces = 0  # how many were started (overlapped with the next layer's work)
 
     def _device(self, tensor_device: torch.device) -> torch.device:
         # gloo reduces CPU tensors; NCCL needs them on the rank's GPU
@@ -101,10 +109,43 @@ class DataParallelContext:
                 t.copy_(flat[offset:offset + n].view_as(t))
                 offset += n
 
+    def start_gradient_reduce(self, grads: list[torch.Tensor]) -> None:
+        """Begin combining these final gradients (``sum_r share_r * grad_r``) in the background: one
+        asynchronous all-reduce, finished by :meth:`combine_gradients` before the optimizer step.
+        Every rank must start the same reduces in the same order, and nothing may add to these
+        gradients afterwards (a penalty or proximal term is added before, or not at all)."""
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return
+        if self.share != 1.0:
+            torch._foreach_mul_(grads, self.share)
+        device = self._device(grads[0].device)
+        flat = torch.cat([g.reshape(-1).to(device) for g in grads])
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.bytes_reduced += flat.numel() * flat.element_size()
+        self.background_reduces += 1
+        self._pending.append((work, flat, grads))
+
+    def _finish_pending(self) -> set[int]:
+        """Wait for the background reduces and write their results; the ids of the gradients done."""
+        done: set[int] = set()
+        for work, flat, grads in self._pending:
+            work.wait()
+            offset = 0
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset:offset + n].view_as(g))
+                offset += n
+                done.add(id(g))
+        self._pending.clear()
+        return done
+
     def combine_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """The whole batch's gradient from the shards': ``sum_r share_r * grad_r`` (each rank's
-        gradient is that of its shard's mean loss)."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        gradient is that of its shard's mean loss); those started in the background are waited for."""
+        done = self._finish_pending() if self._pending else ()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None and id(p.grad) not in done]
         if not grads:
             return
         if self.share != 1.0:
@@ -112,8 +153,10 @@ class DataParallelContext:
         self.sum_(grads)
 
 
-def data_parallel(learner, group=None):
+def data_parallel(learner, group=None, *, overlap: bool = False):
     """Make ``learner``'s steps data-parallel over ``group`` (see the module docstring); returns it.
+    ``overlap``: start each layer's gradient all-reduce as soon as the layer's gradient is ready
+    (layer-wise learners; the results are the same).
 
     Call it in every process, on learners built alike (same class, hyperparameters and initial
     weights: seed each process the same, or load one checkpoint everywhere). Each process then
@@ -128,7 +171,7 @@ def data_parallel(learner, group=None):
         raise ValueError(f"{type(learner).__name__} cannot be data-parallel: {reason}")
     if learner._parallel is not None:
         raise ValueError(f"this {type(learner).__name__} is data-parallel already")
-    context = DataParallelContext(group)
+    context = DataParallelContext(group, overlap)
     learner._parallel = context
     for optimizer in learner.optimizers():
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: context.combine_gradients(opt))

@@ -28,6 +28,7 @@ from amstream.distributed import data_parallel
 from _common import build_mlp
 rank, world, init, name, batch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 steps, warmup, hidden = int(sys.argv[7]), int(sys.argv[8]), [int(h) for h in sys.argv[9].split(",")]
+overlap = sys.argv[11] == "1"
 torch.set_num_threads(1)
 if world > 1:
     dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=world)
@@ -36,7 +37,7 @@ torch.manual_seed(0)
 kwargs = {"lr": 0.003} if name == "backprop" else {}
 learner = amstream.LEARNERS[name](build_mlp((1, 28, 28), hidden, 10), device="cpu", **kwargs)
 if world > 1:
-    learner = data_parallel(learner)
+    learner = data_parallel(learner, overlap=overlap)
 lo, hi = rank * batch // world, (rank + 1) * batch // world
 def run(first, n):
     for i in range(first, first + n):
@@ -60,18 +61,22 @@ if world > 1:
 
 
 def distributed_throughput(learners: list[str], processes: list[int], *, batch: int, steps: int, warmup: int,
-                           hidden: str, data_dir: str | None) -> list[dict]:
-    """Samples per second of each learner on each number of processes, with speed-ups over 1."""
+                           hidden: str, data_dir: str | None, overlap: bool = False) -> list[dict]:
+    """Samples per second of each learner on each number of processes, with speed-ups over 1; with
+    ``overlap``, the runs on several processes also with each layer's all-reduce started as soon as
+    its gradient is ready (``data_parallel(..., overlap=True)``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
     rows = []
     for name in learners:
         base = None
-        for world in processes:
+        runs = [(world, False) for world in processes] + [(world, True) for world in processes if overlap and world > 1]
+        for world, overlapped in runs:
             with tempfile.TemporaryDirectory() as tmp:
                 init = os.path.join(tmp, "init")
                 procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), str(world), init, name, str(batch),
-                                           str(ROOT), str(steps), str(warmup), hidden, data_dir or ""],
+                                           str(ROOT), str(steps), str(warmup), hidden, data_dir or "",
+                                           "1" if overlapped else "0"],
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                          for rank in range(world)]
                 outs = [p.communicate(timeout=1800) for p in procs]
@@ -80,5 +85,6 @@ def distributed_throughput(learners: list[str], processes: list[int], *, batch: 
                     raise RuntimeError(f"the {name} run on {world} processes failed: {err.strip()[-2000:]}")
             result = json.loads(outs[0][0].strip().splitlines()[-1])
             base = base or result["samples_per_s"]
-            rows.append({"learner": name, "processes": world, **result, "speedup": result["samples_per_s"] / base})
+            rows.append({"learner": name + (" (overlap)" if overlapped else ""), "processes": world, **result,
+                         "speedup": result["samples_per_s"] / base})
     return rows

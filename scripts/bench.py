@@ -107,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--distributed-steps", HParam(50, "distributed section: timed steps per run", int, count))
     p.add_argument("--distributed-learner", default="backprop,am-adam,am-mem",
                    help="distributed section: the learners (each data-parallel over the processes)")
+    p.add_argument("--distributed-overlap", action="store_true",
+                   help="distributed section: also run each learner with overlap=True (each layer's gradient "
+                        "all-reduce started as soon as it is ready)")
     p.add_argument("--make-envs", action="store_true",
                    help="make the other libraries' environments when missing: deep-river's own virtual "
                         "environment (.bench-envs/deep-river, pip install deep-river==0.3.4 and its torch 2.5: "
@@ -518,7 +521,7 @@ def main(argv=None) -> None:
     if "distributed" in sections:
         rows = distributed_throughput(args.distributed_learners, args.process_counts, batch=args.batch_size,
                                       steps=args.distributed_steps, warmup=args.warmup, hidden=args.hidden,
-                                      data_dir=args.data_dir)
+                                      data_dir=args.data_dir, overlap=args.distributed_overlap)
         _table(f"Data-parallel throughput, {net} split across the processes (gloo, one thread each), "
                f"{args.distributed_steps} timed steps", ["learner", "processes", "samples/s", "speed-up over 1",
                                                          "all-reduced per step (rank 0)"],

@@ -44,7 +44,8 @@ step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --sectio
 step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m \
     --rounds $R --steps $S
 # issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
-step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50
+step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50 \
+    --distributed-learner backprop,am-adam,am-mem,locoprop-m --distributed-overlap
 # 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy)
 for mode in false true; do
     step "epoch-compile-$mode" $PY scripts/stream.py --dataset mnist --learner am-adam --batch-size 200 \

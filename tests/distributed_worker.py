@@ -22,7 +22,7 @@ LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m":
             "frank-wolfe": {"lr": 3e-3}, "admm-softmax": {}, "admm-softmax-batch": {"mode": "batch"},
             "am-mem-admm-output": {"output_rule": "admm-softmax"}, "sbpca-power": {"mode": "power"},
             "sbe-power": {"mode": "power", "lr": 0.01}, "am-rnn": {"lr": 1e-2, "lr_out": 3e-2}, "dladmm": {},
-            "admm-rnn": {}}
+            "admm-rnn": {}, "am-adam-overlap": {}, "am-mem-overlap": {}, "locoprop-m-overlap": {}}
 
 
 def make(name: str, **kwargs):
@@ -65,7 +65,8 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    learners = {name: data_parallel(make(name, **kw)) for name, kw in LEARNERS.items()}
+    # the variants named <learner>-overlap start each layer's gradient all-reduce as soon as it is ready
+    learners = {name: data_parallel(make(name, **kw), overlap=name.endswith("-overlap")) for name, kw in LEARNERS.items()}
     data = batches()
     record: dict = {}
     for phase, index, cut in SCRIPT:
@@ -92,6 +93,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
                                      learner.step_count)
     if rank == 0:
         record["checkpoints"] = {name: learner.state_dict() for name, learner in learners.items()}
+        record["background_reduces"] = {name: learner._parallel.background_reduces for name, learner in learners.items()}
     torch.save(record, out)
     dist.destroy_process_group()
 

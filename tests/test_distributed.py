@@ -97,6 +97,19 @@ def test_two_ranks_with_shards_end_where_one_process_ends_on_whole_batches(ranks
             assert _max_difference(state, expected) < 1e-9, (phase, rank, outcome)
 
 
+def test_layer_wise_learners_overlap_their_gradient_reduces_when_asked(ranks):
+    """With overlap=True, AM-Adam (every layer), AM-mem (its Adam output layer) and LocoProp start
+    each layer's all-reduce as soon as its gradient is ready (the exactness tests above run the
+    "-overlap" variants through that path); by default, and for backprop, whose gradients come out
+    of one backward pass, they are combined at the optimizer step."""
+    started = ranks[0]["background_reduces"]
+    steps = sum(1 for phase, _, _ in worker.SCRIPT if phase != "bad-input")  # the steps that reach the fit
+    assert started["am-adam-overlap"] == 3 * steps  # three layers per step
+    assert started["am-mem-overlap"] == steps  # the output layer
+    assert started["locoprop-m-overlap"] > 0
+    assert all(started[name] == 0 for name in started if not name.endswith("-overlap"))
+
+
 @pytest.mark.parametrize("name", list(worker.LEARNERS))
 def test_bad_input_on_one_rank_stops_the_step_on_both_without_hanging(ranks, name):
     assert ranks[1][("bad-input", name)][0] == "refused"  # its own InputError

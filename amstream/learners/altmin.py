@@ -229,6 +229,9 @@ class AltMinLearner(BlockLearner):
         """``_fit_weights`` with closed-form gradients for Linear blocks (the same Adam step)."""
         n_hidden = len(self.blocks.hidden)
         lambda_w = getattr(self, "lambda_w", 0.0) if n_hidden else 0.0
+        # data-parallel with overlap: each layer's gradient is combined in the background while the
+        # next one is computed (unless a penalty is still to be added to them)
+        overlap = self._parallel is not None and self._parallel.overlap and penalty is None
         local: list[torch.Tensor] = []
         for step in range(self.weight_steps):
             local = []
@@ -238,14 +241,16 @@ class AltMinLearner(BlockLearner):
                     out = view.linear(a)
                     g_out = task_loss_gradient(out, loss_fn)
                     linear_weight_grads_(view, a, g_out)
-                    continue
-                # The first layer's input is x, which no code update changes: its prediction is
-                # the forward code, so the widest matmul is not recomputed.
-                pred = forward_codes[0] if block.index == 0 and step == 0 else view.linear(a)
-                residual = pred - targets[block.index]
-                loss = residual.square().mean()
-                local.append(loss + lambda_w * view.linear.weight.abs().mean() if lambda_w else loss)
-                linear_weight_grads_(view, a, residual.mul_(2.0 / residual.numel()), lambda_w)
+                else:
+                    # The first layer's input is x, which no code update changes: its prediction is
+                    # the forward code, so the widest matmul is not recomputed.
+                    pred = forward_codes[0] if block.index == 0 and step == 0 else view.linear(a)
+                    residual = pred - targets[block.index]
+                    loss = residual.square().mean()
+                    local.append(loss + lambda_w * view.linear.weight.abs().mean() if lambda_w else loss)
+                    linear_weight_grads_(view, a, residual.mul_(2.0 / residual.numel()), lambda_w)
+                if overlap:
+                    self._parallel.start_gradient_reduce([p.grad for p in view.linear.parameters()])
             add_penalty_grads_(penalty, self._adam_params())
             self.optimizer.step()
             if step + 1 < self.weight_steps:

@@ -235,14 +235,20 @@ class LocoProp(BlockLearner):
         first: list[torch.Tensor] = []
         last: list[torch.Tensor] = []
         T = self.local_steps
+        # data-parallel with overlap: nothing is added to a layer's gradient after it is computed (no
+        # proximal term, no penalty), so its all-reduce can start at once
+        overlap = self._parallel is not None and self._parallel.overlap and anchors is None and penalty is None
         try:
             for k in range(T):
                 factor = max(1.0 - k / T, 0.25) if self.local_lr_decay else 1.0
                 for group, lr in zip(self.optimizer.param_groups, base):
                     group["lr"] = lr * factor
                 self.optimizer.zero_grad(set_to_none=True)
-                last = [self._local_grad(block, view, inp, a if k == 0 else None, t, fn)
-                        for block, view, inp, a, t, fn in zip(self.blocks, self._views, inputs, pre_acts, targets, fns)]
+                last = []
+                for block, view, inp, a, t, fn in zip(self.blocks, self._views, inputs, pre_acts, targets, fns):
+                    last.append(self._local_grad(block, view, inp, a if k == 0 else None, t, fn))
+                    if overlap:  # combined in the background while the next layer's gradient is computed
+                        self._parallel.start_gradient_reduce([p.grad for p in block.lin.parameters()])
                 if k == 0:
                     first = last
                 if anchors is not None:

@@ -76,6 +76,8 @@ class DataParallelContext:
 
     def agree_on_batch(self, ok: bool, n_samples: int, device: torch.device) -> bool:
         """Whether every rank accepted its shard; sets :attr:`share` and :attr:`batch_size`."""
+        if self._pending:  # reduces a failed step started and never finished: complete them, drop them
+            self._finish_pending()
         flags = torch.tensor([0.0 if ok else 1.0, float(n_samples if ok else 0)], dtype=torch.float64,
                              device=self._device(device))
         dist.all_reduce(flags, group=self.group)

@@ -23,7 +23,10 @@ gloo backend on CPUs, NCCL on GPUs) makes a learner's steps collective:
   step sizes are scaled by the rank's share of the batch (the step the whole batch would take).
 - AM-mem's co-activation memories are sums of per-sample outer products: the increments ``aᵀa`` and
   ``cᵀa`` are all-reduced before the memories move, so every rank solves the same system, the one a
-  single process solves on the whole batch.
+  single process solves on the whole batch. When a layer's memories are larger than the batch's
+  inputs and codes (``d_in² + d_out d_in > B (d_in + d_out)``), AM-mem can instead gather the rows
+  (:meth:`DataParallelContext.gather_rows`) and update the memories from the whole batch on every
+  rank (its ``parallel_memory`` option): less to send, the update's arithmetic repeated everywhere.
 - The non-finite rollback is decided together: one rank's NaN rolls back the step on every rank.
 
 Weights, optimizer states and memories stay identical on every rank, so a checkpoint written by one
@@ -36,6 +39,8 @@ ICML 2009) are what make the exact reduction possible; the gradient all-reduce i
 ``torch.nn.parallel.DistributedDataParallel`` (Li et al., VLDB 2020).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -66,7 +71,8 @@ class DataParallelContext:
         self.rank = dist.get_rank(group)
         self.share = 1.0  # this rank's samples / the whole batch's, set by agree_on_batch
         self.batch_size = 0  # the whole batch's, over every rank
-        self.bytes_reduced = 0  # payload this rank has all-reduced so far (for the communication budget)
+        self.shard_sizes: list[int] = []  # every rank's samples of the batch, in rank order
+        self.bytes_reduced = 0  # collective payload so far (all-reduced buffers, gathered buffers)
         self._pending: list[tuple] = []  # background gradient all-reduces: (work, flat buffer, gradients)
         self.background_reduces = 0  # how many were started (overlapped with the next layer's work)
 
@@ -80,13 +86,32 @@ class DataParallelContext:
             self._finish_pending()
         flags = torch.tensor([0.0 if ok else 1.0, float(n_samples if ok else 0)], dtype=torch.float64,
                              device=self._device(device))
-        dist.all_reduce(flags, group=self.group)
+        gathered = [torch.empty_like(flags) for _ in range(self.world_size)]
+        dist.all_gather(gathered, flags, group=self.group)
         self.bytes_reduced += flags.numel() * flags.element_size()
-        refused, total = int(flags[0]), int(flags[1])
+        refused = sum(int(f[0]) for f in gathered)
         if refused == 0:
-            self.batch_size = total
-            self.share = n_samples / total
+            self.shard_sizes = [int(f[1]) for f in gathered]
+            self.batch_size = sum(self.shard_sizes)
+            self.share = n_samples / self.batch_size
         return refused == 0
+
+    def gather_rows(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole batch's rows of each per-sample tensor ``(shard, ...)``, the ranks' shards in rank
+        order (as one process would hold them): one all-gather of the shards, padded to the largest."""
+        dtype = tensors[0].dtype
+        if any(t.dtype != dtype for t in tensors):
+            raise ValueError("gather_rows takes tensors of one dtype")
+        widths = [t[0].numel() if t.shape[0] else math.prod(t.shape[1:]) for t in tensors]
+        rows, largest = tensors[0].shape[0], max(self.shard_sizes)
+        device = self._device(tensors[0].device)
+        flat = torch.zeros(largest, sum(widths), dtype=dtype, device=device)
+        flat[:rows] = torch.cat([t.reshape(rows, -1).to(device) for t in tensors], dim=1)
+        parts = [torch.empty_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(parts, flat, group=self.group)
+        self.bytes_reduced += flat.numel() * flat.element_size() * self.world_size  # the gathered buffer
+        whole = torch.cat([part[:n] for part, n in zip(parts, self.shard_sizes)]).to(tensors[0].device)
+        return [block.reshape(-1, *t.shape[1:]) for block, t in zip(whole.split(widths, dim=1), tensors)]
 
     def all_true(self, value: bool, device: torch.device) -> bool:
         """True when ``value`` is True on every rank."""

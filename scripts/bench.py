@@ -17,7 +17,7 @@
 6. (``--section rl``) DQN on CartPole-v1: ``agents.DQNAgent`` against Stable-Baselines3's DQN
    (``scripts/_bench_rl.py``).
 7. (``--section distributed``) samples per second on 1, 2, ... data-parallel processes (gloo) and
-   the bytes all-reduced per step (``scripts/_bench_distributed.py``).
+   the bytes communicated per step (``scripts/_bench_distributed.py``).
 
 Real MNIST batches are used (``AMSTREAM_DATA`` / ``--data-dir``). Results are printed as a Markdown
 table ready for BENCHMARKS.md, with the device and the command line.
@@ -107,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--distributed-steps", HParam(50, "distributed section: timed steps per run", int, count))
     p.add_argument("--distributed-learner", default="backprop,am-adam,am-mem",
                    help="distributed section: the learners (each data-parallel over the processes)")
+    p.add_argument("--distributed-also", action="append", default=[], metavar="LEARNER:NAME=VALUE[,NAME=VALUE]",
+                   help="distributed section: also a learner with other hyperparameters, e.g. "
+                        "am-mem:parallel_memory=gather (repeatable)")
     p.add_argument("--distributed-overlap", action="store_true",
                    help="distributed section: also run each learner with overlap=True (each layer's gradient "
                         "all-reduce started as soon as it is ready)")
@@ -120,7 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.learners = parse_name_list(args.learner, learner_names(), "learner")
         args.stream_learners = parse_name_list(args.stream_learner, learner_names(), "learner")
         args.rl_learners = parse_name_list(args.rl_learner, learner_names(), "learner")
-        args.distributed_learners = parse_name_list(args.distributed_learner, learner_names(), "learner")
+        args.distributed_learners = [(name, {}) for name in parse_name_list(args.distributed_learner, learner_names(),
+                                                                             "learner")]
+        args.distributed_learners += [_variant(text) for text in args.distributed_also]
         args.process_counts = sorted({1, *parse_int_list(args.processes)})
         args.also = [_variant(text) for text in (args.also if args.also is not None else ["am-adam:fast=false"])]
     except ValueError as err:
@@ -524,7 +529,7 @@ def main(argv=None) -> None:
                                       data_dir=args.data_dir, overlap=args.distributed_overlap)
         _table(f"Data-parallel throughput, {net} split across the processes (gloo, one thread each), "
                f"{args.distributed_steps} timed steps", ["learner", "processes", "samples/s", "speed-up over 1",
-                                                         "all-reduced per step (rank 0)"],
+                                                         "communicated per step (rank 0)"],
                [[row["learner"], str(row["processes"]), f"{row['samples_per_s']:,.0f}", f"{row['speedup']:.2f}x",
                  f"{row['bytes_per_step'] / 1024:,.1f} KiB" if row["processes"] > 1 else ""] for row in rows])
     if "solve" in sections and not args.skip_solve:

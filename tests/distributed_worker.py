@@ -22,7 +22,8 @@ LEARNERS = {"am-mem": {}, "am-adam": {}, "backprop": {"lr": 3e-3}, "locoprop-m":
             "frank-wolfe": {"lr": 3e-3}, "admm-softmax": {}, "admm-softmax-batch": {"mode": "batch"},
             "am-mem-admm-output": {"output_rule": "admm-softmax"}, "sbpca-power": {"mode": "power"},
             "sbe-power": {"mode": "power", "lr": 0.01}, "am-rnn": {"lr": 1e-2, "lr_out": 3e-2}, "dladmm": {},
-            "admm-rnn": {}, "am-adam-overlap": {}, "am-mem-overlap": {}, "locoprop-m-overlap": {}}
+            "admm-rnn": {}, "am-adam-overlap": {}, "am-mem-overlap": {}, "locoprop-m-overlap": {},
+            "am-mem-gather": {"parallel_memory": "gather"}, "am-mem-reduce": {"parallel_memory": "reduce"}}
 
 
 def make(name: str, **kwargs):
@@ -94,6 +95,7 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
     if rank == 0:
         record["checkpoints"] = {name: learner.state_dict() for name, learner in learners.items()}
         record["background_reduces"] = {name: learner._parallel.background_reduces for name, learner in learners.items()}
+        record["bytes"] = {name: learner._parallel.bytes_reduced for name, learner in learners.items()}
     torch.save(record, out)
     dist.destroy_process_group()
 

@@ -110,6 +110,15 @@ def test_layer_wise_learners_overlap_their_gradient_reduces_when_asked(ranks):
     assert all(started[name] == 0 for name in started if not name.endswith("-overlap"))
 
 
+def test_am_mem_gathers_rows_or_reduces_memories_whichever_sends_less(ranks):
+    """parallel_memory="gather" sends the batch's inputs and codes (B (d_in + d_out) floats per layer)
+    instead of the memory increments (d_in (d_in + d_out)); both give one process's weights (the
+    exactness test above runs "am-mem-gather" and "am-mem-reduce"). In this small network the batch
+    (24) is larger than every layer's input (11, 17 with the bias): the default, "auto", reduces."""
+    sent = ranks[0]["bytes"]
+    assert sent["am-mem-gather"] > sent["am-mem-reduce"] == sent["am-mem"]
+
+
 @pytest.mark.parametrize("name", list(worker.LEARNERS))
 def test_bad_input_on_one_rank_stops_the_step_on_both_without_hanging(ranks, name):
     assert ranks[1][("bad-input", name)][0] == "refused"  # its own InputError

@@ -34,6 +34,7 @@ MEMORY_MODES = ("sum", "mean", "forget")
 SOLVERS = ("sweep", "solve")
 OUTPUT_RULES = ("adam", "admm-softmax")
 DAMPING_SCALES = ("mean", "diagonal")
+PARALLEL_MEMORY = ("reduce", "gather", "auto")
 
 
 class AMMem(AltMinLearner):
@@ -73,6 +74,12 @@ class AMMem(AltMinLearner):
         "eps": HParam(1e-10, "diagonal guard of the sweep", range="[0, inf)", cli=False),
         "memory_dtype": HParam(None, "dtype of A and B (None: the model's; torch.float64 keeps long sums "
                                "exact)", object, optional=True, cli=False),
+        "parallel_memory": HParam("auto", "data-parallel only: how the processes combine each layer's memory "
+                                  "update: reduce (all-reduce the increments a^T a, c^T a: d_in^2 + d_out d_in floats, "
+                                  "each process computing its shard's), gather (all-gather the batch's inputs and "
+                                  "codes, B (d_in + d_out) floats, every process computing the whole batch's) or "
+                                  "auto (per layer, whichever sends less: gather when B < d_in)", str,
+                                  choices=PARALLEL_MEMORY),
         "output_rule": HParam("adam", "the output layer's rule: adam (the paper: Adam steps on the task loss) or "
                               "admm-softmax (new: an exact convex solve of the softmax regression on the last "
                               "code, by ADMM-Softmax's streaming iteration with its defaults and this learner's "
@@ -181,14 +188,8 @@ class AMMem(AltMinLearner):
                 if self._parallel is None:
                     update_memory_(A, Bm, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
                                    count=self.samples_seen, forget=self.forget)
-                else:  # the memories are sums over samples: the shards' increments add up exactly
-                    a_m, c_m = a.to(A.dtype), c.to(A.dtype)
-                    increments = [a_m.T @ a_m, c_m.T @ a_m]
-                    self._parallel.sum_(increments)
-                    keep, new = memory_weights(self.memory, self.samples_seen, self._parallel.batch_size,
-                                               self.forget)
-                    A.mul_(keep).add_(increments[0], alpha=new)
-                    Bm.mul_(keep).add_(increments[1], alpha=new)
+                else:
+                    self._parallel_memory_update(A, Bm, a.to(A.dtype), c.to(A.dtype))
                 # A fresh [W | b] copy in the memory dtype: the sweep updates it in place.
                 if layer.bias is not None:
                     W = torch.cat([layer.weight, layer.bias[:, None]], dim=1).to(A.dtype)
@@ -205,6 +206,23 @@ class AMMem(AltMinLearner):
                     layer.bias.copy_(W[:, -1])
         self.samples_seen += inputs[0].shape[0] if self._parallel is None else self._parallel.batch_size
         return local
+
+    def _parallel_memory_update(self, A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
+        """The memories are sums over samples: the shards' increments add up to the whole batch's
+        exactly (all-reduced); or the whole batch's rows are gathered and every process adds them."""
+        parallel = self._parallel
+        d_in, d_out = A.shape[0], Bm.shape[0]
+        gather = self.parallel_memory == "gather" or (
+            self.parallel_memory == "auto" and parallel.batch_size * (d_in + d_out) < d_in * (d_in + d_out))
+        if gather:
+            a_all, c_all = parallel.gather_rows([a, c])
+            update_memory_(A, Bm, a_all, c_all, mode=self.memory, count=self.samples_seen, forget=self.forget)
+            return
+        increments = [a.T @ a, c.T @ a]
+        parallel.sum_(increments)
+        keep, new = memory_weights(self.memory, self.samples_seen, parallel.batch_size, self.forget)
+        A.mul_(keep).add_(increments[0], alpha=new)
+        Bm.mul_(keep).add_(increments[1], alpha=new)
 
     def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
         # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.

@@ -25,18 +25,21 @@ __all__ = [
 
 @torch.no_grad()
 def update_memory_(A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor, *,
-                   mode: str, count: int, forget: float = 0.0) -> None:
-    """Accumulate co-activations ``A <- a^T a``, ``Bm <- c^T a`` in place.
+                   mode: str, count: int, forget: float = 0.0,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Accumulate co-activations ``A <- a^T a``, ``Bm <- c^T a`` in place, or into ``out = (A', Bm')``
+    (then ``A`` and ``Bm`` are unchanged).
 
     Modes: ``"sum"`` running sums (the reference default, eta = 0); ``"mean"`` running means over the
     ``count`` samples seen before this batch (same solution, bounded magnitudes); ``"forget"``
     exponential forgetting ``A <- (1 - eta) A + eta a^T a`` (reference eta > 0).
     """
     keep, new = memory_weights(mode, count, a.shape[0], forget)
+    A_out, B_out = out if out is not None else (A, Bm)
     # One fused scale-and-accumulate GEMM each, no temporaries; A's only for its upper triangle
     # when it is wide (the lower one is its transpose).
-    symmetric_update_(A, a, beta=keep, alpha=new)
-    Bm.addmm_(c.T, a, beta=keep, alpha=new)
+    symmetric_update_(A, a, beta=keep, alpha=new, out=A_out)
+    torch.addmm(Bm, c.T, a, beta=keep, alpha=new, out=B_out)
 
 
 def memory_weights(mode: str, count: int, batch: int, forget: float = 0.0) -> tuple[float, float]:
@@ -57,23 +60,27 @@ def memory_weights(mode: str, count: int, batch: int, forget: float = 0.0) -> tu
 SYMMETRIC_PANEL = 128
 
 
-def symmetric_update_(A: torch.Tensor, a: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
-    """``A <- beta A + alpha a^T a`` in place for a symmetric ``A``, computing only the upper triangle.
+def symmetric_update_(A: torch.Tensor, a: torch.Tensor, *, beta: float, alpha: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A <- beta A + alpha a^T a`` in place for a symmetric ``A`` (or into ``out``, ``A`` unchanged),
+    computing only the upper triangle.
 
     Torch has no symmetric rank-k update (BLAS syrk), so the rows are cut into panels of
     :data:`SYMMETRIC_PANEL`: panel ``I`` updates ``A[I, I_start:]`` with one GEMM (the diagonal
     block and everything to its right), and the block below the diagonal is copied from its
     transpose. For d columns this does about half the multiply-adds plus a copy of the lower
     triangle. Below two panels it is the plain GEMM."""
+    out = A if out is None else out
     d = A.shape[0]
     if d < 2 * SYMMETRIC_PANEL:
-        return A.addmm_(a.T, a, beta=beta, alpha=alpha)
+        return torch.addmm(A, a.T, a, beta=beta, alpha=alpha, out=out)
     for start in range(0, d, SYMMETRIC_PANEL):
         stop = min(start + SYMMETRIC_PANEL, d)
-        A[start:stop, start:].addmm_(a[:, start:stop].T, a[:, start:], beta=beta, alpha=alpha)
+        torch.addmm(A[start:stop, start:], a[:, start:stop].T, a[:, start:], beta=beta, alpha=alpha,
+                    out=out[start:stop, start:])
         if stop < d:
-            A[stop:, start:stop].copy_(A[start:stop, stop:].T)
-    return A
+            out[stop:, start:stop].copy_(out[start:stop, stop:].T)
+    return out
 
 
 def _sweep_blocks(d: int) -> int:

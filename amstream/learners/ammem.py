@@ -102,6 +102,11 @@ class AMMem(AltMinLearner):
             d_in = layer.in_features + (layer.bias is not None)
             kw = {"dtype": self.memory_dtype, "device": self.device}
             self._memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
+        # A step writes the updated memories here and solves from them; they become the memories
+        # when the step passes its checks (_commit_step), so a rolled-back step leaves the memories
+        # as they were without the copies a rollback snapshot of them would cost (2.5 MB a step at
+        # MNIST's first layer).
+        self._next_memories = [(torch.empty_like(A), torch.empty_like(Bm)) for A, Bm in self._memories]
         self.samples_seen = 0
         self._output_admm = self._make_output_admm() if self.output_rule == "admm-softmax" else None
         self._output_diagnostics: dict = {}
@@ -178,18 +183,19 @@ class AMMem(AltMinLearner):
         if self._output_admm is not None:
             self._fit_output_admm(inputs[len(self.blocks.hidden)], loss_fn)
         local = []
-        for block, (A, Bm) in zip(self.blocks.hidden, self._memories):
+        for block, (A_old, B_old), (A, Bm) in zip(self.blocks.hidden, self._memories, self._next_memories):
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
             with torch.no_grad():
                 a = block.pre(inputs[block.index]).flatten(1)
                 if layer.bias is not None:
                     a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
                 c = targets[block.index].flatten(1)
+                # the updated memories (A, Bm) from the current ones, which stay as they are
                 if self._parallel is None:
-                    update_memory_(A, Bm, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
-                                   count=self.samples_seen, forget=self.forget)
+                    update_memory_(A_old, B_old, a.to(A.dtype), c.to(A.dtype), mode=self.memory,
+                                   count=self.samples_seen, forget=self.forget, out=(A, Bm))
                 else:
-                    self._parallel_memory_update(A, Bm, a.to(A.dtype), c.to(A.dtype))
+                    self._parallel_memory_update(A_old, B_old, a.to(A.dtype), c.to(A.dtype), out=(A, Bm))
                 # A fresh [W | b] copy in the memory dtype: the sweep updates it in place.
                 if layer.bias is not None:
                     W = torch.cat([layer.weight, layer.bias[:, None]], dim=1).to(A.dtype)
@@ -207,22 +213,28 @@ class AMMem(AltMinLearner):
         self.samples_seen += inputs[0].shape[0] if self._parallel is None else self._parallel.batch_size
         return local
 
-    def _parallel_memory_update(self, A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
+    def _parallel_memory_update(self, A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor, *,
+                                out: tuple[torch.Tensor, torch.Tensor]) -> None:
         """The memories are sums over samples: the shards' increments add up to the whole batch's
-        exactly (all-reduced); or the whole batch's rows are gathered and every process adds them."""
+        exactly (all-reduced); or the whole batch's rows are gathered and every process adds them.
+        The updated memories go to ``out``."""
         parallel = self._parallel
         d_in, d_out = A.shape[0], Bm.shape[0]
         gather = self.parallel_memory == "gather" or (
             self.parallel_memory == "auto" and parallel.batch_size * (d_in + d_out) < d_in * (d_in + d_out))
         if gather:
             a_all, c_all = parallel.gather_rows([a, c])
-            update_memory_(A, Bm, a_all, c_all, mode=self.memory, count=self.samples_seen, forget=self.forget)
+            update_memory_(A, Bm, a_all, c_all, mode=self.memory, count=self.samples_seen, forget=self.forget,
+                           out=out)
             return
         increments = [a.T @ a, c.T @ a]
         parallel.sum_(increments)
         keep, new = memory_weights(self.memory, self.samples_seen, parallel.batch_size, self.forget)
-        A.mul_(keep).add_(increments[0], alpha=new)
-        Bm.mul_(keep).add_(increments[1], alpha=new)
+        for old, increment, updated in zip((A, Bm), increments, out):
+            torch.mul(old, keep, out=updated).add_(increment, alpha=new)
+
+    def _commit_step(self) -> None:
+        self._memories, self._next_memories = self._next_memories, self._memories
 
     def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
         # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.
@@ -248,8 +260,10 @@ class AMMem(AltMinLearner):
         return self.damping * torch.diagonal(A).mean()
 
     def _extra_tensors(self) -> list[torch.Tensor]:
-        output = [self._output_admm.G, self._output_admm.H] if self._output_admm is not None else []
-        return [t for pair in self._memories for t in pair] + output
+        # The memories are not here: a step leaves them unchanged until it is committed (nothing to
+        # restore), and non-finite memories make the weights solved from them non-finite, which the
+        # step's check sees.
+        return [self._output_admm.G, self._output_admm.H] if self._output_admm is not None else []
 
     def _extra_state(self) -> dict:
         state = {"memories": [[A, Bm] for A, Bm in self._memories]}

@@ -53,6 +53,10 @@ class CompiledFunction:
         mode = "reduce-overhead" if device.type == "cuda" else None
         self._compiled: Callable | None = torch.compile(fn, mode=mode)
         self.failure: str | None = None  # why it runs eagerly, once it does
+        # torch stops compiling a function after recompile_limit variants (input shapes, dtypes)
+        # without an error: the cache is watched so that this is said (plain functions only)
+        self._code = getattr(fn, "__code__", None) if _cache_entries is not None else None
+        self.saturated = False
 
     @property
     def active(self) -> bool:
@@ -63,7 +67,10 @@ class CompiledFunction:
         if self._compiled is None:
             return self.fn(*args, **kwargs)
         try:
-            return self._compiled(*args, **kwargs)
+            result = self._compiled(*args, **kwargs)
+            if self._code is not None and not self.saturated:
+                self._check_saturation()
+            return result
         except Exception as err:  # noqa: BLE001 - decided below by the eager run
             result = self.fn(*args, **kwargs)  # raises the function's own error, if it is one
             self._compiled = None
@@ -71,3 +78,18 @@ class CompiledFunction:
             warnings.warn(f"compile=True: {self.name} could not be compiled and runs eagerly from now on "
                           f"(same results, eager speed). Reason: {self.failure}", RuntimeWarning, stacklevel=2)
             return result
+
+    def _check_saturation(self) -> None:
+        limit = torch._dynamo.config.recompile_limit
+        if len(_cache_entries(self._code)) >= limit:
+            self.saturated = True
+            warnings.warn(f"compile=True: {self.name} has been compiled for {limit} input variants (shapes, "
+                          "dtypes), torch's recompile_limit: inputs unlike those run eagerly from now on (same "
+                          "results, eager speed); keep batch shapes fixed or raise "
+                          "torch._dynamo.config.recompile_limit", RuntimeWarning, stacklevel=3)
+
+
+try:  # a debugging hook of dynamo's (private): without it the saturation goes unreported
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
+except ImportError:  # pragma: no cover - another torch
+    _cache_entries = None

@@ -161,3 +161,22 @@ def test_captured_steps_equal_eager_ones_on_cuda(name, kwargs):
         assert _max_difference(eager.model, captured.model) < 1e-5
         captured.load_state_dict(eager.state_dict())
     assert all(f.active for f in captured._compiled_functions.values())
+
+
+def test_a_function_compiled_for_as_many_variants_as_torch_allows_says_so(monkeypatch):
+    """Past its recompile limit torch runs new input variants eagerly without an error: the wrapper
+    warns once, naming the function."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+
+    def double_plus_one(x):
+        return 2 * x + 1
+
+    compiled = CompiledFunction(double_plus_one, "AMAdam: the test function", torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            assert torch.equal(compiled(torch.ones(3, dtype=dtype)), torch.full((3,), 3.0, dtype=dtype))
+    messages = [str(w.message) for w in caught if "recompile_limit" in str(w.message)]
+    assert len(messages) == 1 and "the test function" in messages[0], [str(w.message) for w in caught]
+    assert compiled.saturated

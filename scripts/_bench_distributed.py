@@ -3,9 +3,9 @@
 N worker processes (gloo, one torch thread each, a file rendezvous) train the same learner on the
 same MNIST batches of ``--batch-size``, each on its shard (``amstream.distributed.data_parallel``);
 the time of ``--distributed-steps`` steps after a warm-up gives samples per second of the whole job,
-and rank 0 reports the payload of its collectives per step (all-reduced and gathered buffers). Speed-ups are ratios to one process run in
-the same invocation. On a machine with fewer free cores than processes the ranks share cores and the
-speed-up says so.
+and rank 0 reports the payload of its collectives per step (all-reduced and gathered buffers).
+Speed-ups are ratios to one process run in the same invocation. On a machine with fewer free cores
+than processes the ranks share cores and the speed-up says so.
 """
 from __future__ import annotations
 

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--epochs", HParam(1, "passes over each (sub-)experience", int, "[1, inf)"))
     add_option(p, "--batch-size", HParam(16, "training mini-batch size (over all processes of a distributed run)",
                                          int, "[1, inf)"))
-    p.add_argument("--no-shuffle", action="store_true", help="train on each (sub-)experience in its stored order (the split benchmarks store "
-                   "theirs sorted by class: for tests and ordered streams)")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="train on each (sub-)experience in its stored order (the split benchmarks store theirs "
+                        "sorted by class: for tests and ordered streams)")
     add_option(p, "--eval-batch-size", HParam(512, "evaluation mini-batch size", int, "[1, inf)"))
     p.add_argument("--hidden", default="100,100", help="hidden widths of the ReLU MLP")
     p.add_argument("--growing-head", action="store_true",
@@ -218,7 +219,8 @@ def main(argv=None) -> None:
     n_classes = getattr(benchmark, "n_classes", None) or 1 + max(
         c for e in benchmark.train_stream for c in e.classes_in_this_experience)
     say(f"{args.benchmark}: {len(benchmark.train_stream)} experiences, input {list(input_shape)}, {n_classes} classes, "
-        f"plugins: {', '.join(plugin_names) or 'none'}" + (f", online sub-experiences of {args.online}" if args.online else "")
+        f"plugins: {', '.join(plugin_names) or 'none'}"
+        + (f", online sub-experiences of {args.online}" if args.online else "")
         + (f", data-parallel over {args.processes} processes" if args.processes > 1 else ""))
 
     results = {}

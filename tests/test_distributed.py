@@ -25,18 +25,25 @@ import distributed_worker as worker  # noqa: E402
 HERE = Path(__file__).parent
 
 
-def _run_ranks(script: str, tmp: Path, world: int = 2) -> list:
-    """Run ``script RANK WORLD INIT_FILE OUT`` as ``world`` processes; their saved records."""
+def _spawn_ranks(script: str, tmp: Path, world: int, timeout: float, hung: str) -> tuple[list, list]:
+    """Start ``script RANK WORLD INIT_FILE OUT`` as ``world`` processes and wait for them (the test
+    fails with ``hung`` after ``timeout`` seconds); the processes and their (stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     procs = [subprocess.Popen([sys.executable, str(HERE / script), str(rank), str(world),
                                str(tmp / "init"), str(tmp / f"rank{rank}.pt")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
     try:
-        outputs = [p.communicate(timeout=240) for p in procs]
+        return procs, [p.communicate(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail("the data-parallel ranks did not finish within 240 s: a collective hung")
+        pytest.fail(hung)
+
+
+def _run_ranks(script: str, tmp: Path, world: int = 2) -> list:
+    """Run ``script RANK WORLD INIT_FILE OUT`` as ``world`` processes; their saved records."""
+    procs, outputs = _spawn_ranks(script, tmp, world, 240,
+                                  "the data-parallel ranks did not finish within 240 s: a collective hung")
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
@@ -150,16 +157,8 @@ def test_a_rank_that_fails_mid_step_ends_the_job_instead_of_hanging_it(tmp_path)
     """Not an input error: rank 1 raises inside its step and exits; rank 0, in the step's next
     collective, fails within seconds (gloo sees the closed connection) instead of waiting for the
     10-minute process-group timeout. Under torchrun the agent then stops every process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_crash_worker.py"), str(rank), "2",
-                               str(tmp_path / "init"), str(tmp_path / f"rank{rank}.pt")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    try:
-        outputs = [p.communicate(timeout=120) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("rank 0 kept waiting for the failed rank 1")
+    procs, outputs = _spawn_ranks("distributed_crash_worker.py", tmp_path, 2, 120,
+                                  "rank 0 kept waiting for the failed rank 1")
     assert procs[1].returncode != 0 and "a failure inside the step on rank 1" in outputs[1][1]
     assert procs[0].returncode != 0 and not (tmp_path / "rank0.pt").exists()
     assert "Connection closed by peer" in outputs[0][1] or "Connection reset" in outputs[0][1], outputs[0][1][-2000:]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_CHOICES", "CompiledFunction", "resolve_compile"]
+__all__ = ["COMPILE_CHOICES", "CompiledFunction", "StepScalars", "mark_static", "resolve_compile"]
 
 COMPILE_CHOICES = (False, True, "auto")
 
@@ -48,10 +48,12 @@ class CompiledFunction:
     nothing.
     """
 
-    def __init__(self, fn: Callable, name: str, device: torch.device) -> None:
+    def __init__(self, fn: Callable, name: str, device: torch.device, fullgraph: bool = False) -> None:
         self.fn, self.name = fn, name
         mode = "reduce-overhead" if device.type == "cuda" else None
-        self._compiled: Callable | None = torch.compile(fn, mode=mode)
+        # fullgraph: a graph break is a failure (the warning below, then eager calls) rather than
+        # pieces compiled between eager Python
+        self._compiled: Callable | None = torch.compile(fn, mode=mode, fullgraph=fullgraph)
         self.failure: str | None = None  # why it runs eagerly, once it does
         # torch stops compiling a function after recompile_limit variants (input shapes, dtypes)
         # without an error: the cache is watched so that this is said (plain functions only)
@@ -87,6 +89,38 @@ class CompiledFunction:
                           "dtypes), torch's recompile_limit: inputs unlike those run eagerly from now on (same "
                           "results, eager speed); keep batch shapes fixed or raise "
                           "torch._dynamo.config.recompile_limit", RuntimeWarning, stacklevel=3)
+
+
+class StepScalars:
+    """The scalars a compiled step reads (step sizes, penalty weights) as one tensor on the
+    parameters' device, made again only when a value changes: the graph takes them as an input,
+    so a schedule that changes them needs no recompilation, and a CUDA graph, which would replay
+    the values it was captured with, no capture again."""
+
+    def __init__(self) -> None:
+        self._values: tuple[float, ...] | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def get(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
+        """``values`` as a 1-D tensor of ``like``'s dtype and device (the same tensor as last time
+        when nothing changed)."""
+        values = tuple(float(v) for v in values)
+        t = self._tensor
+        if t is None or values != self._values or t.device != like.device or t.dtype != like.dtype:
+            self._tensor, self._values = torch.tensor(values, dtype=like.dtype, device=like.device), values
+        return self._tensor
+
+
+def mark_static(tensors) -> None:
+    """Tell torch.compile that these tensors (nested lists of them: optimizer states) keep their
+    memory from call to call, as parameters do: a CUDA graph then updates them in place instead of
+    being skipped for mutating its inputs."""
+    if isinstance(tensors, torch.Tensor):
+        if getattr(tensors, "_dynamo_static_input_type", None) is None:
+            torch._dynamo.mark_static_address(tensors)
+        return
+    for item in tensors:
+        mark_static(item)
 
 
 try:  # a debugging hook of dynamo's (private): without it the saturation goes unreported

@@ -219,8 +219,9 @@ def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox
     scale = 1.0 if per_element else 1.0 / c.numel()
     if prox == "paper":
         grad.add_(c - anchor, alpha=2.0 * scale)
-    if lambda_c:
-        grad.add_(torch.sign(c), alpha=lambda_c / mu * scale)
+    if lambda_c:  # mu may be a 0-dim tensor (a captured step), which alpha= cannot take (nor is it
+        # safe with sign: torch 2.14's compiler drops the alpha of add_(sign(c), alpha=...))
+        grad.add_(torch.sign(c).mul_(lambda_c * scale / mu))
     return grad
 
 
@@ -302,16 +303,22 @@ def task_loss_gradient(out: torch.Tensor, loss_fn: Callable[[torch.Tensor], torc
 
 
 @torch.no_grad()
-def linear_weight_grads_(view: LinearBlockView, a: torch.Tensor, g_out: torch.Tensor, lambda_w: float = 0.0) -> None:
-    """Set ``.grad`` of a Linear layer for a loss with gradient ``g_out`` w.r.t. ``linear(a)``:
-    ``dW = g_out^T a (+ lambda_w sign(W) / |W|)``, ``db = sum_rows g_out``."""
-    weight, bias = view.linear.weight, view.linear.bias
+def linear_weight_grads(view: LinearBlockView, a: torch.Tensor, g_out: torch.Tensor,
+                        lambda_w: float = 0.0) -> list[torch.Tensor]:
+    """The gradients ``[dW, db]`` (``[dW]`` without a bias) of a Linear layer for a loss with
+    gradient ``g_out`` w.r.t. ``linear(a)``: ``dW = g_out^T a (+ lambda_w sign(W) / |W|)``,
+    ``db = sum_rows g_out``."""
+    weight = view.linear.weight
     grad_w = g_out.T @ a
-    if lambda_w:
-        grad_w.add_(torch.sign(weight), alpha=lambda_w / weight.numel())
-    weight.grad = grad_w
-    if bias is not None:
-        bias.grad = g_out.sum(0)
+    if lambda_w:  # not add_(sign(W), alpha=...): torch 2.14's compiler drops that alpha (takes it as 1)
+        grad_w.add_(torch.sign(weight).mul_(lambda_w / weight.numel()))
+    return [grad_w] if view.linear.bias is None else [grad_w, g_out.sum(0)]
+
+
+def linear_weight_grads_(view: LinearBlockView, a: torch.Tensor, g_out: torch.Tensor, lambda_w: float = 0.0) -> None:
+    """:func:`linear_weight_grads` set as the ``.grad`` of the layer's weight and bias."""
+    for p, grad in zip((view.linear.weight, view.linear.bias), linear_weight_grads(view, a, g_out, lambda_w)):
+        p.grad = grad
 
 
 @torch.no_grad()

@@ -51,6 +51,70 @@ def test_compiled_steps_equal_eager_ones(name, kwargs):
         assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-10, rtol=0)
     assert compiled._compiled_functions, "compile=True must route the step through compiled functions"
     assert all(f.active for f in compiled._compiled_functions.values())
+    if name in ("am-adam", "backprop"):  # from the second step, each step is one compiled function
+        assert "the whole step" in compiled._compiled_functions
+
+
+def test_am_adam_captures_its_whole_step_in_one_graph():
+    """compile=True: from its second step (once torch's Adam has state) AM-Adam's step is one
+    compiled function without graph breaks (codes, local gradients, Adam), the same as the eager
+    step under every setting it reads, and a changing mu or learning rate is an input of the graph,
+    not a reason to compile again. A step with a penalty takes the eager path."""
+    from torch._dynamo.utils import counters
+
+    kwargs = dict(weight_steps=2, lambda_w=1e-3, lambda_c=1e-3, output_fit="forward", reduction="sum",
+                  d_mu=0.01, lr_halve_every=2, code_lr=0.05)
+    eager = amstream.AMAdam(_mlp(), device="cpu", **kwargs)
+    captured = amstream.AMAdam(_mlp(), device="cpu", compile=True, **kwargs)
+    counters.clear()
+    graphs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would make this test vacuous
+        for i, (x, y) in enumerate(_batches(6)):
+            if i % 2:  # AMStrategy's order: the output first, then the step reuses its forward pass
+                for learner in (eager, captured):
+                    learner.forward_for_step(x)
+            penalty = (lambda: sum(p.square().sum() for p in captured.model.parameters())) if i == 5 else None
+            eager.learn(x, y, penalty=(lambda: sum(p.square().sum() for p in eager.model.parameters()))
+                        if penalty else None)
+            info = captured.learn(x, y, penalty=penalty)
+            assert _max_difference(eager.model, captured.model) < 1e-12
+            assert info.diagnostics["am/mu"] == pytest.approx(min(0.003 + 0.01 * i, 0.03))  # mu_max: 10 mu
+            captured.load_state_dict(eager.state_dict())
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert captured._compiled_functions["the whole step"].active
+    assert captured.optimizer.param_groups[0]["lr"] < 0.008 / 3  # the rates were halved twice
+    assert graphs[2] > graphs[1] and graphs[4] == graphs[2]  # compiled at the second step, not again
+
+
+def test_the_captured_adam_update_is_torch_adam():
+    """``adam_update_`` on torch.optim.Adam's own state gives torch's update (fused and foreach),
+    with the learning rate a float or a 0-dim tensor."""
+    from amstream.optim.adam_update import adam_state, adam_update_
+
+    for implementation in ({"fused": True}, {"foreach": True}):
+        torch.manual_seed(0)
+        ours, theirs = (nn.Linear(5, 3).to(F64) for _ in range(2))
+        theirs.load_state_dict(ours.state_dict())
+        opt_ours, opt_theirs = (torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6,
+                                                 **implementation) for m in (ours, theirs))
+        for step in range(6):
+            grads = [torch.randn_like(p) for p in ours.parameters()]
+            for p, q, g in zip(ours.parameters(), theirs.parameters(), grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt_theirs.step()
+            group = opt_ours.param_groups[0]
+            state = adam_state(opt_ours, group, group["params"])
+            if state is None:  # torch makes the state at the first step
+                opt_ours.step()
+                continue
+            lr = torch.tensor(1e-2, dtype=F64) if step % 2 else 1e-2
+            with torch.no_grad():
+                adam_update_(group["params"], grads, state, lr=lr, beta1=0.8, beta2=0.99, eps=1e-6)
+            assert _max_difference(ours, theirs) < 1e-14
+        assert opt_ours.state_dict()["state"][0]["step"] == 6
+    decayed = torch.optim.Adam(ours.parameters(), weight_decay=0.1)
+    assert adam_state(decayed, decayed.param_groups[0], list(ours.parameters())) is None  # another rule
 
 
 def test_the_compiled_local_gradient_is_specialized_once_per_layer_kind():
@@ -118,6 +182,11 @@ def test_a_function_that_cannot_be_compiled_runs_eagerly_with_a_warning(monkeypa
     reference.learn(x, y)
     assert _max_difference(learner.model, reference.model) == 0.0  # the eager result, exactly
     assert not learner._compiled_functions["the code update"].active
+    # from the second step (Adam's state exists) AM-Adam's whole step is one compiled function
+    with pytest.warns(RuntimeWarning, match=r"AMAdam: the whole step could not be compiled"):
+        learner.learn(x, y)
+    reference.learn(x, y)
+    assert _max_difference(learner.model, reference.model) < 1e-12  # the eager whole step
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # said once, not at every step
         learner.learn(x, y)
@@ -145,8 +214,12 @@ def test_compile_choice_is_checked():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3})])
 def test_captured_steps_equal_eager_ones_on_cuda(name, kwargs):
-    """On CUDA compile=True (and "auto") replays the compiled functions as CUDA graphs
-    ("reduce-overhead"); the weights after each step match the eager learner's."""
+    """On CUDA compile=True (and "auto") runs the whole step as one CUDA graph ("reduce-overhead":
+    codes, local gradients and Adam for AM-Adam; forward, backward and Adam for backprop), never
+    skipped for mutating its inputs (Adam's state is marked static); the weights after each step
+    match the eager learner's, and the step's record outlives the next replay."""
+    from torch._dynamo.utils import counters
+
     def mlp32():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -154,13 +227,19 @@ def test_captured_steps_equal_eager_ones_on_cuda(name, kwargs):
     eager = amstream.LEARNERS[name](mlp32(), device="cuda", **kwargs)
     captured = amstream.LEARNERS[name](mlp32(), device="cuda", compile="auto", **kwargs)
     assert captured.compile
+    counters.clear()
+    records = []
     for x, y in _batches(6):
         x, y = x.float().cuda(), y.cuda()
-        eager.learn(x, y)
-        captured.learn(x, y)
+        expected = eager.learn(x, y)
+        records.append((captured.learn(x, y), float(expected.loss)))
         assert _max_difference(eager.model, captured.model) < 1e-5
         captured.load_state_dict(eager.state_dict())
     assert all(f.active for f in captured._compiled_functions.values())
+    assert captured._compiled_functions["the whole step"].active
+    assert not counters["inductor"]["cudagraph_skips"], "a step ran without its CUDA graph"
+    for info, loss in records:  # read after later replays: copies, not the graph's memory
+        assert float(info.loss) == pytest.approx(loss, rel=1e-5)
 
 
 def test_a_function_compiled_for_as_many_variants_as_torch_allows_says_so(monkeypatch):

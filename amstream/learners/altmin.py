@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
-from ..functional import PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads_, task_loss_gradient, update_codes
+from ..functional import (PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads, linear_weight_grads_,
+                          task_loss_gradient, update_codes)
+from ..optim.adam_update import adam_update_
 from ..hparams import HParam
 from ..schedules import apply_lr_halving_, mu_at
 from .base import LossFn, Penalty, StepInfo, fused_kwargs
@@ -166,6 +168,9 @@ class AltMinLearner(BlockLearner):
         if self.reduction == "mean":
             factor *= self._global_batch_share
         code_lrs = [lr * factor for lr in self.code_lrs]
+        states = self._whole_step_plan(loss_fn, penalty)
+        if states is not None:
+            return self._captured_step(x, loss_fn, mu, code_lrs, states)
 
         # (1) forward pass; BatchNorm running statistics update here only
         codes, out = self._forward_pass(x)
@@ -180,25 +185,100 @@ class AltMinLearner(BlockLearner):
                 prox=self.prox, lambda_c=self.lambda_c, fast=self.fast, reduction=self.reduction,
                 cap_steps=self.cap_code_steps,
             ) if codes else []
-            # (3) weights: every block on its own input/output codes (the output block at the
-            # forward code with output_fit="forward")
-            inputs = [x, *new_codes]
-            if self.output_fit == "forward" and codes:
-                inputs[-1] = codes[-1]
+            # (3) weights: every block on its own input/output codes
+            inputs = self._fit_inputs(x, codes, new_codes)
             if self._views is not None:
                 local = self._fit_weights_fast(inputs, new_codes, codes, loss_fn, penalty)
             else:
                 local = self._fit_weights(inputs, new_codes, codes, loss_fn, penalty)
 
         self._last_codes = new_codes
-        displacement = tuple(
-            torch.linalg.vector_norm(n - c) / torch.linalg.vector_norm(c).clamp_min(1e-12)
-            for n, c in zip(new_codes, codes)
-        )
+        return self._step_info(x, loss, mu, local, _displacement(new_codes, codes))
+
+    def _fit_inputs(self, x: torch.Tensor, codes: list[torch.Tensor], new_codes: list[torch.Tensor]) -> list:
+        """Each block's input for its weight fit: the updated codes below it (the output block's is
+        the forward code with ``output_fit="forward"``)."""
+        inputs = [x, *new_codes]
+        if self.output_fit == "forward" and codes:
+            inputs[-1] = codes[-1]
+        return inputs
+
+    def _step_info(self, x: torch.Tensor, loss: torch.Tensor, mu: float, local: list, displacement: tuple) -> StepInfo:
         return StepInfo(
             loss=loss, batch_size=x.shape[0], lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
             diagnostics={"am/mu": mu, "am/local_loss": tuple(local), "am/code_displacement": displacement},
         )
+
+    # ------------------------------------------------------------------------ the captured step
+    #: whether ``compile=True`` may run the whole step as one graph (:meth:`_whole_step`): every
+    #: block trained by Adam, nothing else (AM-mem's solves stay eager, its code update compiled)
+    _captures_whole_step = False
+
+    def _whole_step_plan(self, loss_fn: LossFn, penalty: Penalty) -> list | None:
+        """The blocks' parameters and Adam states for :meth:`_whole_step`, or None where the step
+        takes the eager path (:meth:`Learner._whole_step_states`, and: BatchNorm, a block that is not
+        ``Linear(activation(c))``, a task loss without a closed-form gradient)."""
+        if not self._captures_whole_step or self._views is None or self._has_batchnorm:
+            return None
+        if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
+            return None  # (a CriterionLoss whose criterion has no closed form has kind None)
+        params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None] for view in self._views]
+        groups = [g["params"] for g in self.optimizer.param_groups]
+        if [list(map(id, g)) for g in groups] != [list(map(id, ps)) for ps in params]:
+            return None
+        return self._whole_step_states(params, penalty)
+
+    def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, mu: float, code_lrs: list[float],
+                       states: list) -> StepInfo:
+        """The step as one compiled function (:meth:`_whole_step`)."""
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        scalars = self._step_scalars.get([mu, *code_lrs, *lrs], self._params[0])
+        loss, new_codes, local, displacement, grads = self._run_whole_step(
+            type(self)._whole_step, states, x, loss_fn, self._take_pending(x), scalars)
+        self._set_grads(states, grads)
+        self._last_codes = new_codes  # checked for finiteness right after the step, before any replay
+        return self._step_info(x, self._outlives_step(loss), mu, self._outlives_step(local),
+                               self._outlives_step(displacement))
+
+    def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
+                    states: list) -> tuple:
+        """Everything of one step that touches tensors, as one pure function of them for
+        ``torch.compile`` (``fullgraph``): the forward codes (or ``forward``, those of
+        :meth:`forward_for_step`), the top-down code update, each block's closed-form local gradient
+        and its Adam update (:func:`~amstream.optim.adam_update.adam_update_` on the optimizer's own
+        state: ``states`` has each block's parameters and their Adam state, so checkpoints do not
+        depend on the path, and the graph does not read the optimizer object, which torch.compile
+        would guard by identity). ``scalars``: ``mu``, the code step sizes and each block's learning
+        rate as one tensor, so that a new value needs no new graph. The same arithmetic as the eager
+        step (tested to float tolerance); new here."""
+        with torch.no_grad():  # inside, so that the compiled frame is this function's own
+            return self._whole_step_no_grad(x, loss_fn, forward, scalars, states)
+
+    def _whole_step_no_grad(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
+                            states: list) -> tuple:
+        n_codes = len(self.blocks.hidden)
+        codes, out = forward if forward is not None else self.blocks.forward_with_codes(x)
+        loss = loss_fn(out)
+        new_codes = update_codes(
+            codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=scalars[0], steps=self.code_steps,
+            lrs=[scalars[1 + i] for i in range(n_codes)], momentum=self.code_momentum, prox=self.prox,
+            lambda_c=self.lambda_c, fast=True, reduction=self.reduction, cap_steps=self.cap_code_steps,
+        ) if codes else []
+        inputs = self._fit_inputs(x, codes, new_codes)
+        beta1, beta2 = self.betas
+        local, grads = [], []
+        for step in range(self.weight_steps):
+            local, grads = [], []
+            for k, (block, view) in enumerate(zip(self._adam_blocks(), self._views)):
+                a = view.inputs(inputs[block.index])
+                g_out, item = self._local_gradient(block, view, a, new_codes, codes, loss_fn, step)
+                if item is not None:
+                    local.append(item)
+                grads.append(linear_weight_grads(view, a, g_out, self._lambda_w if item is not None else 0.0))
+            for k, ((params, state), block_grads) in enumerate(zip(states, grads)):
+                adam_update_(params, block_grads, state, lr=scalars[1 + n_codes + k], beta1=beta1, beta2=beta2,
+                             eps=self.adam_eps)
+        return loss, new_codes, local, _displacement(new_codes, codes), grads
 
     def _adam_params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups if not g.get("solved") for p in g["params"]]
@@ -227,8 +307,6 @@ class AltMinLearner(BlockLearner):
     def _fit_weights_fast(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                           forward_codes: list[torch.Tensor], loss_fn: LossFn, penalty: Penalty = None) -> list:
         """``_fit_weights`` with closed-form gradients for Linear blocks (the same Adam step)."""
-        n_hidden = len(self.blocks.hidden)
-        lambda_w = getattr(self, "lambda_w", 0.0) if n_hidden else 0.0
         # data-parallel with overlap: each layer's gradient is combined in the background while the
         # next one is computed (unless a penalty is still to be added to them)
         overlap = self._parallel is not None and self._parallel.overlap and penalty is None
@@ -237,18 +315,10 @@ class AltMinLearner(BlockLearner):
             local = []
             for block, view in zip(self._adam_blocks(), self._views):
                 a = view.inputs(inputs[block.index])
-                if block is self.blocks.output:
-                    out = view.linear(a)
-                    g_out = task_loss_gradient(out, loss_fn)
-                    linear_weight_grads_(view, a, g_out)
-                else:
-                    # The first layer's input is x, which no code update changes: its prediction is
-                    # the forward code, so the widest matmul is not recomputed.
-                    pred = forward_codes[0] if block.index == 0 and step == 0 else view.linear(a)
-                    residual = pred - targets[block.index]
-                    loss = residual.square().mean()
-                    local.append(loss + lambda_w * view.linear.weight.abs().mean() if lambda_w else loss)
-                    linear_weight_grads_(view, a, residual.mul_(2.0 / residual.numel()), lambda_w)
+                g_out, loss = self._local_gradient(block, view, a, targets, forward_codes, loss_fn, step)
+                if loss is not None:
+                    local.append(loss)
+                linear_weight_grads_(view, a, g_out, self._lambda_w if loss is not None else 0.0)
                 if overlap:
                     self._parallel.start_gradient_reduce([p.grad for p in view.linear.parameters()])
             add_penalty_grads_(penalty, self._adam_params())
@@ -256,6 +326,28 @@ class AltMinLearner(BlockLearner):
             if step + 1 < self.weight_steps:
                 self.optimizer.zero_grad(set_to_none=True)
         return local + self._fit_hidden_extra(inputs, targets, loss_fn, forward_codes)
+
+    @property
+    def _lambda_w(self) -> float:
+        """L1 weight on the hidden weights (AM-Adam's ``lambda_w``; 0 for the other rules)."""
+        return getattr(self, "lambda_w", 0.0) if self.blocks.hidden else 0.0
+
+    def _local_gradient(self, block: Block, view, a: torch.Tensor, targets: list[torch.Tensor],
+                        forward_codes: list[torch.Tensor], loss_fn: LossFn,
+                        step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradient of ``block``'s local loss w.r.t. the output of its Linear layer on ``a``, and
+        that loss (None for the output block, whose loss is the task's): ``MSE(linear(a), c)`` with
+        ``lambda_w mean|W|`` for a hidden block, the task loss for the output block."""
+        if block is self.blocks.output:
+            return task_loss_gradient(view.linear(a), loss_fn), None
+        # The first layer's input is x, which no code update changes: its prediction is the forward
+        # code, so the widest matmul is not recomputed.
+        pred = forward_codes[0] if block.index == 0 and step == 0 else view.linear(a)
+        residual = pred - targets[block.index]
+        loss = residual.square().mean()
+        if self._lambda_w:
+            loss = loss + self._lambda_w * view.linear.weight.abs().mean()
+        return residual.mul_(2.0 / residual.numel()), loss
 
     # ------------------------------------------------------------------------------- internals
     def _frozen_bn_stats(self):
@@ -266,6 +358,12 @@ class AltMinLearner(BlockLearner):
 
     def _check_tensors(self, info: StepInfo) -> list[torch.Tensor]:
         return super()._check_tensors(info) + list(self._last_codes)
+
+
+def _displacement(new_codes: list[torch.Tensor], codes: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """How far the code update moved each code, relative to its forward value."""
+    return tuple(torch.linalg.vector_norm(n - c) / torch.linalg.vector_norm(c).clamp_min(1e-12)
+                 for n, c in zip(new_codes, codes))
 
 
 class AMAdam(AltMinLearner):
@@ -287,6 +385,7 @@ class AMAdam(AltMinLearner):
     """
 
     data_parallel = True  # gradients of mean losses; codes per sample (amstream.distributed)
+    _captures_whole_step = True
 
     defaults = {
         **AltMinLearner.defaults,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..hparams import HParam
+from ..optim.adam_update import adam_update_
 from ..schedules import apply_lr_halving_
 from .base import Learner, LossFn, Penalty, StepInfo, fused_kwargs
 from .penalty import penalty_value
@@ -90,6 +91,10 @@ class Backprop(Learner):
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         apply_lr_halving_(self.optimizer, self.step_count, self.lr_halve_every)
         out = self._take_pending(x)  # the output of forward_for_step on this batch, graph included
+        if out is None:
+            plan = self._whole_step_plan(penalty)
+            if plan is not None:
+                return self._captured_step(x, loss_fn, *plan)
         self._clear_grads()
         if out is None:
             out = self._model_call(x)
@@ -99,6 +104,50 @@ class Backprop(Learner):
         self.optimizer.step()
         return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups})
+
+    # ------------------------------------------------------------------------ the captured step
+    def _whole_step_plan(self, penalty: Penalty) -> tuple[list, list] | None:
+        """The parameter names and ``(params, Adam state)`` of each group for :meth:`_whole_step`, or
+        None where the step takes the eager path (:meth:`Learner._whole_step_states`, and: a model
+        with buffers, such as BatchNorm's running statistics, or a recurrent layer)."""
+        if not self.compile or self._buffers or self.inputs.recurrent:
+            return None
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        params = [g["params"] for g in self.optimizer.param_groups]
+        states = self._whole_step_states(params, penalty)
+        return None if states is None else ([[names[id(p)] for p in ps] for ps in params], states)
+
+    def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, names: list, states: list) -> StepInfo:
+        """The step as one compiled function (:meth:`_whole_step`)."""
+        groups = self.optimizer.param_groups
+        scalars = self._step_scalars.get([g["lr"] for g in groups], self._params[0])
+        adam = tuple((*g["betas"], g["eps"]) for g in groups)
+        loss, grads = self._run_whole_step(type(self)._whole_step, states, x, loss_fn, scalars, names, adam)
+        self._set_grads(states, grads)
+        return StepInfo(loss=self._outlives_step(loss), batch_size=x.shape[0],
+                        lrs={g["name"]: g["lr"] for g in groups})
+
+    def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, scalars: torch.Tensor, names: list, adam: tuple,
+                    states: list) -> tuple[torch.Tensor, list]:
+        """Forward pass, backward pass and Adam step as one pure function of the tensors, for
+        ``torch.compile`` (``fullgraph``; one CUDA graph on a GPU): the gradient by
+        ``torch.func.grad_and_value`` of the loss of ``torch.func.functional_call`` (``.backward()``
+        would end the graph), Adam by :func:`~amstream.optim.adam_update.adam_update_` on the
+        optimizer's own state. ``scalars``: each group's learning rate; ``adam``: each group's
+        ``(beta1, beta2, eps)``; ``states``: each group's parameters and Adam state, named by
+        ``names``. The same arithmetic as the eager step (tested to float tolerance); new here."""
+        with torch.no_grad():
+            trainable = {name: p.detach() for (params, _), group_names in zip(states, names)
+                         for name, p in zip(group_names, params)}
+
+            def loss_of(values: dict) -> torch.Tensor:
+                return loss_fn(torch.func.functional_call(self.model, values, (x,)))
+
+            grads, loss = torch.func.grad_and_value(loss_of)(trainable)
+            group_grads = [[grads[name] for name in group_names] for group_names in names]
+            for k, ((params, state), gs, (beta1, beta2, eps)) in enumerate(zip(states, group_grads, adam)):
+                adam_update_(params, gs, state, lr=scalars[k], beta1=beta1, beta2=beta2, eps=eps)
+        return loss, group_grads
 
     def hparams(self) -> dict:
         values = super().hparams()

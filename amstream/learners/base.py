@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .. import hparams as hp
-from ..compiled import CompiledFunction, resolve_compile
+from ..compiled import CompiledFunction, StepScalars, mark_static, resolve_compile
 from ..functional import CriterionLoss
+from ..optim.adam_update import adam_state
 from ..stream import StreamingMixin
 from ..utils import eval_mode, resolve_device
 from ..validation import InputSpec, is_classification_criterion
@@ -158,6 +159,7 @@ class Learner(StreamingMixin, abc.ABC):
         self.device = resolve_device(device)
         self.compile = resolve_compile(compile, self.device)
         self._compiled_functions: dict[str, CompiledFunction] = {}
+        self._step_scalars = StepScalars()  # the step sizes a compiled whole step takes as a tensor
         self.model = model.to(self.device)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.on_nonfinite, self.validate = on_nonfinite, bool(validate)
@@ -198,15 +200,59 @@ class Learner(StreamingMixin, abc.ABC):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def _compiled(self, name: str, fn: Callable) -> Callable:
+    def _compiled(self, name: str, fn: Callable, fullgraph: bool = False) -> Callable:
         """``fn`` itself, or with ``compile=True`` its compiled version (made once per name)."""
         if not self.compile:
             return fn
         compiled = self._compiled_functions.get(name)
         if compiled is None or compiled.fn is not fn:
             compiled = self._compiled_functions[name] = CompiledFunction(fn, f"{type(self).__name__}: {name}",
-                                                                          self.device)
+                                                                          self.device, fullgraph)
         return compiled
+
+    # ------------------------------------------------------------------------ the captured step
+    def _whole_step_states(self, params_per_group: list[list[nn.Parameter]], penalty: Penalty) -> list | None:
+        """``[(params, Adam state)]`` of each parameter group for a compiled whole step, or None
+        where the step must take the eager path: ``compile=False``, a penalty, data parallelism, an
+        optimizer other than plain Adam, or a parameter whose Adam state torch has not made yet (at
+        its first step)."""
+        if not self.compile or penalty is not None or self._parallel is not None:
+            return None
+        if not isinstance(self.optimizer, torch.optim.Adam):
+            return None
+        states = []
+        for group, params in zip(self.optimizer.param_groups, params_per_group):
+            state = adam_state(self.optimizer, group, params)
+            if state is None:
+                return None
+            states.append((params, state))
+        return states
+
+    def _run_whole_step(self, fn: Callable, states: list, *args: Any) -> Any:
+        """``fn(self, *args, states)`` compiled as one graph (``fullgraph``), on CUDA one CUDA graph:
+        its outputs then live in the graph's memory until the next replay, so the caller copies those
+        that outlive the step (:meth:`_outlives_step`)."""
+        if self.device.type == "cuda":
+            mark_static(states)  # Adam's state, updated in place by the graph
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled("the whole step", fn, fullgraph=True)(self, *args, states)
+
+    def _outlives_step(self, tensors: Any) -> Any:
+        """A tensor (or tuple/list of them) of a whole step's outputs that the caller keeps: copied on
+        CUDA, where the next replay of the graph would overwrite it."""
+        if self.device.type != "cuda":
+            return tensors
+        if isinstance(tensors, torch.Tensor):
+            return tensors.clone()
+        return type(tensors)(t.clone() for t in tensors)
+
+    @staticmethod
+    def _set_grads(states: list, grads: list[list[torch.Tensor]]) -> None:
+        """``p.grad`` of every parameter from a whole step's gradients, as after an eager step
+        (Synaptic Intelligence reads them)."""
+        for (params, _), group_grads in zip(states, grads):
+            for p, grad in zip(params, group_grads):
+                p.grad = grad
 
     def _model_call(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward pass (compiled with ``compile=True``)."""

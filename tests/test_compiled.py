@@ -51,7 +51,7 @@ def test_compiled_steps_equal_eager_ones(name, kwargs):
         assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-10, rtol=0)
     assert compiled._compiled_functions, "compile=True must route the step through compiled functions"
     assert all(f.active for f in compiled._compiled_functions.values())
-    if name in ("am-adam", "backprop"):  # from the second step, each step is one compiled function
+    if name in ("am-adam", "backprop", "am-mem"):  # from the second step, each step is one compiled function
         assert "the whole step" in compiled._compiled_functions
 
 
@@ -85,6 +85,23 @@ def test_am_adam_captures_its_whole_step_in_one_graph():
     assert captured._compiled_functions["the whole step"].active
     assert captured.optimizer.param_groups[0]["lr"] < 0.008 / 3  # the rates were halved twice
     assert graphs[2] > graphs[1] and graphs[4] == graphs[2]  # compiled at the second step, not again
+
+
+def test_a_step_the_graph_cannot_hold_takes_the_eager_path():
+    """AM-mem with running-mean memories (their weights change with every batch: a new graph each
+    step) and a loss without a closed-form gradient (autograd would break the graph) keep the
+    compiled code update and never build a whole-step graph; the result is the eager one."""
+    eager = amstream.AMMem(_mlp(), device="cpu", memory="mean")
+    compiled = amstream.AMMem(_mlp(), device="cpu", memory="mean", compile=True)
+    smooth = amstream.AMAdam(_mlp(), device="cpu", criterion=nn.CrossEntropyLoss(label_smoothing=0.1), compile=True)
+    for x, y in _batches(3):
+        eager.learn(x, y)
+        compiled.learn(x, y)
+        smooth.learn(x, y)
+        assert _max_difference(eager.model, compiled.model) < 1e-12
+    assert "the whole step" not in compiled._compiled_functions
+    assert "the whole step" not in smooth._compiled_functions
+    assert compiled._compiled_functions["the code update"].active
 
 
 def test_the_captured_adam_update_is_torch_adam():

@@ -210,35 +210,46 @@ class AltMinLearner(BlockLearner):
         )
 
     # ------------------------------------------------------------------------ the captured step
-    #: whether ``compile=True`` may run the whole step as one graph (:meth:`_whole_step`): every
-    #: block trained by Adam, nothing else (AM-mem's solves stay eager, its code update compiled)
+    #: whether ``compile=True`` may run the whole step as one graph (:meth:`_whole_step`): the
+    #: Adam-trained blocks and the rule of the others (:meth:`_solved_blocks_fit`) as tensor functions
     _captures_whole_step = False
 
     def _whole_step_plan(self, loss_fn: LossFn, penalty: Penalty) -> list | None:
-        """The blocks' parameters and Adam states for :meth:`_whole_step`, or None where the step
-        takes the eager path (:meth:`Learner._whole_step_states`, and: BatchNorm, a block that is not
-        ``Linear(activation(c))``, a task loss without a closed-form gradient)."""
+        """The Adam-trained blocks' parameters and Adam states for :meth:`_whole_step`, or None
+        where the step takes the eager path (:meth:`Learner._whole_step_states`, and: BatchNorm, a
+        block that is not ``Linear(activation(c))``, a task loss without a closed-form gradient)."""
         if not self._captures_whole_step or self._views is None or self._has_batchnorm:
             return None
         if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
             return None  # (a CriterionLoss whose criterion has no closed form has kind None)
         params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None] for view in self._views]
-        groups = [g["params"] for g in self.optimizer.param_groups]
-        if [list(map(id, g)) for g in groups] != [list(map(id, ps)) for ps in params]:
+        groups = [g for g in self.optimizer.param_groups if not g.get("solved")]
+        if [list(map(id, g["params"])) for g in groups] != [list(map(id, ps)) for ps in params]:
             return None
-        return self._whole_step_states(params, penalty)
+        return self._whole_step_states(list(zip(groups, params)), penalty)
 
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, mu: float, code_lrs: list[float],
                        states: list) -> StepInfo:
         """The step as one compiled function (:meth:`_whole_step`)."""
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        lrs = [g["lr"] for g in self.optimizer.param_groups if not g.get("solved")]
         scalars = self._step_scalars.get([mu, *code_lrs, *lrs], self._params[0])
         loss, new_codes, local, displacement, grads = self._run_whole_step(
             type(self)._whole_step, states, x, loss_fn, self._take_pending(x), scalars)
         self._set_grads(states, grads)
+        self._count_samples(x.shape[0])
         self._last_codes = new_codes  # checked for finiteness right after the step, before any replay
         return self._step_info(x, self._outlives_step(loss), mu, self._outlives_step(local),
                                self._outlives_step(displacement))
+
+    def _solved_blocks_fit(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                           forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensor part of the rule for blocks outside Adam, traced into the whole step (AM-mem's
+        memory updates and solves); returns their local losses. Python counters it would change are
+        advanced by :meth:`_count_samples`, outside the graph."""
+        return []
+
+    def _count_samples(self, batch_size: int) -> None:
+        """Counters of the rule for blocks outside Adam, after a whole step (AM-mem's samples seen)."""
 
     def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
                     states: list) -> tuple:
@@ -278,6 +289,7 @@ class AltMinLearner(BlockLearner):
             for k, ((params, state), block_grads) in enumerate(zip(states, grads)):
                 adam_update_(params, block_grads, state, lr=scalars[1 + n_codes + k], beta1=beta1, beta2=beta2,
                              eps=self.adam_eps)
+        local += self._solved_blocks_fit(inputs, new_codes, codes)
         return loss, new_codes, local, _displacement(new_codes, codes), grads
 
     def _adam_params(self) -> list[torch.nn.Parameter]:

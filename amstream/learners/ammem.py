@@ -96,17 +96,19 @@ class AMMem(AltMinLearner):
         super().__init__(model, **kwargs)
         self._check_hidden_blocks()
         self.memory_dtype = self.memory_dtype or next(self.model.parameters()).dtype
-        self._memories: list[tuple[torch.Tensor, torch.Tensor]] = []
+        memories: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in self.blocks.hidden:
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
             d_in = layer.in_features + (layer.bias is not None)
             kw = {"dtype": self.memory_dtype, "device": self.device}
-            self._memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
-        # A step writes the updated memories here and solves from them; they become the memories
-        # when the step passes its checks (_commit_step), so a rolled-back step leaves the memories
-        # as they were without the copies a rollback snapshot of them would cost (2.5 MB a step at
-        # MNIST's first layer).
-        self._next_memories = [(torch.empty_like(A), torch.empty_like(Bm)) for A, Bm in self._memories]
+            memories.append((torch.zeros(d_in, d_in, **kw), torch.zeros(layer.out_features, d_in, **kw)))
+        # Two sets of memories: a step writes the updated memories into the other set and solves from
+        # them; they become the memories when the step passes its checks (_commit_step), so a
+        # rolled-back step leaves the memories as they were without the copies a rollback snapshot
+        # of them would cost (2.5 MB a step at MNIST's first layer). The sets keep their tensors
+        # (a captured step's CUDA graphs, one per parity, read and write fixed addresses).
+        self._memory_sets = (memories, [(torch.empty_like(A), torch.empty_like(Bm)) for A, Bm in memories])
+        self._memory_parity = 0
         self.samples_seen = 0
         self._output_admm = self._make_output_admm() if self.output_rule == "admm-softmax" else None
         self._output_diagnostics: dict = {}
@@ -178,10 +180,28 @@ class AMMem(AltMinLearner):
                     f"parameters in {block.describe()}"
                 )
 
+    @property
+    def _captures_whole_step(self) -> bool:
+        """The whole step compiles with the sweep solver (no L1 prox, whose FISTA tests convergence on
+        the host), memory weights that do not change with the samples seen ("mean"'s do: a new graph
+        each step) and the Adam output rule (ADMM-Softmax's iterations test convergence on the host)."""
+        return (self._output_admm is None and self.solver == "sweep" and not self.lambda_w
+                and self.memory != "mean")
+
     def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                           loss_fn: LossFn, forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._output_admm is not None:
             self._fit_output_admm(inputs[len(self.blocks.hidden)], loss_fn)
+        local = self._solved_blocks_fit(inputs, targets, forward_codes)
+        self._count_samples(inputs[0].shape[0])
+        return local
+
+    def _count_samples(self, batch_size: int) -> None:
+        self.samples_seen += batch_size if self._parallel is None else self._parallel.batch_size
+
+    def _solved_blocks_fit(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                           forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each hidden layer's memories updated with its input and code, and its weights solved."""
         local = []
         for block, (A_old, B_old), (A, Bm) in zip(self.blocks.hidden, self._memories, self._next_memories):
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
@@ -210,7 +230,6 @@ class AMMem(AltMinLearner):
                 layer.weight.copy_(W[:, : layer.in_features])
                 if layer.bias is not None:
                     layer.bias.copy_(W[:, -1])
-        self.samples_seen += inputs[0].shape[0] if self._parallel is None else self._parallel.batch_size
         return local
 
     def _parallel_memory_update(self, A: torch.Tensor, Bm: torch.Tensor, a: torch.Tensor, c: torch.Tensor, *,
@@ -233,8 +252,21 @@ class AMMem(AltMinLearner):
         for old, increment, updated in zip((A, Bm), increments, out):
             torch.mul(old, keep, out=updated).add_(increment, alpha=new)
 
+    @property
+    def _memories(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each hidden layer's co-activation memories ``(A, B)``."""
+        return self._memory_sets[self._memory_parity]
+
+    @property
+    def _next_memories(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Where a step writes the updated memories (current once the step is committed)."""
+        return self._memory_sets[1 - self._memory_parity]
+
     def _commit_step(self) -> None:
-        self._memories, self._next_memories = self._next_memories, self._memories
+        self._memory_parity ^= 1
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        return [t for memories in self._memory_sets for pair in memories for t in pair]
 
     def _solve(self, W: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
         # Proximal term (lam/2)||W - W_old||^2: the system becomes W (A + lam I) = Bm + lam W_old.

@@ -114,7 +114,7 @@ class Backprop(Learner):
             return None
         names = {id(p): name for name, p in self.model.named_parameters()}
         params = [g["params"] for g in self.optimizer.param_groups]
-        states = self._whole_step_states(params, penalty)
+        states = self._whole_step_states(list(zip(self.optimizer.param_groups, params)), penalty)
         return None if states is None else ([[names[id(p)] for p in ps] for ps in params], states)
 
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, names: list, states: list) -> StepInfo:

@@ -211,17 +211,17 @@ class Learner(StreamingMixin, abc.ABC):
         return compiled
 
     # ------------------------------------------------------------------------ the captured step
-    def _whole_step_states(self, params_per_group: list[list[nn.Parameter]], penalty: Penalty) -> list | None:
-        """``[(params, Adam state)]`` of each parameter group for a compiled whole step, or None
-        where the step must take the eager path: ``compile=False``, a penalty, data parallelism, an
-        optimizer other than plain Adam, or a parameter whose Adam state torch has not made yet (at
-        its first step)."""
+    def _whole_step_states(self, groups: list[tuple[dict, list[nn.Parameter]]], penalty: Penalty) -> list | None:
+        """``[(params, Adam state)]`` for each ``(param group, its parameters)`` of ``groups``, for a
+        compiled whole step, or None where the step must take the eager path: ``compile=False``, a
+        penalty, data parallelism, an optimizer other than plain Adam, or a parameter whose Adam
+        state torch has not made yet (at its first step)."""
         if not self.compile or penalty is not None or self._parallel is not None:
             return None
         if not isinstance(self.optimizer, torch.optim.Adam):
             return None
         states = []
-        for group, params in zip(self.optimizer.param_groups, params_per_group):
+        for group, params in groups:
             state = adam_state(self.optimizer, group, params)
             if state is None:
                 return None
@@ -233,9 +233,14 @@ class Learner(StreamingMixin, abc.ABC):
         its outputs then live in the graph's memory until the next replay, so the caller copies those
         that outlive the step (:meth:`_outlives_step`)."""
         if self.device.type == "cuda":
-            mark_static(states)  # Adam's state, updated in place by the graph
+            mark_static([states, self._static_tensors()])  # updated in place by the graph
             torch.compiler.cudagraph_mark_step_begin()
         return self._compiled("the whole step", fn, fullgraph=True)(self, *args, states)
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        """Tensors of the learner's own (not weights or optimizer state) that a whole step updates in
+        place, always the same ones (AM-mem's memories)."""
+        return []
 
     def _outlives_step(self, tensors: Any) -> Any:
         """A tensor (or tuple/list of them) of a whole step's outputs that the caller keeps: copied on

@@ -89,15 +89,19 @@ def test_am_adam_captures_its_whole_step_in_one_graph():
 
 def test_a_step_the_graph_cannot_hold_takes_the_eager_path():
     """AM-mem with running-mean memories (their weights change with every batch: a new graph each
-    step) and a loss without a closed-form gradient (autograd would break the graph) keep the
-    compiled code update and never build a whole-step graph; the result is the eager one."""
+    step; said once) and a loss without a closed-form gradient (autograd would break the graph)
+    keep the compiled code update and never build a whole-step graph; the result is the eager one."""
     eager = amstream.AMMem(_mlp(), device="cpu", memory="mean")
     compiled = amstream.AMMem(_mlp(), device="cpu", memory="mean", compile=True)
     smooth = amstream.AMAdam(_mlp(), device="cpu", criterion=nn.CrossEntropyLoss(label_smoothing=0.1), compile=True)
-    for x, y in _batches(3):
+    for i, (x, y) in enumerate(_batches(3)):
         eager.learn(x, y)
-        compiled.learn(x, y)
-        smooth.learn(x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled.learn(x, y)
+            smooth.learn(x, y)
+        said = [str(w.message) for w in caught if "piece by piece" in str(w.message)]
+        assert len(said) == (i == 0) and all("running-mean memories" in m and "AMMem" in m for m in said), said
         assert _max_difference(eager.model, compiled.model) < 1e-12
     assert "the whole step" not in compiled._compiled_functions
     assert "the whole step" not in smooth._compiled_functions

@@ -214,11 +214,21 @@ class AltMinLearner(BlockLearner):
     #: Adam-trained blocks and the rule of the others (:meth:`_solved_blocks_fit`) as tensor functions
     _captures_whole_step = False
 
+    def _whole_step_refusal(self) -> str | None:
+        """Why this learner's steps can never be one compiled graph (None: they can)."""
+        if not self._captures_whole_step:
+            return ""  # a method without a whole-step graph: nothing to say
+        if self._views is None:
+            return "a block is not Linear(activation(code)) (or fast=False), so its gradient needs autograd"
+        if self._has_batchnorm:
+            return "BatchNorm's running statistics are updated outside the code steps"
+        return None
+
     def _whole_step_plan(self, loss_fn: LossFn, penalty: Penalty) -> list | None:
         """The Adam-trained blocks' parameters and Adam states for :meth:`_whole_step`, or None
-        where the step takes the eager path (:meth:`Learner._whole_step_states`, and: BatchNorm, a
-        block that is not ``Linear(activation(c))``, a task loss without a closed-form gradient)."""
-        if not self._captures_whole_step or self._views is None or self._has_batchnorm:
+        where the step takes the eager path (:meth:`_whole_step_refusal`,
+        :meth:`Learner._whole_step_states`, and a task loss without a closed-form gradient)."""
+        if not self.compile or self._tell_whole_step_refusal():
             return None
         if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
             return None  # (a CriterionLoss whose criterion has no closed form has kind None)

@@ -180,13 +180,16 @@ class AMMem(AltMinLearner):
                     f"parameters in {block.describe()}"
                 )
 
-    @property
-    def _captures_whole_step(self) -> bool:
-        """The whole step compiles with the sweep solver (no L1 prox, whose FISTA tests convergence on
-        the host), memory weights that do not change with the samples seen ("mean"'s do: a new graph
-        each step) and the Adam output rule (ADMM-Softmax's iterations test convergence on the host)."""
-        return (self._output_admm is None and self.solver == "sweep" and not self.lambda_w
-                and self.memory != "mean")
+    _captures_whole_step = True
+
+    def _whole_step_refusal(self) -> str | None:
+        if self._output_admm is not None:
+            return "the ADMM-Softmax output rule tests its convergence on the host"
+        if self.solver != "sweep" or self.lambda_w:
+            return "only the sweep solver without an L1 weight (lambda_w) is traced"
+        if self.memory == "mean":
+            return "running-mean memories weigh each batch by the samples seen (a new graph every step)"
+        return super()._whole_step_refusal()
 
     def _fit_hidden_extra(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                           loss_fn: LossFn, forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -108,14 +108,23 @@ class Backprop(Learner):
     # ------------------------------------------------------------------------ the captured step
     def _whole_step_plan(self, penalty: Penalty) -> tuple[list, list] | None:
         """The parameter names and ``(params, Adam state)`` of each group for :meth:`_whole_step`, or
-        None where the step takes the eager path (:meth:`Learner._whole_step_states`, and: a model
-        with buffers, such as BatchNorm's running statistics, or a recurrent layer)."""
-        if not self.compile or self._buffers or self.inputs.recurrent:
+        None where the step takes the eager path (:meth:`_whole_step_refusal`,
+        :meth:`Learner._whole_step_states`)."""
+        if not self.compile or self._tell_whole_step_refusal():
             return None
         names = {id(p): name for name, p in self.model.named_parameters()}
         params = [g["params"] for g in self.optimizer.param_groups]
         states = self._whole_step_states(list(zip(self.optimizer.param_groups, params)), penalty)
         return None if states is None else ([[names[id(p)] for p in ps] for ps in params], states)
+
+    def _whole_step_refusal(self) -> str | None:
+        if self._buffers:
+            return "the model has buffers (BatchNorm's running statistics), which the traced forward pass would not update"
+        if self.inputs.recurrent:
+            return "the model has a recurrent layer"
+        if not isinstance(self.optimizer, torch.optim.Adam):
+            return f"the optimizer is {type(self.optimizer).__name__}; the traced update is Adam's"
+        return None
 
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, names: list, states: list) -> StepInfo:
         """The step as one compiled function (:meth:`_whole_step`)."""

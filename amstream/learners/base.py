@@ -211,6 +211,23 @@ class Learner(StreamingMixin, abc.ABC):
         return compiled
 
     # ------------------------------------------------------------------------ the captured step
+    def _whole_step_refusal(self) -> str | None:
+        """Why ``compile=True`` can never run this learner's whole step as one graph, for this model
+        and these settings (a sentence), ``""`` for a method that has no whole-step graph, or None."""
+        return ""
+
+    def _tell_whole_step_refusal(self) -> bool:
+        """True when the whole step cannot be one graph; says why once (a learner that has a
+        whole-step graph but not for this model or these settings)."""
+        reason = self._whole_step_refusal()
+        if reason and not self._whole_step_told:
+            self._whole_step_told = True
+            warnings.warn(f"compile=True: {type(self).__name__}'s steps are compiled piece by piece, not as one "
+                          f"graph (one CUDA graph on a GPU), because {reason}", UserWarning, stacklevel=6)
+        return reason is not None
+
+    _whole_step_told = False
+
     def _whole_step_states(self, groups: list[tuple[dict, list[nn.Parameter]]], penalty: Penalty) -> list | None:
         """``[(params, Adam state)]`` for each ``(param group, its parameters)`` of ``groups``, for a
         compiled whole step, or None where the step must take the eager path: ``compile=False``, a

@@ -35,7 +35,7 @@ def _max_difference(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {}),
-                                          ("locoprop-s", {}), ("locoprop-m", {})])
+                                          ("locoprop-s", {}), ("locoprop-m", {}), ("dladmm", {})])
 def test_compiled_steps_equal_eager_ones(name, kwargs):
     eager = amstream.LEARNERS[name](_mlp(), device="cpu", **kwargs)
     compiled = amstream.LEARNERS[name](_mlp(), device="cpu", compile=True, **kwargs)
@@ -233,12 +233,13 @@ def test_compile_choice_is_checked():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3})])
+@pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {})])
 def test_captured_steps_equal_eager_ones_on_cuda(name, kwargs):
     """On CUDA compile=True (and "auto") runs the whole step as one CUDA graph ("reduce-overhead":
-    codes, local gradients and Adam for AM-Adam; forward, backward and Adam for backprop), never
-    skipped for mutating its inputs (Adam's state is marked static); the weights after each step
-    match the eager learner's, and the step's record outlives the next replay."""
+    codes, local gradients and Adam for AM-Adam, the memory solves too for AM-mem; forward, backward
+    and Adam for backprop), never skipped for mutating its inputs (Adam's state and AM-mem's memories
+    are marked static); the weights after each step match the eager learner's, and the step's record
+    outlives the next replay."""
     from torch._dynamo.utils import counters
 
     def mlp32():

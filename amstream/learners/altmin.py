@@ -290,7 +290,7 @@ class AltMinLearner(BlockLearner):
         local, grads = [], []
         for step in range(self.weight_steps):
             local, grads = [], []
-            for k, (block, view) in enumerate(zip(self._adam_blocks(), self._views)):
+            for block, view in zip(self._adam_blocks(), self._views):
                 a = view.inputs(inputs[block.index])
                 g_out, item = self._local_gradient(block, view, a, new_codes, codes, loss_fn, step)
                 if item is not None:

@@ -339,7 +339,7 @@ class DLADMM(Learner):
             W, b = weights[l]
             target = zs[l] + dual / rho if dual is not None else zs[l]
             if reduce is None:
-                weights[l][1] = bias_update(acts[l], W, b, target, self.prox)
+                weights[l][1] = self._compiled("the b update", bias_update)(acts[l], W, b, target, self.prox)
                 return
             residual = (F.linear(acts[l], W, b) - target).sum(0)  # bias_update over the whole batch
             reduce([residual])
@@ -367,7 +367,7 @@ class DLADMM(Learner):
             W, b = weights[l]
             m = F.linear(acts[l], W, b)
             if l < last:
-                zs[l] = relu_z_update(m, acts[l + 1])
+                zs[l] = self._compiled("the z update", relu_z_update)(m, acts[l + 1])
                 return
             center = m - dual / rho
             if Y is None:

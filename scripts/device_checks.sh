@@ -46,10 +46,13 @@ step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compile
 # issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
 step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50 \
     --distributed-learner backprop,am-adam,am-mem,locoprop-m --distributed-overlap
-# 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy)
+# 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy); with
+# BatchNorm (the protocol: compiled piece by piece) and without (the whole step is one CUDA graph)
 for mode in false true; do
-    step "epoch-compile-$mode" $PY scripts/stream.py --dataset mnist --learner am-adam --batch-size 200 \
-        --epochs 1 --batchnorm --device "$DEVICE" --compile $mode --quiet --logdir "$WORK/runs" $EP
+    for bn in --batchnorm ""; do
+        step "epoch-compile-$mode${bn:+-bn}" $PY scripts/stream.py --dataset mnist --learner am-adam --batch-size 200 \
+            --epochs 1 $bn --device "$DEVICE" --compile $mode --quiet --logdir "$WORK/runs" $EP
+    done
 done
 # 4. issue 13: dlADMM's reference protocol at 784-1000-1000-10 (backtracking and bound), both data sets
 for ds in mnist fashion-mnist; do

@@ -7,6 +7,7 @@ GPU marker.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -35,7 +36,8 @@ def _max_difference(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {}),
-                                          ("locoprop-s", {}), ("locoprop-m", {}), ("dladmm", {})])
+                                          ("locoprop-s", {"local_steps": 3}), ("locoprop-m", {"local_steps": 3}),
+                                          ("dladmm", {})])
 def test_compiled_steps_equal_eager_ones(name, kwargs):
     eager = amstream.LEARNERS[name](_mlp(), device="cpu", **kwargs)
     compiled = amstream.LEARNERS[name](_mlp(), device="cpu", compile=True, **kwargs)
@@ -51,7 +53,8 @@ def test_compiled_steps_equal_eager_ones(name, kwargs):
         assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-10, rtol=0)
     assert compiled._compiled_functions, "compile=True must route the step through compiled functions"
     assert all(f.active for f in compiled._compiled_functions.values())
-    if name in ("am-adam", "backprop", "am-mem"):  # from the second step, each step is one compiled function
+    if name in ("am-adam", "backprop", "am-mem", "locoprop-s", "locoprop-m"):  # from the second step, each
+        # step is one compiled function (LocoProp's with 3 local steps here: its graph unrolls them)
         assert "the whole step" in compiled._compiled_functions
 
 
@@ -108,6 +111,43 @@ def test_a_step_the_graph_cannot_hold_takes_the_eager_path():
     assert compiled._compiled_functions["the code update"].active
 
 
+@pytest.mark.parametrize("name", ["am-adam", "am-mem"])
+def test_a_captured_step_that_goes_non_finite_is_rolled_back(name):
+    """The guarantees hold around the whole-step graph: a step whose loss has an infinite target
+    (weights, memories and Adam state go non-finite inside the graph) is undone exactly, and the
+    learner then steps as an eager one from the same state."""
+    from agents.td import TDLoss
+    from state_utils import assert_same_state, snapshot
+
+    eager = amstream.LEARNERS[name](_mlp(), device="cpu", criterion=nn.MSELoss())
+    captured = amstream.LEARNERS[name](_mlp(), device="cpu", criterion=nn.MSELoss(), compile=True)
+    g = torch.Generator().manual_seed(3)
+
+    def td_batch(target_value=None):
+        x = torch.randn(24, 12, generator=g, dtype=F64)
+        target = torch.randn(24, generator=g, dtype=F64)
+        if target_value is not None:
+            target[3] = target_value
+        return x, TDLoss("mse", torch.randint(0, 4, (24,), generator=g), target)
+
+    for _ in range(2):
+        x, loss_fn = td_batch()
+        eager.step(x, loss_fn)
+        captured.step(x, loss_fn)
+    assert captured._compiled_functions["the whole step"].active
+    captured.load_state_dict(eager.state_dict())
+    before = snapshot(captured)
+    x, loss_fn = td_batch(math.inf)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        info = captured.step(x, loss_fn)
+    assert info.rolled_back
+    assert_same_state(snapshot(captured), before)
+    x, loss_fn = td_batch()
+    eager.step(x, loss_fn)
+    captured.step(x, loss_fn)
+    assert _max_difference(eager.model, captured.model) < 1e-12
+
+
 def test_the_captured_adam_update_is_torch_adam():
     """``adam_update_`` on torch.optim.Adam's own state gives torch's update (fused and foreach),
     with the learning rate a float or a 0-dim tensor."""
@@ -140,14 +180,18 @@ def test_the_captured_adam_update_is_torch_adam():
 
 def test_the_compiled_local_gradient_is_specialized_once_per_layer_kind():
     """LocoProp-M's local gradient, compiled: one graph per (transfer function, first-step or later)
-    and layer shape, reused at every step (the transfer functions are the same objects each step)."""
+    and layer shape, reused at every step (the transfer functions are the same objects each step).
+    With SGD as the local optimizer the whole step is not one graph (said once), so every step runs
+    the pieces."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # compile here, not in an earlier test's cache
-    learner = amstream.LEARNERS["locoprop-m"](_mlp(), device="cpu", compile=True)
+    learner = amstream.LEARNERS["locoprop-m"](_mlp(), device="cpu", compile=True, local_optimizer="sgd", lr=0.01)
     counters.clear()
     batches = _batches(4)
-    for x, y in batches[:2]:
+    with pytest.warns(UserWarning, match="the local optimizer is sgd"):
+        learner.learn(*batches[0])
+    for x, y in batches[1:2]:
         learner.learn(x, y)
     after_two = counters["stats"]["unique_graphs"]
     for x, y in batches[2:]:

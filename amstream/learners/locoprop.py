@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, UnsupportedModelError, frozen_batchnorm_stats
-from ..functional import LinearBlockView, linear_view
+from ..functional import LinearBlockView, _through_linear_block, linear_view, task_loss_gradient
+from ..optim.adam_update import adam_update_
 from ..hparams import HParam, override
 from ..optim import TFRMSprop
-from .base import LossFn, Penalty, StepInfo
+from .base import LossFn, Penalty, StepInfo, fused_kwargs
 from .blockwise import BlockLearner
 from .penalty import add_penalty_grads_, frozen_penalty
 
@@ -156,8 +157,10 @@ class LocoProp(BlockLearner):
         if name == "rmsprop":
             return torch.optim.RMSprop(groups, lr=self.lr, alpha=self.decay, momentum=self.momentum, eps=self.eps,
                                        foreach=True)
-        if name == "adam":
-            return torch.optim.Adam(groups, lr=self.lr, eps=self.eps, foreach=True)
+        if name == "adam":  # fused where torch has it: its state lives on the device (a CUDA graph needs that)
+            params = [p for g in groups for p in g["params"]]
+            return torch.optim.Adam(groups, lr=self.lr, eps=self.eps,
+                                    **(fused_kwargs(torch.optim.Adam, params) or {"foreach": True}))
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, foreach=True)
 
     def _hidden_transfer(self, block: Block) -> tuple[str, nn.Module | None]:
@@ -205,6 +208,10 @@ class LocoProp(BlockLearner):
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         pending = self._take_pending(x)
+        if pending is None:
+            states = self._whole_step_plan(loss_fn, penalty)
+            if states is not None:
+                return self._captured_step(x, loss_fn, states)
         inputs, pre_acts, out = pending if pending is not None else self._forward_graph(x)
         loss = loss_fn(out)
         # a penalty given as a tensor may reach back through this pass (LwF): keep its graph
@@ -212,9 +219,7 @@ class LocoProp(BlockLearner):
         with torch.no_grad():
             inputs = [t.detach() for t in inputs]
             pre_acts = [t.detach() for t in pre_acts]
-            transfers = [*self._transfers, (self._output_transfer(), None)]
-            fns = [_transfer_fn(name, module) for name, module in transfers] if self.variant == "M" else \
-                [_transfer_fn("identity", None)] * len(self.blocks)
+            fns = self._transfer_fns()
             # Data-parallel: g is the gradient of the shard's mean loss; the whole batch's is `share`
             # times it, and the local losses are sums over samples, so each rank's gradient is scaled
             # by 1/share before the optimizer's hook weights it by share and sums (a plain sum).
@@ -227,6 +232,89 @@ class LocoProp(BlockLearner):
         return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
                         diagnostics={"locoprop/residual": residuals})
+
+    def _transfer_fns(self) -> list:
+        """Each block's transfer function ``f`` of its local loss (the identity for LocoProp-S)."""
+        if self.variant != "M":
+            return [_transfer_fn("identity", None)] * len(self.blocks)
+        return [_transfer_fn(name, module) for name, module in [*self._transfers, (self._output_transfer(), None)]]
+
+    # ------------------------------------------------------------------------ the captured step
+    def _whole_step_refusal(self) -> str | None:
+        if any(view is None for view in self._views):
+            return "a block is not Linear(activation(input)), so its local gradient needs autograd"
+        if not isinstance(self.optimizer, torch.optim.Adam):
+            return f"the local optimizer is {self.local_optimizer}; the traced update is Adam's"
+        return None
+
+    def _whole_step_plan(self, loss_fn: LossFn, penalty: Penalty) -> list | None:
+        """Each block's parameters and Adam state for :meth:`_whole_step`, or None where the step
+        takes the eager path (:meth:`_whole_step_refusal`, :meth:`Learner._whole_step_states`, a
+        task loss without a closed-form gradient)."""
+        if not self.compile or self._tell_whole_step_refusal():
+            return None
+        if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
+            return None
+        groups = self.optimizer.param_groups
+        params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None] for view in self._views]
+        if [list(map(id, g["params"])) for g in groups] != [list(map(id, ps)) for ps in params]:
+            return None
+        return self._whole_step_states(list(zip(groups, params)), penalty)
+
+    def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, states: list) -> StepInfo:
+        """The step as one compiled function (:meth:`_whole_step`)."""
+        groups = self.optimizer.param_groups
+        scalars = self._step_scalars.get([g["lr"] for g in groups], self._params[0])
+        adam = tuple((*g["betas"], g["eps"]) for g in groups)
+        loss, residuals, grads = self._run_whole_step(type(self)._whole_step, states, x, loss_fn, scalars, adam)
+        self._set_grads(states, grads)
+        return StepInfo(loss=self._outlives_step(loss), batch_size=x.shape[0], lrs={g["name"]: g["lr"] for g in groups},
+                        diagnostics={"locoprop/residual": self._outlives_step(residuals)})
+
+    def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, scalars: torch.Tensor, adam: tuple,
+                    states: list) -> tuple:
+        """The step as one pure function of the tensors for ``torch.compile`` (``fullgraph``; one CUDA
+        graph on a GPU): the forward pass, the backward pass to every pre-activation in closed form
+        (each block is ``Linear(activation(input))``), the targets, and the ``T`` local steps of every
+        layer with Adam (:func:`~amstream.optim.adam_update.adam_update_` on the optimizer's own state,
+        the learning rates ``scalars`` times the in-batch decay, each group's ``(beta1, beta2, eps)`` in
+        ``adam``). The same arithmetic as the eager step (tested to float tolerance); new here."""
+        with torch.no_grad():
+            inputs, pre_acts, c = [], [], x
+            for view in self._views:
+                inputs.append(view.inputs(c))
+                c = view.linear(inputs[-1])
+                pre_acts.append(c)
+            loss = loss_fn(c)
+            g = task_loss_gradient(c, loss_fn)
+            grads_a = [g]
+            for view, a in zip(reversed(self._views[1:]), reversed(pre_acts[:-1])):
+                g = _through_linear_block(view, a, g)
+                grads_a.insert(0, g)
+            fns = self._transfer_fns()
+            targets = [fn(a) - self.gamma * g for fn, a, g in zip(fns, pre_acts, grads_a)]
+            anchors = [[p.clone() for p in params] for params, _ in states] if self.prox else None
+            T = self.local_steps
+            first, last, grads = [], [], []
+            for k in range(T):
+                factor = max(1.0 - k / T, 0.25) if self.local_lr_decay else 1.0
+                last, grads = [], []
+                for i, (view, inp, a, target, fn) in enumerate(zip(self._views, inputs, pre_acts, targets, fns)):
+                    bias = view.linear.bias
+                    grad_w, grad_b, norm = local_linear_gradient(
+                        inp, a if k == 0 else view.linear(inp), target, fn, 1.0, bias is not None)
+                    block_grads = [grad_w] if bias is None else [grad_w, grad_b]
+                    if anchors is not None:
+                        block_grads = [gr + self.prox * (p - anchor)
+                                       for gr, p, anchor in zip(block_grads, states[i][0], anchors[i])]
+                    grads.append(block_grads)
+                    last.append(norm)
+                if k == 0:
+                    first = last
+                for i, ((params, state), block_grads, (beta1, beta2, eps)) in enumerate(zip(states, grads, adam)):
+                    adam_update_(params, block_grads, state, lr=scalars[i] * factor, beta1=beta1, beta2=beta2, eps=eps)
+            residuals = tuple(r / f.clamp_min(torch.finfo(f.dtype).tiny) for r, f in zip(last, first))
+        return loss, residuals, grads
 
     def _local_steps(self, inputs, pre_acts, targets, fns, penalty, anchors) -> tuple:
         """T local steps of every layer on its own loss; returns each layer's last residual norm

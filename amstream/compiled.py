@@ -7,6 +7,13 @@ per code step, fused by the compiler into a handful), the model's forward pass o
 every learner's ``predict``. Weights, optimizer states and checkpoints are those of the eager
 learner: a compiled learner saves what an eager one saves and loads it back.
 
+AM-Adam, AM-mem, LocoProp and backprop go further: from their second step (once torch's Adam has
+made its state) the whole step is one function compiled without graph breaks (``fullgraph``), on
+CUDA one CUDA graph; it applies Adam's rule to the optimizer's own state
+(:mod:`amstream.optim.adam_update`) and takes the step sizes as one tensor (:class:`StepScalars`), so
+that a schedule needs no recompilation. The state it updates in place is marked static
+(:func:`mark_static`), as parameters are, so that a CUDA graph updates it rather than being skipped.
+
 Compilation happens at the first call of each function (tens of seconds on a CPU, where torch
 generates and builds C++ kernels) and again for each new input shape. Where a function cannot be
 compiled (no C++ compiler, an operation the compiler does not support, a model that changes its own

@@ -230,13 +230,8 @@ class AltMinLearner(BlockLearner):
         :meth:`Learner._whole_step_states`, and a task loss without a closed-form gradient)."""
         if not self.compile or self._tell_whole_step_refusal():
             return None
-        if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
-            return None  # (a CriterionLoss whose criterion has no closed form has kind None)
-        params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None] for view in self._views]
         groups = [g for g in self.optimizer.param_groups if not g.get("solved")]
-        if [list(map(id, g["params"])) for g in groups] != [list(map(id, ps)) for ps in params]:
-            return None
-        return self._whole_step_states(list(zip(groups, params)), penalty)
+        return self._linear_whole_step_states(self._views, groups, loss_fn, penalty)
 
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, mu: float, code_lrs: list[float],
                        states: list) -> StepInfo:

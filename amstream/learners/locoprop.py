@@ -253,13 +253,7 @@ class LocoProp(BlockLearner):
         task loss without a closed-form gradient)."""
         if not self.compile or self._tell_whole_step_refusal():
             return None
-        if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
-            return None
-        groups = self.optimizer.param_groups
-        params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None] for view in self._views]
-        if [list(map(id, g["params"])) for g in groups] != [list(map(id, ps)) for ps in params]:
-            return None
-        return self._whole_step_states(list(zip(groups, params)), penalty)
+        return self._linear_whole_step_states(self._views, self.optimizer.param_groups, loss_fn, penalty)
 
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, states: list) -> StepInfo:
         """The step as one compiled function (:meth:`_whole_step`)."""

@@ -153,12 +153,21 @@ _ACTIVATION_FUNCTIONS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class LinearBlockView(NamedTuple):
-    """A block ``linear(act(flatten(c)))`` whose gradients have a closed form."""
+    """A block ``linear(act(flatten(c)))``, or ``batchnorm(linear(act(flatten(c))))`` with ``bn``,
+    whose gradients have a closed form."""
 
     flatten: bool
     act: nn.Module | None
     act_backward: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor] | None  # None: derivative 1
     linear: nn.Linear
+    #: a BatchNorm1d after the Linear layer, applied with the batch's statistics (training mode,
+    #: running statistics untouched: as inside ``frozen_batchnorm_stats``)
+    bn: nn.Module | None = None
+
+    def output(self, a: torch.Tensor) -> torch.Tensor:
+        """The block's output for the Linear layer's input ``a``."""
+        z = self.linear(a)
+        return z if self.bn is None else batch_norm_train(self.bn, z)
 
     def inputs(self, c: torch.Tensor) -> torch.Tensor:
         """The Linear layer's input ``act(flatten(c))``."""
@@ -174,12 +183,16 @@ class LinearBlockView(NamedTuple):
         return function(a)
 
 
-def linear_view(block) -> LinearBlockView | None:
-    """``LinearBlockView`` of a block made of at most a Flatten, one known activation and one Linear;
-    None for anything else (Conv, BatchNorm, Dropout, custom modules), which autograd handles."""
+def linear_view(block, batchnorm: bool = False) -> LinearBlockView | None:
+    """``LinearBlockView`` of a block made of at most a Flatten, one known activation and one Linear
+    (with ``batchnorm``: also Linear then an affine BatchNorm1d); None for anything else (Conv,
+    Dropout, custom modules), which autograd handles."""
     from .blocks import Sign, Step, StraightThrough  # local: blocks imports nothing from here
 
     pre, lin, post = list(block.pre), list(block.lin), list(block.post)
+    bn = None
+    if batchnorm and len(lin) == 2 and type(lin[1]) is nn.BatchNorm1d and lin[1].affine:
+        lin, bn = lin[:1], lin[1]
     if post or len(lin) != 1 or type(lin[0]) is not nn.Linear:
         return None
     pre = [m for m in pre if not isinstance(m, nn.Identity)]
@@ -190,12 +203,32 @@ def linear_view(block) -> LinearBlockView | None:
     if len(acts) > 1:
         return None
     if not acts:
-        return LinearBlockView(bool(flattens), None, None, lin[0])
+        return LinearBlockView(bool(flattens), None, None, lin[0], bn)
     act = acts[0]
     if isinstance(act, (Sign, Step, StraightThrough)):
-        return LinearBlockView(bool(flattens), act, None, lin[0])
+        return LinearBlockView(bool(flattens), act, None, lin[0], bn)
     grad = _ACTIVATION_BACKWARDS.get(type(act))
-    return LinearBlockView(bool(flattens), act, grad, lin[0]) if grad is not None else None
+    return LinearBlockView(bool(flattens), act, grad, lin[0], bn) if grad is not None else None
+
+
+def batch_norm_train(bn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``bn(z)`` with the batch's own statistics, without updating the running ones."""
+    return F.batch_norm(z, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+
+
+def batch_norm_backward(bn: nn.Module, z: torch.Tensor, g_y: torch.Tensor) -> tuple:
+    """Gradients ``(g_z, g_weight, g_bias)`` of a loss with gradient ``g_y`` w.r.t.
+    ``batch_norm_train(bn, z)`` (Ioffe and Szegedy, ICML 2015, Sec. 3): with ``x = (z - mean) / s``,
+    ``s = sqrt(var + eps)`` (the biased batch variance), ``g_z = (gamma / s) (g_y - mean(g_y) -
+    x mean(g_y x))``, ``g_gamma = sum(g_y x)``, ``g_beta = sum(g_y)``."""
+    mean = z.mean(0)
+    inv_std = torch.rsqrt(z.var(0, unbiased=False) + bn.eps)
+    x_hat = (z - mean) * inv_std
+    g_beta = g_y.sum(0)
+    g_gamma = (g_y * x_hat).sum(0)
+    n = z.shape[0]
+    g_z = (g_y - g_beta / n - x_hat * (g_gamma / n)) * (bn.weight * inv_std)
+    return g_z, g_gamma, g_beta
 
 
 def _through_linear_block(view: LinearBlockView, c: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
@@ -210,11 +243,15 @@ def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox
     """Closed-form gradient of :func:`code_objective` for Linear blocks (same value as autograd).
     Called in no-grad mode (the caller's: one context for all the code steps)."""
     per_element = reduction == "sum"
-    pred = F.linear(view_next.inputs(c), view_next.linear.weight, view_next.linear.bias)
+    z = pred = F.linear(view_next.inputs(c), view_next.linear.weight, view_next.linear.bias)
+    if view_next.bn is not None:
+        pred = batch_norm_train(view_next.bn, z)
     if target is None:  # last code: the task loss may be anything (closed form or autograd on the output)
         g_out = task_loss_gradient(pred, loss_fn).mul_((c.shape[0] if per_element else 1.0) / mu)
     else:
         g_out = pred.sub_(target).mul_(2.0 if per_element else 2.0 / pred.numel())
+    if view_next.bn is not None:
+        g_out = batch_norm_backward(view_next.bn, z, g_out)[0]
     grad = _through_linear_block(view_next, c, g_out)
     scale = 1.0 if per_element else 1.0 / c.numel()
     if prox == "paper":
@@ -384,6 +421,7 @@ def update_codes(
     fast: bool = True,
     reduction: str = "mean",
     cap_steps: bool = False,
+    batchnorm: bool = False,
 ) -> list[torch.Tensor]:
     """Top-down code update (Choromanska et al., Alg. 1): last code first, then each lower code.
 
@@ -400,6 +438,9 @@ def update_codes(
         cap_steps: cap each hidden code's step size at ``1/L`` of its objective
             (:func:`hidden_code_step_cap`) where the next block is ``Linear(activation(c))``; the
             last code's task loss can be anything, so its step is never capped.
+        batchnorm: with ``fast``, closed-form gradients through a next block that ends in a
+            BatchNorm1d too (batch statistics; the same values as autograd inside
+            ``frozen_batchnorm_stats``); its steps are not capped, as autograd's are not.
 
     Returns:
         The updated codes (new tensors; ``codes`` is not modified).
@@ -414,7 +455,7 @@ def update_codes(
             cap = hidden_code_step_cap(next_view, codes[i], reduction) if next_view is not None else None
             if cap is not None:
                 lr = torch.clamp(cap, max=lr)
-        view = linear_view(output_block if target is None else blocks[i + 1]) if fast else None
+        view = linear_view(output_block if target is None else blocks[i + 1], batchnorm) if fast else None
         if view is not None:
             c = codes[i].detach().clone()
             anchor = codes[i].detach()

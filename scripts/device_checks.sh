@@ -46,8 +46,8 @@ step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compile
 # issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
 step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50 \
     --distributed-learner backprop,am-adam,am-mem,locoprop-m --distributed-overlap
-# 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy); with
-# BatchNorm (the protocol: compiled piece by piece) and without (the whole step is one CUDA graph)
+# 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy), with
+# BatchNorm (the protocol) and without; compiled, both steps are one CUDA graph each
 for mode in false true; do
     for bn in --batchnorm ""; do
         step "epoch-compile-$mode${bn:+-bn}" $PY scripts/stream.py --dataset mnist --learner am-adam --batch-size 200 \

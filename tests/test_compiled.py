@@ -20,6 +20,14 @@ from amstream.compiled import CompiledFunction, resolve_compile
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compiler_cache():
+    """Each test starts with dynamo's in-memory cache empty: a whole step is specialized on its
+    learner's class and settings, and the tests' many configurations would otherwise reach torch's
+    recompile limit in one process (the compiled kernels stay in inductor's on-disk cache)."""
+    torch._dynamo.reset()
+
+
 def _mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(F64)
@@ -88,6 +96,44 @@ def test_am_adam_captures_its_whole_step_in_one_graph():
     assert captured._compiled_functions["the whole step"].active
     assert captured.optimizer.param_groups[0]["lr"] < 0.008 / 3  # the rates were halved twice
     assert graphs[2] > graphs[1] and graphs[4] == graphs[2]  # compiled at the second step, not again
+
+
+def test_am_adam_with_batchnorm_captures_its_whole_step():
+    """Blocks Linear -> BatchNorm1d (the section 1 protocol's network): the whole step takes the
+    BatchNorm's backward in closed form with the batch's statistics, and the forward pass alone
+    updates the running ones; the weights, running statistics and predictions equal the eager
+    learner's. The Linear biases right before a BatchNorm are left out of the weight comparison:
+    they have no effect on the output, a zero true gradient, and Adam turns its rounding into
+    steps of about lr x 1e-8. bn_stats="all" (running statistics from every step) is refused."""
+    def bn_mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                             nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).to(F64)
+
+    eager = amstream.AMAdam(bn_mlp(), device="cpu")
+    captured = amstream.AMAdam(bn_mlp(), device="cpu", compile=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile=True")  # neither a fallback nor a refusal
+        for i, (x, y) in enumerate(_batches(4)):
+            if i % 2:
+                eager.forward_for_step(x)
+                captured.forward_for_step(x)
+            eager.learn(x, y)
+            captured.learn(x, y)
+            for (name, p), q in zip(eager.model.named_parameters(), captured.model.parameters()):
+                if name not in ("0.bias", "3.bias"):
+                    assert float((p - q).detach().abs().max()) < 1e-12, name
+            for p, q in zip(eager.model.buffers(), captured.model.buffers()):
+                assert torch.allclose(p, q, atol=1e-12, rtol=0)
+            captured.load_state_dict(eager.state_dict())
+    assert captured._compiled_functions["the whole step"].active
+    x = _batches(1)[0][0]
+    assert torch.allclose(captured.predict(x), eager.predict(x), atol=1e-12, rtol=0)
+    refused = amstream.AMAdam(bn_mlp(), device="cpu", compile=True, bn_stats="all")
+    with pytest.warns(UserWarning, match="bn_stats='all'"):
+        for x, y in _batches(2):
+            refused.learn(x, y)
+    assert "the whole step" not in refused._compiled_functions
 
 
 def test_a_step_the_graph_cannot_hold_takes_the_eager_path():

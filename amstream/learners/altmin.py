@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
-from ..functional import (PROX_MODES, REDUCTIONS, linear_view, linear_weight_grads, linear_weight_grads_,
-                          task_loss_gradient, update_codes)
+from ..functional import (PROX_MODES, REDUCTIONS, batch_norm_backward, linear_view, linear_weight_grads,
+                          linear_weight_grads_, task_loss_gradient, update_codes)
 from ..optim.adam_update import adam_update_
 from ..hparams import HParam
 from ..schedules import apply_lr_halving_, mu_at
@@ -117,6 +117,9 @@ class AltMinLearner(BlockLearner):
         # closed-form weight gradients when every Adam-trained block is Linear(activation(c))
         views = [linear_view(b) for b in self._adam_blocks()]
         self._views = views if self.fast and all(v is not None for v in views) else None
+        # the whole step's: the same, and blocks ending in a BatchNorm1d too (its backward in closed form)
+        views = [linear_view(b, batchnorm=True) for b in self._adam_blocks()]
+        self._whole_views = views if self.fast and all(v is not None for v in views) else None
 
     # --------------------------------------------------------------------------- subclass hooks
     def _adam_blocks(self) -> list[Block]:
@@ -218,10 +221,11 @@ class AltMinLearner(BlockLearner):
         """Why this learner's steps can never be one compiled graph (None: they can)."""
         if not self._captures_whole_step:
             return ""  # a method without a whole-step graph: nothing to say
-        if self._views is None:
-            return "a block is not Linear(activation(code)) (or fast=False), so its gradient needs autograd"
-        if self._has_batchnorm:
-            return "BatchNorm's running statistics are updated outside the code steps"
+        if self._whole_views is None:
+            return ("a block is not Linear(activation(code)), optionally followed by BatchNorm1d (or fast=False), "
+                    "so its gradient needs autograd")
+        if self._has_batchnorm and self.bn_stats == "all":
+            return "bn_stats='all' updates BatchNorm's running statistics at every code and weight step"
         return None
 
     def _whole_step_plan(self, loss_fn: LossFn, penalty: Penalty) -> list | None:
@@ -231,7 +235,7 @@ class AltMinLearner(BlockLearner):
         if not self.compile or self._tell_whole_step_refusal():
             return None
         groups = [g for g in self.optimizer.param_groups if not g.get("solved")]
-        return self._linear_whole_step_states(self._views, groups, loss_fn, penalty)
+        return self._linear_whole_step_states(self._whole_views, groups, loss_fn, penalty)
 
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, mu: float, code_lrs: list[float],
                        states: list) -> StepInfo:
@@ -279,18 +283,23 @@ class AltMinLearner(BlockLearner):
             codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=scalars[0], steps=self.code_steps,
             lrs=[scalars[1 + i] for i in range(n_codes)], momentum=self.code_momentum, prox=self.prox,
             lambda_c=self.lambda_c, fast=True, reduction=self.reduction, cap_steps=self.cap_code_steps,
+            batchnorm=True,
         ) if codes else []
         inputs = self._fit_inputs(x, codes, new_codes)
         beta1, beta2 = self.betas
         local, grads = [], []
         for step in range(self.weight_steps):
             local, grads = [], []
-            for block, view in zip(self._adam_blocks(), self._views):
+            for block, view in zip(self._adam_blocks(), self._whole_views):
                 a = view.inputs(inputs[block.index])
                 g_out, item = self._local_gradient(block, view, a, new_codes, codes, loss_fn, step)
                 if item is not None:
                     local.append(item)
-                grads.append(linear_weight_grads(view, a, g_out, self._lambda_w if item is not None else 0.0))
+                bn_grads = []
+                if view.bn is not None:  # g_out is the BatchNorm's output's: through it to the Linear's
+                    g_out, *bn_grads = batch_norm_backward(view.bn, view.linear(a), g_out)
+                grads.append(linear_weight_grads(view, a, g_out, self._lambda_w if item is not None else 0.0)
+                             + bn_grads)
             for k, ((params, state), block_grads) in enumerate(zip(states, grads)):
                 adam_update_(params, block_grads, state, lr=scalars[1 + n_codes + k], beta1=beta1, beta2=beta2,
                              eps=self.adam_eps)
@@ -356,10 +365,10 @@ class AltMinLearner(BlockLearner):
         that loss (None for the output block, whose loss is the task's): ``MSE(linear(a), c)`` with
         ``lambda_w mean|W|`` for a hidden block, the task loss for the output block."""
         if block is self.blocks.output:
-            return task_loss_gradient(view.linear(a), loss_fn), None
+            return task_loss_gradient(view.output(a), loss_fn), None
         # The first layer's input is x, which no code update changes: its prediction is the forward
         # code, so the widest matmul is not recomputed.
-        pred = forward_codes[0] if block.index == 0 and step == 0 else view.linear(a)
+        pred = forward_codes[0] if block.index == 0 and step == 0 else view.output(a)
         residual = pred - targets[block.index]
         loss = residual.square().mean()
         if self._lambda_w:

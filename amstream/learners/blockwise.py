@@ -57,11 +57,12 @@ class BlockLearner(Learner):
 
     def _linear_whole_step_states(self, views: list, groups: list[dict], loss_fn, penalty) -> list | None:
         """:meth:`Learner._whole_step_states` for Linear blocks ``views`` trained by the parameter
-        groups ``groups`` (one each, holding exactly the block's weight and bias), or None: also where
-        the task loss has no closed-form gradient (autograd would break the graph)."""
+        groups ``groups`` (one each, holding exactly the block's weight and bias, and its BatchNorm's),
+        or None: also where the task loss has no closed-form gradient (autograd would break the graph)."""
         if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
             return None  # (a CriterionLoss whose criterion has no closed form has kind None)
-        params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None] for view in views]
+        params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None]
+                  + ([view.bn.weight, view.bn.bias] if getattr(view, "bn", None) is not None else []) for view in views]
         if [list(map(id, g["params"])) for g in groups] != [list(map(id, ps)) for ps in params]:
             return None
         return self._whole_step_states(list(zip(groups, params)), penalty)

@@ -231,7 +231,7 @@ def batch_norm_backward(bn: nn.Module, z: torch.Tensor, g_y: torch.Tensor) -> tu
     return g_z, g_gamma, g_beta
 
 
-def _through_linear_block(view: LinearBlockView, c: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+def through_linear_block(view: LinearBlockView, c: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. ``c`` of a loss whose gradient w.r.t. ``linear(act(c))`` is ``g_out``."""
     g = g_out @ view.linear.weight
     if view.act_backward is not None:
@@ -252,7 +252,7 @@ def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox
         g_out = pred.sub_(target).mul_(2.0 if per_element else 2.0 / pred.numel())
     if view_next.bn is not None:
         g_out = batch_norm_backward(view_next.bn, z, g_out)[0]
-    grad = _through_linear_block(view_next, c, g_out)
+    grad = through_linear_block(view_next, c, g_out)
     scale = 1.0 if per_element else 1.0 / c.numel()
     if prox == "paper":
         grad.add_(c - anchor, alpha=2.0 * scale)

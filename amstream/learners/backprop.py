@@ -119,7 +119,8 @@ class Backprop(Learner):
 
     def _whole_step_refusal(self) -> str | None:
         if self._buffers:
-            return "the model has buffers (BatchNorm's running statistics), which the traced forward pass would not update"
+            return ("the model has buffers (BatchNorm's running statistics), which the traced forward pass would "
+                    "not update")
         if self.inputs.recurrent:
             return "the model has a recurrent layer"
         if not isinstance(self.optimizer, torch.optim.Adam):

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, UnsupportedModelError, frozen_batchnorm_stats
-from ..functional import LinearBlockView, _through_linear_block, linear_view, task_loss_gradient
-from ..optim.adam_update import adam_update_
+from ..functional import LinearBlockView, linear_view, task_loss_gradient, through_linear_block
 from ..hparams import HParam, override
 from ..optim import TFRMSprop
+from ..optim.adam_update import adam_update_
 from .base import LossFn, Penalty, StepInfo, fused_kwargs
 from .blockwise import BlockLearner
 from .penalty import add_penalty_grads_, frozen_penalty
@@ -283,7 +283,7 @@ class LocoProp(BlockLearner):
             g = task_loss_gradient(c, loss_fn)
             grads_a = [g]
             for view, a in zip(reversed(self._views[1:]), reversed(pre_acts[:-1])):
-                g = _through_linear_block(view, a, g)
+                g = through_linear_block(view, a, g)
                 grads_a.insert(0, g)
             fns = self._transfer_fns()
             targets = [fn(a) - self.gamma * g for fn, a, g in zip(fns, pre_acts, grads_a)]

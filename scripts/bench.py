@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--threads", HParam(None, "torch CPU threads (default: torch's own)", int, count, optional=True))
     p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
     p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP")
+    p.add_argument("--batchnorm", action="store_true",
+                   help="steps and compiled sections: BatchNorm1d after each hidden Linear (section 1's network; "
+                        "learners that do not take it are left out)")
     p.add_argument("--learner", action=CommaList, default=",".join(learner_names()),
                    help="registered learners timed against backprop-Adam, each with its defaults")
     p.add_argument("--also", action="append", default=None, metavar="LEARNER:NAME=VALUE[,NAME=VALUE]",
@@ -158,7 +161,7 @@ def step_times(args, device, x, y) -> list[dict]:
 
     def fresh(name, **kw):
         torch.manual_seed(0)
-        return LEARNERS[name](build_mlp((1, 28, 28), hidden, 10), device=device, **kw)
+        return LEARNERS[name](build_mlp((1, 28, 28), hidden, 10, args.batchnorm), device=device, **kw)
 
     # the reference, then every chosen registered learner with its defaults, then the --also variants
     learners = {"backprop-adam": fresh("backprop", lr=0.003)}
@@ -224,8 +227,8 @@ def compiled_times(args, device, x, y) -> list[dict]:
         try:
             for mode in (False, True):
                 torch.manual_seed(0)
-                learners[name, mode] = LEARNERS[name](build_mlp((1, 28, 28), hidden, 10), device=device,
-                                                      compile=mode, **kwargs)
+                learners[name, mode] = LEARNERS[name](build_mlp((1, 28, 28), hidden, 10, args.batchnorm),
+                                                      device=device, compile=mode, **kwargs)
         except UnsupportedModelError:
             continue
         start = time.perf_counter()  # a learner may compile at its first two steps (AM-Adam's whole
@@ -486,7 +489,8 @@ def main(argv=None) -> None:
     print(f"command: python scripts/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print()
     sections = set(args.section or DEFAULT_SECTIONS)
-    net = f"MNIST 784-{args.hidden.replace(',', '-')}-10 ReLU MLP, batch {args.batch_size}"
+    net = (f"MNIST 784-{args.hidden.replace(',', '-')}-10 ReLU MLP{' with BatchNorm' if args.batchnorm else ''}, "
+           f"batch {args.batch_size}")
     if "steps" in sections:
         _table(f"Step time, {net}, {args.rounds} interleaved rounds x {args.steps} steps (median; ratio IQR in "
                "brackets)", ["learner", "ms/step", "ratio to backprop-Adam"],

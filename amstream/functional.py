@@ -164,11 +164,6 @@ class LinearBlockView(NamedTuple):
     #: running statistics untouched: as inside ``frozen_batchnorm_stats``)
     bn: nn.Module | None = None
 
-    def output(self, a: torch.Tensor) -> torch.Tensor:
-        """The block's output for the Linear layer's input ``a``."""
-        z = self.linear(a)
-        return z if self.bn is None else batch_norm_train(self.bn, z)
-
     def inputs(self, c: torch.Tensor) -> torch.Tensor:
         """The Linear layer's input ``act(flatten(c))``."""
         a = c.flatten(1) if self.flatten else c

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
-from ..functional import (PROX_MODES, REDUCTIONS, batch_norm_backward, linear_view, linear_weight_grads,
-                          linear_weight_grads_, task_loss_gradient, update_codes)
+from ..functional import (PROX_MODES, REDUCTIONS, batch_norm_backward, batch_norm_train, linear_view,
+                          linear_weight_grads, linear_weight_grads_, task_loss_gradient, update_codes)
 from ..optim.adam_update import adam_update_
 from ..hparams import HParam
 from ..schedules import apply_lr_halving_, mu_at
@@ -292,12 +292,9 @@ class AltMinLearner(BlockLearner):
             local, grads = [], []
             for block, view in zip(self._adam_blocks(), self._whole_views):
                 a = view.inputs(inputs[block.index])
-                g_out, item = self._local_gradient(block, view, a, new_codes, codes, loss_fn, step)
+                g_out, item, bn_grads = self._local_gradient(block, view, a, new_codes, codes, loss_fn, step)
                 if item is not None:
                     local.append(item)
-                bn_grads = []
-                if view.bn is not None:  # g_out is the BatchNorm's output's: through it to the Linear's
-                    g_out, *bn_grads = batch_norm_backward(view.bn, view.linear(a), g_out)
                 grads.append(linear_weight_grads(view, a, g_out, self._lambda_w if item is not None else 0.0)
                              + bn_grads)
             for k, ((params, state), block_grads) in enumerate(zip(states, grads)):
@@ -341,7 +338,7 @@ class AltMinLearner(BlockLearner):
             local = []
             for block, view in zip(self._adam_blocks(), self._views):
                 a = view.inputs(inputs[block.index])
-                g_out, loss = self._local_gradient(block, view, a, targets, forward_codes, loss_fn, step)
+                g_out, loss, _ = self._local_gradient(block, view, a, targets, forward_codes, loss_fn, step)
                 if loss is not None:
                     local.append(loss)
                 linear_weight_grads_(view, a, g_out, self._lambda_w if loss is not None else 0.0)
@@ -360,20 +357,31 @@ class AltMinLearner(BlockLearner):
 
     def _local_gradient(self, block: Block, view, a: torch.Tensor, targets: list[torch.Tensor],
                         forward_codes: list[torch.Tensor], loss_fn: LossFn,
-                        step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The gradient of ``block``'s local loss w.r.t. the output of its Linear layer on ``a``, and
-        that loss (None for the output block, whose loss is the task's): ``MSE(linear(a), c)`` with
-        ``lambda_w mean|W|`` for a hidden block, the task loss for the output block."""
-        if block is self.blocks.output:
-            return task_loss_gradient(view.output(a), loss_fn), None
+                        step: int) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """The gradient of ``block``'s local loss w.r.t. the output of its Linear layer on ``a``, that
+        loss (None for the output block, whose loss is the task's) and the gradients of the block's
+        BatchNorm (``[]`` without one): ``MSE(block(a), c)`` with ``lambda_w mean|W|`` for a hidden
+        block, the task loss for the output block."""
         # The first layer's input is x, which no code update changes: its prediction is the forward
-        # code, so the widest matmul is not recomputed.
-        pred = forward_codes[0] if block.index == 0 and step == 0 else view.output(a)
-        residual = pred - targets[block.index]
-        loss = residual.square().mean()
-        if self._lambda_w:
-            loss = loss + self._lambda_w * view.linear.weight.abs().mean()
-        return residual.mul_(2.0 / residual.numel()), loss
+        # code, so the widest matmul is not recomputed (unless a BatchNorm's backward needs it).
+        forward_prediction = block is not self.blocks.output and block.index == 0 and step == 0
+        z = None if forward_prediction and view.bn is None else view.linear(a)
+        if forward_prediction:
+            out = forward_codes[0]
+        else:
+            out = z if view.bn is None else batch_norm_train(view.bn, z)
+        if block is self.blocks.output:
+            g, loss = task_loss_gradient(out, loss_fn), None
+        else:
+            residual = out - targets[block.index]
+            loss = residual.square().mean()
+            if self._lambda_w:
+                loss = loss + self._lambda_w * view.linear.weight.abs().mean()
+            g = residual.mul_(2.0 / residual.numel())
+        if view.bn is None:
+            return g, loss, []
+        g_z, g_gamma, g_beta = batch_norm_backward(view.bn, z, g)
+        return g_z, loss, [g_gamma, g_beta]
 
     # ------------------------------------------------------------------------------- internals
     def _frozen_bn_stats(self):

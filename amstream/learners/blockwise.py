@@ -62,7 +62,7 @@ class BlockLearner(Learner):
         if getattr(loss_fn, "gradient", None) is None or getattr(loss_fn, "kind", "closed form") is None:
             return None  # (a CriterionLoss whose criterion has no closed form has kind None)
         params = [[p for p in (view.linear.weight, view.linear.bias) if p is not None]
-                  + ([view.bn.weight, view.bn.bias] if getattr(view, "bn", None) is not None else []) for view in views]
+                  + ([view.bn.weight, view.bn.bias] if view.bn is not None else []) for view in views]
         if [list(map(id, g["params"])) for g in groups] != [list(map(id, ps)) for ps in params]:
             return None
         return self._whole_step_states(list(zip(groups, params)), penalty)

@@ -98,6 +98,35 @@ def test_am_adam_captures_its_whole_step_in_one_graph():
     assert graphs[2] > graphs[1] and graphs[4] == graphs[2]  # compiled at the second step, not again
 
 
+
+def test_am_mem_whole_step_keeps_the_symmetric_memory_update_of_a_wide_layer():
+    """A first layer of 300 inputs (+ the bias column: two or more row panels) takes the memory
+    update's row panels inside the compiled graph, as one operator that writes the next memory set
+    in place: the step equals the eager one, the memories are exactly symmetric, and the current set
+    is left as it was until the step is committed."""
+    from amstream.memory import SYMMETRIC_PANEL
+
+    def wide_mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(300, 16), nn.ReLU(), nn.Linear(16, 4)).to(F64)
+
+    eager = amstream.AMMem(wide_mlp(), device="cpu")
+    captured = amstream.AMMem(wide_mlp(), device="cpu", compile=True)
+    assert 301 >= 2 * SYMMETRIC_PANEL
+    g = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would make this test vacuous
+        for _ in range(4):
+            x, y = torch.randn(24, 300, generator=g, dtype=F64), torch.randint(0, 4, (24,), generator=g)
+            eager.learn(x, y)
+            captured.learn(x, y)
+            assert _max_difference(eager.model, captured.model) < 1e-12
+            for (A, Bm), (A_c, B_c) in zip(eager._memories, captured._memories):
+                assert torch.allclose(A_c, A, rtol=0, atol=1e-12) and torch.allclose(B_c, Bm, rtol=0, atol=1e-12)
+                assert torch.equal(A_c, A_c.T)
+            captured.load_state_dict(eager.state_dict())
+    assert captured._compiled_functions["the whole step"].active
+
 def test_am_adam_with_batchnorm_captures_its_whole_step():
     """Blocks Linear -> BatchNorm1d (the section 1 protocol's network): the whole step takes the
     BatchNorm's backward in closed form with the batch's statistics, and the forward pass alone

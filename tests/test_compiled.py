@@ -45,7 +45,7 @@ def _max_difference(a: nn.Module, b: nn.Module) -> float:
 
 @pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {}),
                                           ("locoprop-s", {"local_steps": 3}), ("locoprop-m", {"local_steps": 3}),
-                                          ("dladmm", {})])
+                                          ("dladmm", {}), ("admm-softmax", {})])
 def test_compiled_steps_equal_eager_ones(name, kwargs):
     eager = amstream.LEARNERS[name](_mlp(), device="cpu", **kwargs)
     compiled = amstream.LEARNERS[name](_mlp(), device="cpu", compile=True, **kwargs)
@@ -273,6 +273,24 @@ def test_the_compiled_local_gradient_is_specialized_once_per_layer_kind():
         learner.learn(x, y)
     assert after_two > 0 and counters["stats"]["unique_graphs"] == after_two  # no recompilation
     assert learner._compiled_functions["the local gradient"].active
+
+
+def test_the_compiled_newton_z_step_takes_rho_as_an_input():
+    """ADMM-Softmax's Z-step with compile=True: its Newton direction and Armijo trial are compiled
+    functions, the convergence tests stay on the host; rho changes from step to step (adaptive rho)
+    and costs one recompilation at most (torch makes a float input symbolic the second time it sees
+    a new value), not one per value."""
+    from torch._dynamo.utils import counters
+
+    learner = amstream.ADMMSoftmax(_mlp(), device="cpu", compile=True)
+    counters.clear()
+    graphs = []
+    for rho, (x, y) in zip([1.0, 0.5, 0.25, 3.0, 7.5], _batches(5)):
+        learner.current_rho = rho
+        learner.learn(x, y)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[-1] == graphs[2]  # nothing new after the second value of rho
+    assert all(learner._compiled_functions[name].active for name in ("the Newton step", "the Armijo trial"))
 
 
 def test_the_compiled_code_update_equals_the_eager_one():

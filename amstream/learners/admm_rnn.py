@@ -51,7 +51,7 @@ from torch import nn
 
 from ..hparams import HParam
 from ..models import ElmanRNN, require_elman
-from .admm_softmax import prox_lbfgs, softmax_prox_newton
+from .admm_softmax import newton_kernels, prox_lbfgs, softmax_prox_newton
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
 from .penalty import penalty_value
@@ -261,7 +261,8 @@ class ADMMiRNN(Learner):
             flat = centre.reshape(-1, centre.shape[-1])
             if labels is not None:
                 Y = F.one_hot(labels, flat.shape[1]).to(flat.dtype)
-                O, _ = softmax_prox_newton(flat, Y, rho, v.O.reshape(flat.shape), iterations=self.o_iterations)
+                O, _ = softmax_prox_newton(flat, Y, rho, v.O.reshape(flat.shape), iterations=self.o_iterations,
+                                           kernels=newton_kernels(self))
             else:
                 rows = flat.shape[0]
                 O = prox_lbfgs(lambda Z: rows * loss_fn(net.arrange(Z.reshape(v.O.shape))), flat, rho,

@@ -50,8 +50,8 @@ from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
 from .penalty import frozen_penalty, penalty_value
 
-__all__ = ["ADMMSoftmax", "softmax_prox_newton", "newton_direction", "prox_lbfgs", "NormalEquations", "image_laplacian",
-           "update_rho", "StreamingSoftmaxADMM"]
+__all__ = ["ADMMSoftmax", "softmax_prox_newton", "newton_direction", "newton_step", "armijo_trial", "newton_kernels",
+           "prox_lbfgs", "NormalEquations", "image_laplacian", "update_rho", "StreamingSoftmaxADMM"]
 
 MEMORY_MODES = ("sum", "mean", "forget")
 MODES = ("stream", "batch")
@@ -73,10 +73,49 @@ def newton_direction(P: torch.Tensor, G: torch.Tensor, rho: float) -> torch.Tens
     return a + b * ((P * a).sum(1, keepdim=True) / (rho * b.sum(1, keepdim=True)))
 
 
+def newton_step(Z: torch.Tensor, V: torch.Tensor, Y: torch.Tensor, f: torch.Tensor, previous: torch.Tensor,
+                rho: float, tol: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """One Newton direction of :func:`softmax_prox_newton` for every row and its tests (a pure tensor
+    function, compiled with ``compile=True``): ``(S, decrease, largest |gradient|, active rows)``."""
+    P = torch.softmax(Z, dim=1)
+    G = P - Y + rho * (Z - V)
+    S = newton_direction(P, G, rho)
+    decrease = (G * S).sum(1)  # g^T H^-1 g > 0: S is a descent direction of a strictly convex function
+    largest = G.abs().amax(1)
+    stalled = (0.5 * decrease <= 100 * eps * (1.0 + f.abs())) & (largest > 0.5 * previous)
+    active = (largest > tol * (1.0 + rho * (Z - V).abs().amax(1))) & ~stalled
+    return S, decrease, largest, active
+
+
+def armijo_trial(Z: torch.Tensor, f: torch.Tensor, S: torch.Tensor, t: torch.Tensor, decrease: torch.Tensor,
+                 active: torch.Tensor, slack: torch.Tensor, V: torch.Tensor, Y: torch.Tensor, rho: float,
+                 armijo: float) -> tuple[torch.Tensor, ...]:
+    """One backtracking trial of :func:`softmax_prox_newton` (a pure tensor function): the rows still
+    searching take ``Z - t S`` where it decreases their objective enough, the others halve ``t``.
+    Returns ``(Z, f, rows still searching, t)``."""
+    Z_try = Z - t[:, None] * S
+    f_try = _prox_ce_objective(Z_try, Y, V, rho)
+    ok = f_try <= f - armijo * t * decrease + slack
+    accept = active & ok
+    Z = torch.where(accept[:, None], Z_try, Z)
+    f = torch.where(accept, f_try, f)
+    active = active & ~ok
+    return Z, f, active, torch.where(active, 0.5 * t, t)
+
+
+def newton_kernels(learner: Learner) -> tuple[Callable, Callable] | None:
+    """The learner's compiled :func:`newton_step` and :func:`armijo_trial` with ``compile=True`` (the
+    ``kernels`` of :func:`softmax_prox_newton`), else None (eager)."""
+    if not learner.compile:
+        return None
+    return learner._compiled("the Newton step", newton_step), learner._compiled("the Armijo trial", armijo_trial)
+
+
 @torch.no_grad()
 def softmax_prox_newton(V: torch.Tensor, Y: torch.Tensor, rho: float, Z0: torch.Tensor | None = None, *,
                         iterations: int = 100, tol: float | None = None, armijo: float = 1e-4,
-                        max_halvings: int = 30) -> tuple[torch.Tensor, int]:
+                        max_halvings: int = 30, kernels: tuple[Callable, Callable] | None = None,
+                        ) -> tuple[torch.Tensor, int]:
     """``argmin_Z sum_i CE(z_i, y_i) + rho/2 ||z_i - v_i||^2``, each row by Newton's method.
 
     The Hessian of row ``i`` is ``H = diag(rho + p) - p p^T`` (``p = softmax(z_i)``), a diagonal minus
@@ -96,12 +135,16 @@ def softmax_prox_newton(V: torch.Tensor, Y: torch.Tensor, rho: float, Z0: torch.
             shrinking while the predicted decrease is at the objective's rounding (a tiny rho makes
             the problem so ill-conditioned that the first test cannot be met); the iteration stops
             when all rows have converged.
+        kernels: ``(newton_step, armijo_trial)``, or their compiled versions (a learner's
+            ``compile=True``); the tests of convergence stay on the host, one sync per Newton step
+            and per backtracking trial.
 
     Returns:
         ``(Z, newton_steps_taken)``.
     """
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
+    step, trial = kernels or (newton_step, armijo_trial)
     eps = torch.finfo(V.dtype).eps
     tol = 10 * eps if tol is None else tol
     Z = (V if Z0 is None else Z0).clone()
@@ -109,30 +152,16 @@ def softmax_prox_newton(V: torch.Tensor, Y: torch.Tensor, rho: float, Z0: torch.
     taken = 0
     previous = torch.full_like(f, math.inf)
     for _ in range(iterations):
-        P = torch.softmax(Z, dim=1)
-        G = P - Y + rho * (Z - V)
-        S = newton_direction(P, G, rho)
-        decrease = (G * S).sum(1)  # g^T H^-1 g > 0: S is a descent direction of a strictly convex function
-        largest = G.abs().amax(1)
-        stalled = (0.5 * decrease <= 100 * eps * (1.0 + f.abs())) & (largest > 0.5 * previous)
-        active = (largest > tol * (1.0 + rho * (Z - V).abs().amax(1))) & ~stalled
-        previous = largest
+        S, decrease, previous, active = step(Z, V, Y, f, previous, rho, tol, eps)
         if not bool(active.any()):  # one host sync per Newton step
             break
         taken += 1
         slack = 4 * eps * f.abs()  # the objective's own rounding: a step that cannot be resolved is taken
         t = torch.ones_like(decrease)
         for _ in range(max_halvings):
-            Z_try = Z - t[:, None] * S
-            f_try = _prox_ce_objective(Z_try, Y, V, rho)
-            ok = f_try <= f - armijo * t * decrease + slack
-            accept = active & ok
-            Z = torch.where(accept[:, None], Z_try, Z)
-            f = torch.where(accept, f_try, f)
-            active = active & ~ok
+            Z, f, active, t = trial(Z, f, S, t, decrease, active, slack, V, Y, rho, armijo)
             if not bool(active.any()):
                 break
-            t = torch.where(active, 0.5 * t, t)
     return Z, taken
 
 
@@ -275,13 +304,15 @@ class StreamingSoftmaxADMM:
                  rho: float = 1.0, adaptive_rho: bool = True, rho_mu: float = 10.0,
                  rho_bounds: tuple[float, float] = (1e-16, 1e3), alpha: float = 1e-3, M: torch.Tensor | None = None,
                  memory: str | None = "sum", forget: float = 0.05, z_iterations: int = 50,
-                 z_tol: float | None = None, faithful: bool = False) -> None:
+                 z_tol: float | None = None, faithful: bool = False,
+                 newton_kernels: tuple[Callable, Callable] | None = None) -> None:
         if memory is not None and memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES} or None, got {memory!r}")
         self.iterations, self.adaptive_rho, self.rho_mu = iterations, adaptive_rho, rho_mu
         self.rho_bounds, self.alpha, self.M = tuple(rho_bounds), alpha, M
         self.memory, self.forget, self.faithful = memory, forget, faithful
         self.z_iterations, self.z_tol = z_iterations, z_tol
+        self.newton_kernels = newton_kernels  # softmax_prox_newton's, compiled or None
         self.G = torch.zeros(n_in, n_in, dtype=dtype, device=device)
         self.H = torch.zeros(n_out, n_in, dtype=dtype, device=device)
         self.rho = float(rho)
@@ -303,7 +334,8 @@ class StreamingSoftmaxADMM:
         """Newton with the one-hot targets ``Y``; else L-BFGS on ``batch x loss_fn`` (a mean-reduced
         task loss times the batch size: the sum the reference minimizes)."""
         if Y is not None:
-            return softmax_prox_newton(V, Y, rho, Z0, iterations=self.z_iterations, tol=self.z_tol)[0]
+            return softmax_prox_newton(V, Y, rho, Z0, iterations=self.z_iterations, tol=self.z_tol,
+                                       kernels=self.newton_kernels)[0]
         batch = V.shape[0]
         return prox_lbfgs(lambda Z: batch * loss_fn(Z.to(out_dtype)), V, rho, Z0, iterations=self.z_iterations)
 
@@ -457,7 +489,8 @@ class ADMMSoftmax(Learner):
             iterations=self.iterations, rho=self.rho, adaptive_rho=self.adaptive_rho, rho_mu=self.rho_mu,
             rho_bounds=tuple(self.rho_bounds), alpha=self.alpha, M=self._regularizer_matrix(n),
             memory=self.memory if self.mode == "stream" else None, forget=self.forget,
-            z_iterations=self.z_iterations, z_tol=self.z_tol, faithful=self.faithful)
+            z_iterations=self.z_iterations, z_tol=self.z_tol, faithful=self.faithful,
+            newton_kernels=newton_kernels(self))
 
     # rho and the sample count live in the solver; as attributes here, the step guard restores them
     @property

@@ -24,7 +24,7 @@ from torch import nn
 from ..blocks import Block, UnsupportedModelError
 from ..memory import gauss_seidel_sweep_, memory_solve, memory_weights, proximal_sweep, update_memory_
 from ..hparams import HParam, override
-from .admm_softmax import ADMMSoftmax, StreamingSoftmaxADMM
+from .admm_softmax import ADMMSoftmax, StreamingSoftmaxADMM, newton_kernels
 from .altmin import AltMinLearner
 from .base import LossFn, Penalty, StepInfo
 
@@ -129,7 +129,8 @@ class AMMem(AltMinLearner):
         return StreamingSoftmaxADMM(
             layer.in_features + (layer.bias is not None), layer.out_features, dtype=torch.float64, device=self.device,
             iterations=d["iterations"], rho=d["rho"], rho_mu=d["rho_mu"], rho_bounds=d["rho_bounds"], alpha=d["alpha"],
-            memory=self.memory, forget=self.forget, z_iterations=d["z_iterations"], z_tol=d["z_tol"])
+            memory=self.memory, forget=self.forget, z_iterations=d["z_iterations"], z_tol=d["z_tol"],
+            newton_kernels=newton_kernels(self))
 
     @property
     def output_rho(self) -> float:

@@ -114,8 +114,9 @@ class Learner(StreamingMixin, abc.ABC):
             steps of a sequence); if None it is fixed by the first batch (a model with a recurrent
             layer then takes ``(time, features)`` samples of any number of time steps).
         compile: ``True`` runs the learner's pure tensor functions (the model's forward pass, the
-            code updates of alternating minimization) through ``torch.compile``; ``"auto"``: on CUDA
-            only; ``False`` (default): eagerly. Same results and checkpoints (:mod:`amstream.compiled`).
+            code updates of alternating minimization, the ADMM updates; the whole step as one graph,
+            on CUDA one CUDA graph, where the learner can) through ``torch.compile``; ``"auto"``: on
+            CUDA only; ``False`` (default): eagerly. Same results and checkpoints (:mod:`amstream.compiled`).
         **hyperparameters: the class's ``defaults`` (see below).
     """
 

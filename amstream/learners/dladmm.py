@@ -48,7 +48,7 @@ from torch import nn
 from ..blocks import UnsupportedModelError
 from ..hparams import HParam
 from ..utils import RunClock
-from .admm_softmax import prox_lbfgs, softmax_prox_newton
+from .admm_softmax import newton_kernels, prox_lbfgs, softmax_prox_newton
 from .base import Learner, LossFn, Penalty, StepInfo
 from .groups import ParameterGroups
 
@@ -374,7 +374,8 @@ class DLADMM(Learner):
                 batch = center.shape[0]
                 zs[l] = prox_lbfgs(lambda Z: batch * loss_fn(Z), center, rho, zs[l])
             elif self.z_solver == "newton":
-                zs[l] = softmax_prox_newton(center, Y, rho, zs[l], iterations=50, tol=1e-5)[0]
+                zs[l] = softmax_prox_newton(center, Y, rho, zs[l], iterations=50, tol=1e-5,
+                                            kernels=newton_kernels(self))[0]
             else:
                 zs[l] = fista_last_z(center, Y, zs[l], rho, iterations=self.fista_iterations, tol=self.fista_tol)[0]
 

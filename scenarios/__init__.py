@@ -19,6 +19,9 @@ _EXPORTS = {
     "permuted_mnist": "benchmarks",
     "rotated_mnist": "benchmarks",
     "elec2_stream": "benchmarks",
+    "strategy_state": "checkpoint",
+    "load_strategy_state": "checkpoint",
+    "StrategyStateError": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

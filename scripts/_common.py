@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import math
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Iterable
 
 import torch
@@ -397,3 +398,62 @@ def parse_name_list(text: str, known: Iterable[str], what: str = "name") -> list
         if name not in known:
             raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
     return names
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def checkpoint_path(path: str, learner: str) -> Path:
+    p = Path(path)
+    return p.with_name(f"{p.stem}-{learner}{p.suffix}")
+
+
+def add_checkpoint_options(parser: argparse.ArgumentParser, written: str, resumed: str):
+    """The ``checkpoints`` group shared by the scripts that stop and resume: ``--checkpoint``,
+    ``--resume``, ``--allow-fresh`` (checked by :func:`check_checkpoint_options`). Returns the group
+    for the script's own options."""
+    c = parser.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file; one per learner, named PATH with the learner inserted before the "
+                   f"suffix (ck.pt -> ck-am-adam.pt); written atomically {written}")
+    c.add_argument("--resume", action="store_true", help=f"continue from the --checkpoint files {resumed}, "
+                   "TensorBoard folders included; a missing file is an error (see --allow-fresh)")
+    c.add_argument("--allow-fresh", action="store_true", help="with --resume: a learner whose checkpoint file "
+                   "does not exist starts from scratch instead of stopping the run")
+    return c
+
+
+def check_checkpoint_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint PATH")
+    if args.allow_fresh and not args.resume:
+        parser.error("--allow-fresh only applies with --resume")
+
+
+def checkpoint_extra(path: Path) -> dict | None:
+    """The ``extra`` values a script saved with its checkpoint (None if unreadable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["extra"]
+    except Exception:  # noqa: BLE001 - load_checkpoint reports unreadable files
+        return None
+
+
+def check_checkpoint_config(path: Path, config: dict) -> None:
+    """A checkpoint made with other settings (its ``extra["config"]``; ``run_dir`` aside) cannot be
+    continued by this run: ValueError naming the settings that differ."""
+    extra = checkpoint_extra(path)
+    saved = None if extra is None else extra.get("config", {})
+    if saved is not None and {k: v for k, v in saved.items() if k != "run_dir"} != config:
+        diff = {k: v for k, v in saved.items() if k != "run_dir" and config.get(k) != v} or saved
+        raise ValueError(f"checkpoint {path} was made with other settings {diff}; this run has "
+                         f"{ {k: config.get(k) for k in diff} }")
+
+
+def check_resumable(args, learners: list[str]) -> None:
+    """With --resume, every learner's checkpoint must exist unless --allow-fresh: a mistyped path
+    must not silently start the run over."""
+    if not args.resume:
+        return
+    missing = [str(checkpoint_path(args.checkpoint, n)) for n in learners
+               if not checkpoint_path(args.checkpoint, n).is_file()]
+    if missing and not args.allow_fresh:
+        raise ValueError(f"--resume: no checkpoint at {', '.join(missing)}; check --checkpoint (the learner's name "
+                         "is inserted before the suffix), or add --allow-fresh to start those learners from scratch")

@@ -22,6 +22,15 @@ it, writes TensorBoard, the plot and the JSON. Its training-epoch accuracy and l
 own shard.
 
     torchrun --nproc-per-node 2 scripts/continual.py --benchmark split-mnist --learner am-mem --batch-size 32
+
+With ``--checkpoint PATH`` each learner's run is saved after every experience (its training and
+its evaluation): the learner, the RNG states, the strategy's clock, every plugin's state (replay
+buffers, importances, LwF's previous model) and the metrics so far (``scenarios.checkpoint``);
+``--resume`` continues from the next experience and gives the same accuracy matrix as a run that was
+never stopped (an experience that was interrupted is trained again from its start).
+
+    python scripts/continual.py --benchmark split-mnist --plugins replay --checkpoint ck/run.pt
+    python scripts/continual.py --benchmark split-mnist --plugins replay --checkpoint ck/run.pt --resume
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 
 import torch  # noqa: E402
 
-from amstream import UnsupportedModelError, set_seed  # noqa: E402
+from amstream import UnsupportedModelError, load_checkpoint, save_checkpoint, set_seed  # noqa: E402
 from amstream.distributed import is_main_process  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 from amstream.logging import make_run_dir  # noqa: E402
@@ -97,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes of torchrun (set by itself when torchrun starts several): "
                         "each process trains on its shard of every batch, rank 0 prints and logs")
+    c = _common.add_checkpoint_options(p, "after every experience", "at the experience after the last one saved")
+    add_option(c, "--stop-after-experiences", HParam(None, "for tests: simulate an interruption: stop after N "
+                                                     "experiences of this process, right after saving a checkpoint",
+                                                     int, "[1, inf)", optional=True))
     return p
+
+
+# options that do not change what a run computes: a checkpoint made with other values continues
+_NOT_CONFIG = {"learner", "device", "threads", "data_dir", "logdir", "plot", "json", "quiet", "checkpoint", "resume",
+               "allow_fresh", "stop_after_experiences", "distributed", "processes", "experiences_run"}
+
+
+def run_config(args) -> dict:
+    """The settings that define a learner's run (a checkpoint made with others cannot be continued)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_CONFIG}
 
 
 def make_plugins(names: list[str], args):
@@ -136,6 +159,7 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     """Train and evaluate one learner over the benchmark; None when it cannot be data-parallel."""
     from avalanche.logging import InteractiveLogger, TensorboardLogger
     from scenarios.benchmarks import online
+    from scenarios.checkpoint import load_strategy_state, strategy_state
     from scenarios.metrics import default_cl_evaluator
     from scenarios.strategy import AMStrategy
 
@@ -151,7 +175,12 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     if learner is None:
         return None
     main_process = is_main_process()
-    run_dir = make_run_dir(args.logdir, f"{args.benchmark}-{name}") if main_process else None
+    ck_path = _common.checkpoint_path(args.checkpoint, name) if args.checkpoint else None
+    saved = _saved_run(ck_path, name, args)
+    run_dir = None
+    if main_process:
+        run_dir = Path(saved["run_dir"]) if saved and Path(saved["run_dir"]).is_dir() else \
+            make_run_dir(args.logdir, f"{args.benchmark}-{name}")
     # Avalanche refuses loggers off rank 0
     loggers = [] if not main_process else (
         [TensorboardLogger(tb_log_dir=str(run_dir))] + ([] if args.quiet else [InteractiveLogger()]))
@@ -160,21 +189,83 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
     strategy = AMStrategy(learner=learner, train_mb_size=args.batch_size // args.processes, train_epochs=args.epochs,
                           eval_mb_size=args.eval_batch_size, plugins=make_plugins(plugin_names, args),
                           evaluator=evaluator, eval_every=-1)
-    start = time.perf_counter()
+    done, elapsed = 0, 0.0
+    if saved:
+        if args.growing_head:
+            _grow_head_as_before(model, benchmark, saved["experiences_done"])
+            learner.sync_parameters()
+        extra = load_checkpoint(ck_path, learner)  # the learner and the RNGs; CheckpointError if it does not fit
+        load_strategy_state(strategy, extra["strategy"])
+        done, elapsed = extra["experiences_done"], extra["elapsed"]
+        _purge_tensorboard_after(loggers, strategy.clock.train_iterations)
+        say(f"{name}: resumed from {ck_path} after experience {done - 1} (step {learner.step_count})")
     for i, experience in enumerate(benchmark.train_stream):
+        if i < done:
+            continue
+        start = time.perf_counter()
         train = online(experience, args.online, seed=args.seed) if args.online else experience
         strategy.train(train, eval_streams=[], shuffle=not args.no_shuffle)
         strategy.eval(benchmark.test_stream)
+        elapsed += time.perf_counter() - start
         if not args.quiet:
             row = evaluator.accuracy_matrix.tolist()[i]
             say(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in row))
-    seconds = time.perf_counter() - start
+        if ck_path is not None and main_process:
+            save_checkpoint(ck_path, learner, strategy=strategy_state(strategy), experiences_done=i + 1,
+                            elapsed=elapsed, config=run_config(args), run_dir=str(run_dir))
+        args.experiences_run += 1
+        if args.stop_after_experiences is not None and args.experiences_run >= args.stop_after_experiences:
+            _close_loggers(evaluator)
+            return {"interrupted": True}
     matrix = evaluator.accuracy_matrix.tolist()
+    _close_loggers(evaluator)
+    return {"matrix": matrix, "seconds": elapsed, "run_dir": run_dir, "steps": learner.step_count,
+            "hparams": learner.hparams(), **summarize(matrix)}
+
+
+def _saved_run(ck_path: Path | None, name: str, args) -> dict | None:
+    """With --resume, the learner's checkpoint's values (checked against this run's settings), or
+    None to start from scratch."""
+    if not args.resume or ck_path is None:
+        return None
+    if not ck_path.is_file():
+        say(f"{name}: no checkpoint at {ck_path}; starting from scratch (--allow-fresh)")
+        return None
+    _common.check_checkpoint_config(ck_path, run_config(args))
+    return _common.checkpoint_extra(ck_path) or {"run_dir": ""}
+
+
+def _grow_head_as_before(model, benchmark, done: int) -> None:
+    """An ``IncrementalClassifier`` head as the interrupted run left it: grown by the training
+    experiences done (their classes marked active) and by the evaluations after them on the whole
+    test stream (which add output units only), before the checkpoint's weights are loaded into it."""
+    from avalanche.models.dynamic_modules import avalanche_model_adaptation
+
+    model.train()
+    for experience in list(benchmark.train_stream)[:done]:
+        avalanche_model_adaptation(model, experience)
+    model.eval()
+    for experience in benchmark.test_stream:
+        avalanche_model_adaptation(model, experience)
+    model.train()
+
+
+def _purge_tensorboard_after(loggers: list, step: int) -> None:
+    """A resumed run writes on in its TensorBoard folder; what the interrupted process logged after
+    its last checkpoint (at iteration ``step``) is dropped, as ``SummaryWriter(purge_step=)`` does."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for logger in loggers:
+        if hasattr(logger, "writer"):
+            log_dir = logger.writer.log_dir
+            logger.writer.close()
+            logger.writer = SummaryWriter(log_dir, purge_step=step + 1)
+
+
+def _close_loggers(evaluator) -> None:
     for p in evaluator.loggers:
         if hasattr(p, "writer"):
             p.writer.close()
-    return {"matrix": matrix, "seconds": seconds, "run_dir": run_dir, "steps": learner.step_count,
-            "hparams": learner.hparams(), **summarize(matrix)}
 
 
 def main(argv=None) -> None:
@@ -184,7 +275,8 @@ def main(argv=None) -> None:
         learners = _common.parse_name_list(args.learner, learner_names(), "learner")
         plugin_names = _common.parse_name_list(args.plugins, PLUGIN_NAMES, "plugin") if args.plugins else []
         _common.parse_int_list(args.hidden)
-        args.processes = 1
+        _common.check_checkpoint_options(args, parser)
+        args.processes, args.experiences_run = 1, 0
         if args.distributed or launched_by_torchrun():
             # Avalanche builds loggers when its training package is imported (default arguments), and
             # refuses to off rank 0 once a process group exists: import it first.
@@ -193,8 +285,13 @@ def main(argv=None) -> None:
             if args.batch_size % args.processes:
                 raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {args.processes} processes: "
                                  "each takes an equal share of every batch")
+            if args.checkpoint:
+                raise ValueError("--checkpoint with several processes: each process's replay buffer and "
+                                 "training statistics are those of its own shard, and a checkpoint holds one "
+                                 "process's; run without --checkpoint, or on one process")
         else:
             device = resolve_device(args.device)
+        _common.check_resumable(args, learners)
         if args.threads or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)
         from scenarios.benchmarks import make_benchmark
@@ -233,6 +330,11 @@ def main(argv=None) -> None:
                 continue
             except ValueError as err:  # an unsupported option or plugin
                 parser.error(f"{name}: {' '.join(str(err).split())}")
+            if result is not None and result.get("interrupted"):
+                where = (f"; resume with --resume (checkpoint {_common.checkpoint_path(args.checkpoint, name)})"
+                         if args.checkpoint else "")
+                say(f"stopped after {args.experiences_run} experience(s) (--stop-after-experiences){where}")
+                return
             if result is not None:
                 results[name] = result
     if not results:

@@ -106,16 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "several): every process predicts each batch and learns its shard of it, rank 0 "
                              "prints, logs and writes checkpoints; e.g. torchrun --nproc-per-node 2 scripts/stream.py "
                              "--learner am-mem --dataset mnist --batch-size 200")
-    c = parser.add_argument_group("checkpoints")
-    c.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file; one per learner, named PATH with the learner inserted before the "
-                   "suffix (ck.pt -> ck-am-adam.pt); written atomically every --checkpoint-every steps and at "
-                   "the end")
+    c = _common.add_checkpoint_options(parser, "every --checkpoint-every steps and at the end",
+                                       "exactly where they stopped")
     add_option(c, "--checkpoint-every", HParam(500, "steps between checkpoints (with --checkpoint)", int, POSITIVE))
-    c.add_argument("--resume", action="store_true", help="continue from the --checkpoint files exactly where "
-                   "they stopped, TensorBoard folders included; a missing file is an error (see --allow-fresh)")
-    c.add_argument("--allow-fresh", action="store_true", help="with --resume: a learner whose checkpoint file "
-                   "does not exist starts from scratch instead of stopping the run")
     add_option(c, "--stop-after-steps", HParam(None, "for tests: simulate an interruption: stop after N steps "
                                                "of this process, right after saving a checkpoint", int, POSITIVE,
                                                optional=True))
@@ -130,38 +123,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
         args.hidden_widths = _common.parse_int_list(args.hidden)
     except ValueError as err:
         parser.error(str(err))
-    if args.resume and not args.checkpoint:
-        parser.error("--resume needs --checkpoint PATH")
-    if args.allow_fresh and not args.resume:
-        parser.error("--allow-fresh only applies with --resume")
+    _common.check_checkpoint_options(args, parser)
     if args.batchnorm and args.batch_size < 2:
         parser.error("--batchnorm needs --batch-size >= 2 (batch statistics of one sample are undefined)")
     return args, parser
-
-
-def checkpoint_path(path: str, learner: str) -> Path:
-    p = Path(path)
-    return p.with_name(f"{p.stem}-{learner}{p.suffix}")
-
-
-def checkpoint_config(path: Path) -> dict | None:
-    """The stream settings a checkpoint of this script was made with (None if unreadable)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)["extra"].get("config", {})
-    except Exception:  # noqa: BLE001 - load_checkpoint reports unreadable files
-        return None
-
-
-def check_resumable(args, learners: list[str]) -> None:
-    """With --resume, every learner's checkpoint must exist unless --allow-fresh: a mistyped path
-    must not silently start the run over."""
-    if not args.resume:
-        return
-    missing = [str(checkpoint_path(args.checkpoint, n)) for n in learners
-               if not checkpoint_path(args.checkpoint, n).is_file()]
-    if missing and not args.allow_fresh:
-        raise ValueError(f"--resume: no checkpoint at {', '.join(missing)}; check --checkpoint (the learner's name "
-                         "is inserted before the suffix), or add --allow-fresh to start those learners from scratch")
 
 
 def load_data(args):
@@ -192,7 +157,7 @@ class Run:
         self.epoch, self.index, self.batches, self.elapsed, self.rolled_back = 0, 0, 0, 0.0, 0
         self.result, self.test_curve = PrequentialResult(), []
         self.run_dir: Path | None = None
-        self.ck_path = checkpoint_path(args.checkpoint, name) if args.checkpoint else None
+        self.ck_path = _common.checkpoint_path(args.checkpoint, name) if args.checkpoint else None
 
     def resume(self) -> None:
         ck = self.ck_path
@@ -200,11 +165,7 @@ class Run:
             if self.args.resume:
                 say(f"{self.name}: no checkpoint at {ck}; starting from scratch (--allow-fresh)")
             return
-        saved = checkpoint_config(ck)
-        if saved is not None and {k: v for k, v in saved.items() if k != "run_dir"} != self.stream_config:
-            diff = {k: v for k, v in saved.items() if k != "run_dir" and self.stream_config.get(k) != v} or saved
-            raise ValueError(f"checkpoint {ck} was made with other settings {diff}; this run has "
-                             f"{ {k: self.stream_config.get(k) for k in diff} }")
+        _common.check_checkpoint_config(ck, self.stream_config)
         extra = load_checkpoint(ck, self.learner)  # CheckpointError (a ValueError) if it does not fit
         self.epoch, self.index, self.batches = extra["epoch"], extra["index"], extra["batches"]
         self.elapsed, self.rolled_back = extra["elapsed"], extra["rolled_back"]
@@ -312,7 +273,7 @@ def print_summary(results: dict, args, n_train: int) -> None:
           + f"  (tensorboard --logdir {args.logdir})")
     print(f"Plot: {plot_path}")
     if args.checkpoint:
-        print("Checkpoints: " + ", ".join(str(checkpoint_path(args.checkpoint, n)) for n in results))
+        print("Checkpoints: " + ", ".join(str(_common.checkpoint_path(args.checkpoint, n)) for n in results))
 
 
 def main(argv=None) -> None:
@@ -328,7 +289,7 @@ def main(argv=None) -> None:
             device = resolve_device(args.device)
         if args.threads or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)
-        check_resumable(args, args.learners)
+        _common.check_resumable(args, args.learners)
         train, test = load_data(args)
         n_train = len(train)
         steps_per_epoch = math.ceil(n_train / args.batch_size)

@@ -402,6 +402,61 @@ def test_resume_mid_stream_from_a_checkpoint_equals_an_uninterrupted_run(name, b
     assert resumed_results == straight_results
 
 
+def test_strategy_state_round_trip_brings_back_the_plugins_and_metrics(benchmark, tmp_path):
+    """``scenarios.checkpoint``: the plugins' state (a replay buffer, EWC's importances, LwF's previous
+    model), the clock and the forgetting metrics written with the learner's checkpoint (loaded with
+    weights_only=True) and restored into a strategy built from scratch: the run goes on as if it had
+    never stopped, weights and metrics alike."""
+    from amstream import load_checkpoint, save_checkpoint
+    from scenarios.checkpoint import load_strategy_state, strategy_state
+
+    def build():
+        return make_strategy("am-adam", plugins=[ReplayPlugin(mem_size=60), EWCPlugin(ewc_lambda=5.0),
+                                                 LwFPlugin(alpha=0.5)])
+
+    def run(stop_after=None):
+        torch.manual_seed(0)
+        strategy, results = build(), None
+        for i, experience in enumerate(benchmark.train_stream):
+            if i == stop_after:
+                save_checkpoint(tmp_path / "ck.pt", strategy.learner, strategy=strategy_state(strategy))
+                strategy = build()
+                extra = load_checkpoint(tmp_path / "ck.pt", strategy.learner)
+                load_strategy_state(strategy, extra["strategy"])
+                assert len(strategy.plugins[0].storage_policy.buffer) == 60
+                assert strategy.clock.train_exp_counter == i
+            strategy.train(experience)
+            results = strategy.eval(benchmark.test_stream)
+        return strategy, results
+
+    straight, straight_results = run()
+    resumed, resumed_results = run(stop_after=3)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert resumed_results == straight_results  # accuracies and forgetting included
+
+
+def test_strategy_state_that_does_not_fit_is_refused_and_changes_nothing(benchmark):
+    from scenarios.checkpoint import StrategyStateError, load_strategy_state, strategy_state
+
+    with_replay = make_strategy("am-adam", plugins=[ReplayPlugin(mem_size=30)])
+    with_replay.train(benchmark.train_stream[0])
+    state = strategy_state(with_replay)
+    with_ewc = make_strategy("am-adam", plugins=[EWCPlugin(ewc_lambda=1.0)])
+    clock_before = dict(vars(with_ewc.clock))
+    with pytest.raises(StrategyStateError, match=r"plugins \['ReplayPlugin', 'PeriodicEval'\], this one \['EWCPlugin'"):
+        load_strategy_state(with_ewc, state)
+    assert vars(with_ewc.clock) == clock_before
+
+    class Odd(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.callback = lambda: None  # nothing that plain values can hold
+
+    with pytest.raises(StrategyStateError, match=r"Odd\['callback'\]: a builtins.function cannot be saved"):
+        strategy_state(make_strategy("am-adam", plugins=[Odd()]))
+
+
 @pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop"])
 def test_incremental_classifier_grows_and_keeps_training(name, benchmark):
     """A model ending in Avalanche's IncrementalClassifier: the head adds units at every new

@@ -335,7 +335,63 @@ def test_continual_growing_head_hyperparameters_and_json(tmp_path):
     assert record["results"]["am-adam"]["average_accuracy"] > 0.5  # replay, ten classes; chance 0.1
 
 
+def load_continual_results(path: Path) -> dict:
+    return json.loads(path.read_text())["results"]
+
+
+@pytest.mark.parametrize("learner, options", [
+    ("am-adam", ["--plugins", "replay-balanced,si,lwf"]),
+    ("am-mem", ["--plugins", "gdumb"]),
+    ("am-adam", ["--plugins", "ewc,mas,rwalk"]),
+    ("backprop", ["--plugins", "replay,lwf", "--growing-head", "--online", "40"]),
+])
+def test_continual_stopped_and_resumed_is_the_run_never_stopped(learner, options, tmp_path, capsys):
+    """--checkpoint after every experience; a run stopped after two experiences, resumed, stopped
+    again after one more and resumed to the end gives the accuracy matrix of the run never stopped:
+    every plugin's state (replay buffers, importances, LwF's previous model, GDumb's initial model),
+    the strategy's clock, the RNGs, the forgetting metrics and a grown output head come back.
+    TensorBoard goes on in the interrupted run's folder, one point per experience."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    continual = load_script("continual")
+    common = ["--learner", learner, *options, "--quiet", "--checkpoint", str(tmp_path / "ck.pt")]
+    continual.main([*common, "--logdir", str(tmp_path / "whole"), "--json", str(tmp_path / "whole.json")])
+    resumed = [*common, "--logdir", str(tmp_path / "parts")]
+    continual.main([*resumed, "--stop-after-experiences", "2"])
+    continual.main([*resumed, "--resume", "--stop-after-experiences", "1"])
+    continual.main([*resumed, "--resume", "--json", str(tmp_path / "parts.json")])
+    out = capsys.readouterr().out
+    assert "stopped after 2 experience(s)" in out and "after experience 1 (step" in out
+    whole, parts = (load_continual_results(tmp_path / f"{n}.json")[learner] for n in ("whole", "parts"))
+    assert parts["matrix"] == whole["matrix"] and parts["steps"] == whole["steps"]
+    curves = {}
+    for run in ("whole", "parts"):
+        folders = list((tmp_path / run).glob(f"split-digits-{learner}-*"))
+        assert len(folders) == 1  # the resumed runs wrote on in the first one's folder
+        events = EventAccumulator(str(folders[0]), size_guidance={"scalars": 0})
+        events.Reload()
+        curves[run] = [(e.step, e.value) for e in events.Scalars("StreamForgetting/eval_phase/test_stream")]
+    # one point per experience, at the same steps, the later ones from the restored first accuracies
+    assert len(curves["parts"]) == 5 and curves["parts"] == curves["whole"]
+
+
+def test_continual_resume_refuses_other_settings_and_says_which(tmp_path, capsys):
+    continual = load_script("continual")
+    common = ["--learner", "am-adam", "--plugins", "replay", "--quiet", "--checkpoint", str(tmp_path / "ck.pt"),
+              "--logdir", str(tmp_path)]
+    continual.main([*common, "--stop-after-experiences", "1"])
+    before = (tmp_path / "ck-am-adam.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        continual.main([*common, "--resume", "--mem-size", "100"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "other settings {'mem_size': 500}" in err and "{'mem_size': 100}" in err
+    assert (tmp_path / "ck-am-adam.pt").read_bytes() == before  # nothing was written
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--resume"], "--resume needs --checkpoint PATH"),
+    (["--checkpoint", "{tmp}/typo.pt", "--resume"], "no checkpoint at"),
     (["--plugins", "gem"], "unknown plugin"),
     (["--learner", "nope"], "unknown learner"),
     (["--batch-size", "0"], "--batch-size: must be int >= 1, got 0"),
@@ -478,7 +534,8 @@ def test_a_learner_option_named_like_a_script_option_is_set_with_set_only():
 @pytest.mark.parametrize("name", __import__("amstream").LEARNERS)
 def test_every_registered_learner_runs_by_name_in_every_script(name, tmp_path, capsys):
     """Generated from the registry: stream.py (interrupted, then resumed from its checkpoint),
-    continual.py with Replay, and rl.py on CartPole, each with the learner's defaults."""
+    continual.py with Replay (and the same run interrupted after two experiences and resumed), and
+    rl.py on CartPole, each with the learner's defaults."""
     stream, continual, rl = load_script("stream"), load_script("continual"), load_script("rl")
     sequence_only = not any(c.model == "mlp" for c in conformance_cases().values() if c.registry_name == name)
     common = ["--learner", name, "--max-samples", "200", "--quiet", "--logdir", str(tmp_path / "s"),
@@ -494,9 +551,14 @@ def test_every_registered_learner_runs_by_name_in_every_script(name, tmp_path, c
             captured = capsys.readouterr()
             assert exit_info.value.code == 2 and "ElmanRNN" in captured.out + captured.err
         return
-    continual.main(["--learner", name, "--plugins", "replay", "--quiet", "--experiences", "5",
-                    "--logdir", str(tmp_path / "c"), "--json", str(tmp_path / "c.json")])
-    assert json.loads((tmp_path / "c.json").read_text())["results"][name]["steps"] > 0
+    continual_common = ["--learner", name, "--plugins", "replay", "--quiet", "--experiences", "5",
+                        "--logdir", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "c" / "ck.pt")]
+    continual.main([*continual_common, "--json", str(tmp_path / "c.json")])
+    continual.main([*continual_common, "--stop-after-experiences", "2"])
+    continual.main([*continual_common, "--resume", "--json", str(tmp_path / "c-resumed.json")])
+    result, resumed = (json.loads((tmp_path / f).read_text())["results"][name] for f in ("c.json", "c-resumed.json"))
+    assert result["steps"] > 0 and resumed["steps"] == result["steps"]
+    assert resumed["matrix"] == result["matrix"]  # stopped after 2 experiences and resumed: the same run
     rl.main(["--learner", name, "--total-timesteps", "300", "--learning-starts", "100", "--eval-episodes", "1",
              "--final-eval-episodes", "1", "--quiet", "--logdir", str(tmp_path / "r"), "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["final_mean"] > 0

@@ -35,7 +35,7 @@ from avalanche.training.templates import SupervisedTemplate
 from amstream.functional import CriterionLoss
 from amstream.learners import Learner
 
-__all__ = ["AMStrategy", "UNSUPPORTED_PLUGINS"]
+__all__ = ["AMStrategy", "UNSUPPORTED_PLUGINS", "seed_distributed_shuffling"]
 
 #: plugins that assume one global backprop gradient, and why each cannot work with local updates
 UNSUPPORTED_PLUGINS = {
@@ -158,6 +158,7 @@ class AMStrategy(SupervisedTemplate):
     # ------------------------------------------------------------------------------ the update
     def training_epoch(self, **kwargs) -> None:
         """One pass over the dataloader, firing ``SGDUpdate.training_epoch``'s callbacks in order."""
+        seed_distributed_shuffling(self.dataloader)
         for self.mbatch in self.dataloader:
             if self._stop_training:
                 break
@@ -205,3 +206,35 @@ class AMStrategy(SupervisedTemplate):
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+
+
+def seed_distributed_shuffling(loader) -> None:
+    """Make a shuffling Avalanche loader under a process group draw a new order every epoch, from
+    torch's RNG (so from the run's seed), the same on every process.
+
+    Avalanche 0.6.0's loaders (``MultiDatasetDataLoader``: the training loader, Replay's) build
+    their ``DistributedSampler``s afresh at every pass, each with torch's default seed 0 and epoch 0:
+    every epoch of every experience of the same data came in the same order, whatever the run's seed,
+    where one process draws a new order each epoch. Here, each time the loader builds its samplers,
+    one seed is drawn from torch's global RNG, broadcast from rank 0 (the shards of the processes must
+    come from one permutation) and given to every shuffling sampler. One process, or a loader without
+    a process group, is left as it is. (``_create_samplers`` is private to avalanche-lib 0.6.0, which
+    the project pins.)"""
+    create = getattr(loader, "_create_samplers", None)
+    if create is None or getattr(loader, "_seeded_by_amstream", False) or not torch.distributed.is_initialized():
+        return
+    from torch.utils.data import DistributedSampler
+
+    def seeded_samplers(*args, **kwargs):
+        samplers = create(*args, **kwargs)
+        shuffling = [s.sampler for s in samplers
+                     if isinstance(getattr(s, "sampler", None), DistributedSampler) and s.sampler.shuffle]
+        if shuffling:
+            seed = [int(torch.randint(0, 2**31 - 1, ()))]
+            torch.distributed.broadcast_object_list(seed, src=0)
+            for sampler in shuffling:
+                sampler.seed = seed[0]
+        return samplers
+
+    loader._create_samplers = seeded_samplers
+    loader._seeded_by_amstream = True

@@ -16,7 +16,8 @@ Under ``torchrun --nproc-per-node N`` (or with ``--distributed``) every learner 
 (:func:`amstream.distributed.data_parallel`): Avalanche's distributed sampler gives each process its
 shard of each experience, ``--batch-size`` / N samples of every batch of ``--batch-size`` (the same
 batches as one process when the order is not shuffled, up to the N - 1 samples the sampler repeats so
-that every process has as many), and the processes combine their steps. Every process evaluates the
+that every process has as many; shuffled, a new order each epoch drawn from the run's seed, see
+``scenarios.strategy.seed_distributed_shuffling``), and the processes combine their steps. Every process evaluates the
 whole test stream with the same weights, so the accuracy matrix needs no gathering: rank 0 prints
 it, writes TensorBoard, the plot and the JSON. Its training-epoch accuracy and loss are those of its
 own shard.

@@ -584,3 +584,39 @@ def test_a_learner_without_a_torch_optimizer_works_with_replay_and_ewc(benchmark
         assert strategy.learner.step_count == strategy.clock.train_iterations
     heads = [s.model[-1].weight for s, _ in runs.values()]
     assert not torch.equal(*heads)  # EWC's penalty changed the solves
+
+
+def test_shuffling_under_a_process_group_draws_a_new_order_each_epoch_from_the_seed(benchmark, tmp_path):
+    """Avalanche 0.6.0 builds its DistributedSamplers afresh at every pass with seed 0: under a
+    process group every epoch of an experience came in one order, whatever the run's seed.
+    ``AMStrategy`` seeds them from torch's RNG (broadcast from rank 0): a new order each epoch, the
+    same orders for the same seed, other orders for another (a process group of one process here;
+    tests/test_scripts.py runs continual.py under torchrun)."""
+    import torch.distributed as dist
+
+    class Order(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.epochs: list[list[float]] = []
+
+        def before_training_epoch(self, strategy, *args, **kwargs):
+            self.epochs.append([])
+
+        def after_training_iteration(self, strategy, *args, **kwargs):
+            self.epochs[-1] += strategy.mb_x.flatten(1).sum(1).tolist()  # a fingerprint of each sample
+
+    def orders(seed):
+        order = Order()
+        strategy = make_strategy("backprop", plugins=[order], train_epochs=2)
+        torch.manual_seed(seed)  # after the model's initialization, which seeds 0 itself
+        strategy.train(benchmark.train_stream[0])
+        return order.epochs
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        first, again, other = orders(0), orders(0), orders(1)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(first[0]) == sorted(first[1])  # every sample once per epoch
+    assert first[0] != first[1]  # a new order in the second epoch (Avalanche alone: the same)
+    assert first == again and other[0] != first[0]

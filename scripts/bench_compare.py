@@ -40,10 +40,11 @@ def mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 100), torch.nn.ReLU(),
                                torch.nn.Linear(100, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
-learners = {"backprop-adam": amstream.Backprop(mlp(), lr=0.003, device="cpu"),
-            "am-adam": amstream.AMAdam(mlp(), device="cpu"),
-            "am-adam (autograd path)": amstream.AMAdam(mlp(), fast=False, device="cpu"),
-            "am-mem": amstream.AMMem(mlp(), device="cpu")}
+kw = {"compile": True} if sys.argv[4] == "1" else {}  # --compile: every learner with compile=True
+learners = {"backprop-adam": amstream.Backprop(mlp(), lr=0.003, device="cpu", **kw),
+            "am-adam": amstream.AMAdam(mlp(), device="cpu", **kw),
+            "am-adam (autograd path)": amstream.AMAdam(mlp(), fast=False, device="cpu", **kw),
+            "am-mem": amstream.AMMem(mlp(), device="cpu", **kw)}
 cursor = {k: 0 for k in learners}
 def run(name, n):
     for _ in range(n):
@@ -68,13 +69,16 @@ def parse_args(argv=None):
     add_option(p, "--steps", HParam(10, "steps per learner, worker and round", int, "[1, inf)"))
     add_option(p, "--warmup", HParam(10, "untimed steps per learner and worker", int, "[0, inf)"))
     p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
+    p.add_argument("--compile", action="store_true", help="build every learner with compile=True (the warm-up "
+                   "steps then include the compilation: give --warmup 3 or more)")
     return p.parse_args(argv)
 
 
 def start_worker(path: Path, args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(args.threads), str(args.batch_size),
-                             args.data_dir or ""], cwd=path, env=env, stdin=subprocess.PIPE,
+                             args.data_dir or "", "1" if args.compile else "0"], cwd=path, env=env,
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     header = json.loads(proc.stdout.readline())
     if not header["file"].startswith(str(path)):
@@ -110,7 +114,8 @@ def main(argv=None) -> None:
         for worker in workers.values():
             worker.stdin.close()
             worker.wait()
-    print(f"Step time, MNIST 784-100-100-10 MLP, batch {args.batch_size}, {args.threads} thread(s) per worker, "
+    print(f"Step time{' (compile=True)' if args.compile else ''}, MNIST 784-100-100-10 MLP, batch {args.batch_size}, "
+          f"{args.threads} thread(s) per worker, "
           f"{args.rounds} interleaved rounds x {args.steps} steps (median ms; ratio IQR in brackets)")
     print(f"command: python scripts/bench_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print()

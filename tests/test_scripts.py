@@ -208,6 +208,19 @@ def test_bench_smoke(data_root):
     assert len(online) == 2 and online[0][1] == online[1][1], proc.stdout
 
 
+def test_bench_compare_times_this_tree_against_a_revision(data_root):
+    """scripts/bench_compare.py: two workers, this tree and HEAD exported by git archive, the same
+    learners; one row per learner with a finite ratio (``--compile`` builds the same learners with
+    compile=True: its first steps compile, too long for this smoke test)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_compare.py"), "--against", "HEAD",
+                           "--data-dir", str(data_root), "--rounds", "1", "--steps", "1", "--warmup", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(re.findall(r"^\| ([a-z][a-z\- ()]*) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M))
+    assert set(rows) == {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}, proc.stdout
+    assert all(0 < float(r) < 100 for r in rows.values())
+
+
 def test_bench_stream_rl_and_distributed_sections(data_root):
     """The streaming section (Elec2 one sample at a time, each learner in its worker), the DQN
     section and the data-parallel section, on tiny budgets; deep-river and Stable-Baselines3 are measured where their environments

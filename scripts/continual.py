@@ -287,9 +287,10 @@ def main(argv=None) -> None:
                 raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {args.processes} processes: "
                                  "each takes an equal share of every batch")
             if args.checkpoint:
-                raise ValueError("--checkpoint with several processes: each process's replay buffer and "
-                                 "training statistics are those of its own shard, and a checkpoint holds one "
-                                 "process's; run without --checkpoint, or on one process")
+                raise ValueError("--checkpoint with several processes is not supported: a checkpoint would hold "
+                                 "rank 0's plugins and metrics, and statistics a plugin gathers from the "
+                                 "gradients of each process's shard (SI's) need not agree across processes; run "
+                                 "without --checkpoint, or on one process")
         else:
             device = resolve_device(args.device)
         _common.check_resumable(args, learners)

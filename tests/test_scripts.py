@@ -321,6 +321,11 @@ def test_continual_under_torchrun_reports_one_process_results_from_rank_0(tmp_pa
                           "--quiet", "--logdir", str(tmp_path / "odd")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert odd.returncode != 0 and "not a multiple of the 2 processes" in odd.stderr
+    checkpointed = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), *common[:2], "--quiet",
+                                   "--checkpoint", str(tmp_path / "ck.pt"), "--logdir", str(tmp_path / "ck")],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert checkpointed.returncode != 0 and "--checkpoint with several processes is not supported" in checkpointed.stderr
+    assert not list(tmp_path.glob("ck*.pt"))
 
 
 def test_continual_online_stream(tmp_path):

@@ -43,6 +43,8 @@ step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --sectio
     --learner am-adam --hidden 4096,4096 --batch-size 2048 --rounds $R --steps $S
 step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m \
     --rounds $R --steps $S
+step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \
+    --rounds $R --steps $S
 # issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
 step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50 \
     --distributed-learner backprop,am-adam,am-mem,locoprop-m --distributed-overlap

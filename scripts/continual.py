@@ -177,10 +177,11 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
         return None
     main_process = is_main_process()
     ck_path = _common.checkpoint_path(args.checkpoint, name) if args.checkpoint else None
-    saved = _saved_run(ck_path, name, args)
+    saved = _saved_run(ck_path, name, args, learner)
     run_dir = None
     if main_process:
-        run_dir = Path(saved["run_dir"]) if saved and Path(saved["run_dir"]).is_dir() else \
+        saved_dir = saved.get("run_dir") if saved else None
+        run_dir = Path(saved_dir) if saved_dir and Path(saved_dir).is_dir() else \
             make_run_dir(args.logdir, f"{args.benchmark}-{name}")
     # Avalanche refuses loggers off rank 0
     loggers = [] if not main_process else (
@@ -224,16 +225,21 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
             "hparams": learner.hparams(), **summarize(matrix)}
 
 
-def _saved_run(ck_path: Path | None, name: str, args) -> dict | None:
-    """With --resume, the learner's checkpoint's values (checked against this run's settings), or
-    None to start from scratch."""
+def _saved_run(ck_path: Path | None, name: str, args, learner) -> dict | None:
+    """With --resume, the learner's checkpoint's values (checked against this run's settings, before
+    anything is written), or None to start from scratch."""
     if not args.resume or ck_path is None:
         return None
     if not ck_path.is_file():
         say(f"{name}: no checkpoint at {ck_path}; starting from scratch (--allow-fresh)")
         return None
+    extra = _common.checkpoint_extra(ck_path)
+    if extra is None:
+        load_checkpoint(ck_path, learner)  # an unreadable file: CheckpointError says why, nothing changes
     _common.check_checkpoint_config(ck_path, run_config(args))
-    return _common.checkpoint_extra(ck_path) or {"run_dir": ""}
+    if "experiences_done" not in extra:
+        raise ValueError(f"checkpoint {ck_path} was not written by continual.py (no experience count in it)")
+    return extra
 
 
 def _grow_head_as_before(model, benchmark, done: int) -> None:

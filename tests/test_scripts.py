@@ -405,6 +405,12 @@ def test_continual_resume_refuses_other_settings_and_says_which(tmp_path, capsys
     err = capsys.readouterr().err
     assert "other settings {'mem_size': 500}" in err and "{'mem_size': 100}" in err
     assert (tmp_path / "ck-am-adam.pt").read_bytes() == before  # nothing was written
+    (tmp_path / "ck-am-adam.pt").write_bytes(b"not a checkpoint")  # a damaged file: named, nothing written
+    runs_before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        continual.main([*common, "--resume"])
+    assert exit_info.value.code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == runs_before
 
 
 @pytest.mark.parametrize("args, message", [

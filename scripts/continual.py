@@ -294,8 +294,8 @@ def main(argv=None) -> None:
                                  "each takes an equal share of every batch")
             if args.checkpoint:
                 raise ValueError("--checkpoint with several processes is not supported: a checkpoint would hold "
-                                 "rank 0's plugins and metrics, and statistics a plugin gathers from the "
-                                 "gradients of each process's shard (SI's) need not agree across processes; run "
+                                 "rank 0's plugins and metrics, and what a plugin gathers from each process's "
+                                 "shard need not agree across processes (RWalk's scores do not); run "
                                  "without --checkpoint, or on one process")
         else:
             device = resolve_device(args.device)

@@ -28,7 +28,10 @@ With ``--checkpoint PATH`` each learner's run is saved after every experience (i
 its evaluation): the learner, the RNG states, the strategy's clock, every plugin's state (replay
 buffers, importances, LwF's previous model) and the metrics so far (``scenarios.checkpoint``);
 ``--resume`` continues from the next experience and gives the same accuracy matrix as a run that was
-never stopped (an experience that was interrupted is trained again from its start).
+never stopped (an experience that was interrupted is trained again from its start). Under torchrun
+rank 0 writes the checkpoint once every process is found to hold the same state (compared by
+digest; RWalk's scores, gathered from each process's shard, do not, so it is refused), and the run
+resumes on the same or another number of processes.
 
     python scripts/continual.py --benchmark split-mnist --plugins replay --checkpoint ck/run.pt
     python scripts/continual.py --benchmark split-mnist --plugins replay --checkpoint ck/run.pt --resume
@@ -212,9 +215,13 @@ def run_learner(name, benchmark, args, device, plugin_names, input_shape, n_clas
         if not args.quiet:
             row = evaluator.accuracy_matrix.tolist()[i]
             say(f"{name}: after experience {i}: " + " ".join(f"{a:.3f}" for a in row))
-        if ck_path is not None and main_process:
-            save_checkpoint(ck_path, learner, strategy=strategy_state(strategy), experiences_done=i + 1,
-                            elapsed=elapsed, config=run_config(args), run_dir=str(run_dir))
+        if ck_path is not None:
+            state = strategy_state(strategy)
+            if args.processes > 1:
+                _check_processes_agree(state)  # rank 0 writes what every process holds
+            if main_process:
+                save_checkpoint(ck_path, learner, strategy=state, experiences_done=i + 1, elapsed=elapsed,
+                                config=run_config(args), run_dir=str(run_dir))
         args.experiences_run += 1
         if args.stop_after_experiences is not None and args.experiences_run >= args.stop_after_experiences:
             _close_loggers(evaluator)
@@ -240,6 +247,33 @@ def _saved_run(ck_path: Path | None, name: str, args, learner) -> dict | None:
     if "experiences_done" not in extra:
         raise ValueError(f"checkpoint {ck_path} was not written by continual.py (no experience count in it)")
     return extra
+
+
+def _check_processes_agree(state: dict) -> None:
+    """Under a process group, one checkpoint (rank 0's) stands for every process: the strategy's state
+    (each plugin, the clock, the metrics) and the RNG states must be the same on all of them (the
+    learner's weights are, being data-parallel). Compared by digest; a difference stops the run on
+    every process, naming the parts that differ, before anything is written."""
+    import torch.distributed as dist
+
+    parts = {f"plugin {entry['class']}": entry["state"] for entry in state["plugins"]}
+    parts.update(clock=state["clock"], metrics=state["evaluator"], rng=torch.get_rng_state())
+    mine = {name: _digest(value) for name, value in parts.items()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = [name for name in mine if len({d[name] for d in everyone}) > 1]
+    if differ:
+        raise ValueError(f"--checkpoint: {', '.join(differ)} differ(s) across the {len(everyone)} processes, so "
+                         "one checkpoint cannot stand for all of them; run without --checkpoint, or on one process")
+
+
+def _digest(value) -> str:
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def _grow_head_as_before(model, benchmark, done: int) -> None:
@@ -292,11 +326,10 @@ def main(argv=None) -> None:
             if args.batch_size % args.processes:
                 raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {args.processes} processes: "
                                  "each takes an equal share of every batch")
-            if args.checkpoint:
-                raise ValueError("--checkpoint with several processes is not supported: a checkpoint would hold "
-                                 "rank 0's plugins and metrics, and what a plugin gathers from each process's "
-                                 "shard need not agree across processes (RWalk's scores do not); run "
-                                 "without --checkpoint, or on one process")
+            if args.checkpoint and "rwalk" in plugin_names:
+                raise ValueError("--checkpoint with several processes and RWalk: RWalk's scores come from each "
+                                 "process's shard and differ across processes, so one checkpoint cannot stand for "
+                                 "all of them; run without --checkpoint, or on one process")
         else:
             device = resolve_device(args.device)
         _common.check_resumable(args, learners)

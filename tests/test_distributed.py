@@ -187,3 +187,13 @@ def test_learners_that_cannot_be_data_parallel_say_why(tmp_path):
 def test_data_parallel_needs_a_process_group():
     with pytest.raises(RuntimeError, match="needs an initialized torch.distributed process group"):
         data_parallel(amstream.AMAdam(worker.mlp(), device="cpu"))
+
+
+def test_a_continual_checkpoint_needs_every_process_to_hold_the_same_state(tmp_path):
+    """continual.py under torchrun: rank 0 writes one checkpoint for all processes, so before writing
+    every process compares digests of each plugin's state, the clock, the metrics and the RNG; a
+    plugin whose state differs on one rank stops every rank (none left waiting), naming it alone."""
+    results = _run_ranks("distributed_agreement_worker.py", tmp_path)
+    for message in results:
+        assert "plugin RWalkPlugin differ(s) across the 2 processes" in message, message
+        assert "ReplayPlugin" not in message and "clock" not in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -321,11 +322,41 @@ def test_continual_under_torchrun_reports_one_process_results_from_rank_0(tmp_pa
                           "--quiet", "--logdir", str(tmp_path / "odd")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert odd.returncode != 0 and "not a multiple of the 2 processes" in odd.stderr
-    checkpointed = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), *common[:2], "--quiet",
-                                   "--checkpoint", str(tmp_path / "ck.pt"), "--logdir", str(tmp_path / "ck")],
-                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert checkpointed.returncode != 0 and "--checkpoint with several processes is not supported" in checkpointed.stderr
-    assert not list(tmp_path.glob("ck*.pt"))
+
+
+def test_continual_under_torchrun_stops_and_resumes_on_as_many_or_fewer_processes(tmp_path):
+    """torchrun --nproc-per-node 2 with --checkpoint: rank 0 writes after every experience once the
+    processes agree on the strategy's state; stopped after two experiences and resumed on two
+    processes it gives the uninterrupted two-process matrix, and the checkpoint resumes on one
+    process too. RWalk, whose scores differ across processes, is refused before anything runs."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    common = ["--learner", "am-adam", "--plugins", "replay,ewc,lwf", "--batch-size", "16", "--quiet"]
+
+    def two(*args):
+        proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), *common, *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    two("--logdir", str(tmp_path / "whole"), "--json", str(tmp_path / "whole.json"))
+    parts = ["--logdir", str(tmp_path / "parts"), "--checkpoint", str(tmp_path / "ck.pt")]
+    assert "stopped after 2 experience(s)" in two(*parts, "--stop-after-experiences", "2").stdout
+    shutil.copy(tmp_path / "ck-am-adam.pt", tmp_path / "one-am-adam.pt")
+    resumed = two(*parts, "--resume", "--json", str(tmp_path / "parts.json"))
+    assert resumed.stdout.count("resumed from") == 1  # rank 0 speaks
+    whole, parts_result = (load_continual_results(tmp_path / f"{n}.json")["am-adam"] for n in ("whole", "parts"))
+    assert parts_result["matrix"] == whole["matrix"] and parts_result["steps"] == whole["steps"]
+    one = run_continual(*common, "--logdir", str(tmp_path / "one"), "--checkpoint", str(tmp_path / "one.pt"),
+                        "--resume", "--json", str(tmp_path / "one.json"))
+    assert one.returncode == 0 and "resumed from" in one.stdout, one.stderr[-3000:]
+    matrix = load_continual_results(tmp_path / "one.json")["am-adam"]["matrix"]
+    assert matrix[:2] == whole["matrix"][:2] and len(matrix) == 5  # the first two rows come from the checkpoint
+    rwalk = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), "--learner", "am-adam", "--plugins",
+                            "rwalk", "--quiet", "--checkpoint", str(tmp_path / "rw.pt"), "--logdir", str(tmp_path / "rw")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rwalk.returncode != 0 and "RWalk's scores come from each process's shard" in rwalk.stderr
+    assert not (tmp_path / "rw").exists() and not list(tmp_path.glob("rw*.pt"))
 
 
 def test_continual_online_stream(tmp_path):

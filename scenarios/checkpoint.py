@@ -94,7 +94,8 @@ def _pack(value: Any, strategy, where: str) -> Any:
         return {_KIND: "size", "value": list(value)}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return {_KIND: type(value).__name__, "items": [_pack(v, strategy, f"{where}[{i}]") for i, v in enumerate(items)]}
+        return {_KIND: type(value).__name__,
+                "items": [_pack(v, strategy, f"{where}[{i}]") for i, v in enumerate(items)]}
     if isinstance(value, dict):
         factory = None
         if isinstance(value, defaultdict):

@@ -17,10 +17,10 @@ Under ``torchrun --nproc-per-node N`` (or with ``--distributed``) every learner 
 shard of each experience, ``--batch-size`` / N samples of every batch of ``--batch-size`` (the same
 batches as one process when the order is not shuffled, up to the N - 1 samples the sampler repeats so
 that every process has as many; shuffled, a new order each epoch drawn from the run's seed, see
-``scenarios.strategy.seed_distributed_shuffling``), and the processes combine their steps. Every process evaluates the
-whole test stream with the same weights, so the accuracy matrix needs no gathering: rank 0 prints
-it, writes TensorBoard, the plot and the JSON. Its training-epoch accuracy and loss are those of its
-own shard.
+``scenarios.strategy.seed_distributed_shuffling``), and the processes combine their steps. Every
+process evaluates the whole test stream with the same weights, so the accuracy matrix needs no
+gathering: rank 0 prints it, writes TensorBoard, the plot and the JSON. Its training-epoch accuracy
+and loss are those of its own shard.
 
     torchrun --nproc-per-node 2 scripts/continual.py --benchmark split-mnist --learner am-mem --batch-size 32
 
@@ -39,6 +39,8 @@ resumes on the same or another number of processes.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import sys
 import time
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 import torch  # noqa: E402
 
 from amstream import UnsupportedModelError, load_checkpoint, save_checkpoint, set_seed  # noqa: E402
+from amstream.checkpoint import CheckpointError  # noqa: E402
 from amstream.distributed import is_main_process  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 from amstream.logging import make_run_dir  # noqa: E402
@@ -243,6 +246,7 @@ def _saved_run(ck_path: Path | None, name: str, args, learner) -> dict | None:
     extra = _common.checkpoint_extra(ck_path)
     if extra is None:
         load_checkpoint(ck_path, learner)  # an unreadable file: CheckpointError says why, nothing changes
+        raise CheckpointError(f"cannot read the values saved with checkpoint {ck_path}")
     _common.check_checkpoint_config(ck_path, run_config(args))
     if "experiences_done" not in extra:
         raise ValueError(f"checkpoint {ck_path} was not written by continual.py (no experience count in it)")
@@ -268,9 +272,6 @@ def _check_processes_agree(state: dict) -> None:
 
 
 def _digest(value) -> str:
-    import hashlib
-    import io
-
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return hashlib.sha256(buffer.getvalue()).hexdigest()

@@ -352,8 +352,9 @@ def test_continual_under_torchrun_stops_and_resumes_on_as_many_or_fewer_processe
     assert one.returncode == 0 and "resumed from" in one.stdout, one.stderr[-3000:]
     matrix = load_continual_results(tmp_path / "one.json")["am-adam"]["matrix"]
     assert matrix[:2] == whole["matrix"][:2] and len(matrix) == 5  # the first two rows come from the checkpoint
-    rwalk = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), "--learner", "am-adam", "--plugins",
-                            "rwalk", "--quiet", "--checkpoint", str(tmp_path / "rw.pt"), "--logdir", str(tmp_path / "rw")],
+    rwalk = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(CONTINUAL), "--learner", "am-adam",
+                            "--plugins", "rwalk", "--quiet", "--checkpoint", str(tmp_path / "rw.pt"),
+                            "--logdir", str(tmp_path / "rw")],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rwalk.returncode != 0 and "RWalk's scores come from each process's shard" in rwalk.stderr
     assert not (tmp_path / "rw").exists() and not list(tmp_path.glob("rw*.pt"))

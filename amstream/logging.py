@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["NullLogger", "TensorBoardLogger", "make_run_dir"]
+__all__ = ["NullLogger", "TensorBoardLogger", "make_run_dir", "resumed_summary_writer"]
 
 
 def make_run_dir(root: str | Path = "runs", name: str = "run") -> Path:
@@ -31,6 +31,24 @@ def make_run_dir(root: str | Path = "runs", name: str = "run") -> Path:
         k += 1
     candidate.mkdir(parents=True)
     return candidate
+
+
+def resumed_summary_writer(log_dir: str | Path, purge_step: int):
+    """A ``SummaryWriter`` that continues ``log_dir`` and drops what was written there from
+    ``purge_step`` on.
+
+    TensorBoard reads a folder's event files in name order, and a name begins with the second the
+    file was made, then the host, the process id and a counter: a file made in the same second as
+    the interrupted run's last one could sort before it, and its purge would then be read first and
+    drop nothing (a quick resume, or one in the same process, lost the later curve points that
+    way). So this waits, at most a second, until the clock has passed the newest file's second."""
+    from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard is slow to import
+
+    newest = max((int(f.name.split(".")[3]) for f in Path(log_dir).glob("events.out.tfevents.*")
+                  if f.name.split(".")[3].isdigit()), default=0)
+    while time.time() < newest + 1:
+        time.sleep(0.02)
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 class NullLogger:
@@ -56,7 +74,8 @@ class TensorBoardLogger(NullLogger):
         from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard is slow to import
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+        self.writer = (SummaryWriter(str(self.log_dir)) if purge_step is None
+                       else resumed_summary_writer(self.log_dir, purge_step))
 
     def record(self, key: str, value: float, step: int) -> None:
         self.writer.add_scalar(key, float(value), step)

@@ -55,7 +55,7 @@ from amstream import UnsupportedModelError, load_checkpoint, save_checkpoint, se
 from amstream.checkpoint import CheckpointError  # noqa: E402
 from amstream.distributed import is_main_process  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
-from amstream.logging import make_run_dir  # noqa: E402
+from amstream.logging import make_run_dir, resumed_summary_writer  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
@@ -294,14 +294,12 @@ def _grow_head_as_before(model, benchmark, done: int) -> None:
 
 def _purge_tensorboard_after(loggers: list, step: int) -> None:
     """A resumed run writes on in its TensorBoard folder; what the interrupted process logged after
-    its last checkpoint (at iteration ``step``) is dropped, as ``SummaryWriter(purge_step=)`` does."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    its last checkpoint (at iteration ``step``) is dropped (:func:`amstream.logging.resumed_summary_writer`)."""
     for logger in loggers:
         if hasattr(logger, "writer"):
             log_dir = logger.writer.log_dir
             logger.writer.close()
-            logger.writer = SummaryWriter(log_dir, purge_step=step + 1)
+            logger.writer = resumed_summary_writer(log_dir, purge_step=step + 1)
 
 
 def _close_loggers(evaluator) -> None:

@@ -147,6 +147,32 @@ def test_a_resumed_logger_continues_its_run_without_duplicate_steps(tmp_path):
         (100, approx(0.1)), (200, approx(0.2)), (300, approx(0.8)), (400, approx(0.9))]
 
 
+def test_a_resumed_logger_sorts_after_the_interrupted_runs_files_made_in_the_same_second(tmp_path):
+    """TensorBoard reads event files in name order, the second of creation first: a resumed run's
+    file made in the same second as the interrupted run's last one (here named with a larger
+    counter, as a process's tenth writer is) must still sort after it, or its purge would be read
+    first and drop nothing. The resumed writer waits for the next second."""
+    import os
+    import socket
+    import shutil
+
+    first = TensorBoardLogger(tmp_path)
+    for step in (100, 200, 300):
+        first.record("prequential/accuracy", step / 1000, step)
+    first.close()
+    (written,) = tmp_path.glob("events.out.tfevents.*")
+    # the same file, renamed as if made now by this process's 9th writer ("9" sorts after "10")
+    late = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.9"
+    shutil.move(written, late)
+    resumed = TensorBoardLogger(tmp_path, purge_step=201)
+    resumed.record("prequential/accuracy", 0.8, 300)
+    resumed.close()
+    files = sorted(f.name for f in tmp_path.glob("events.out.tfevents.*"))
+    assert files[0] == late.name and len(files) == 2
+    assert read_scalars(tmp_path)["prequential/accuracy"] == [(100, approx(0.1)), (200, approx(0.2)),
+                                                              (300, approx(0.8))]
+
+
 def test_tensorboard_logger_text_round_trips(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -26,7 +26,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from avalanche.benchmarks.utils import AvalancheDataset, concat_datasets
+from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+from avalanche.training.templates import BaseTemplate
+from avalanche.training.utils import ParamData
 from torch import nn
+
+from .metrics import AccuracyMatrix
 
 __all__ = ["StrategyStateError", "strategy_state", "load_strategy_state"]
 
@@ -76,16 +82,11 @@ def _plugin_attributes(plugin) -> dict:
 
 
 def _is_strategy(value) -> bool:
-    from avalanche.training.templates import BaseTemplate
-
     return isinstance(value, BaseTemplate)
 
 
 def _pack(value: Any, strategy, where: str) -> Any:
     """``value`` as plain values and tensors (dicts tagged with :data:`_KIND` for everything else)."""
-    from avalanche.benchmarks.utils import AvalancheDataset
-    from avalanche.training.utils import ParamData
-
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     if isinstance(value, torch.device):
@@ -137,8 +138,6 @@ def _unpack(value: Any, strategy) -> Any:
         items = {_unpack(k, strategy): _unpack(v, strategy) for k, v in value["items"]}
         return defaultdict(_DEFAULT_FACTORIES[value["default"]], items) if value["default"] else items
     if kind == "param_data":
-        from avalanche.training.utils import ParamData
-
         return ParamData(value["name"], init_function=_INIT_FUNCTIONS[value["init"]], init_tensor=value["data"],
                          device=value["device"])
     if kind == "dataset":
@@ -195,9 +194,6 @@ def _pack_dataset(dataset) -> dict:
 
 
 def _unpack_dataset(value: dict):
-    from avalanche.benchmarks.utils import concat_datasets
-    from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
-
     if value["x"] is None:
         return concat_datasets([])
     y, t = value["y"].tolist(), value["t"].tolist()
@@ -212,8 +208,6 @@ def _cross_experience_metrics(evaluator) -> list:
 
 
 def _evaluator_state(evaluator) -> dict:
-    from .metrics import AccuracyMatrix
-
     matrix = next((m for m in evaluator.metrics if isinstance(m, AccuracyMatrix)), None)
     return {
         "accuracy_matrix": None if matrix is None else _pack(vars(matrix)["_rows"], None, "accuracy matrix"),
@@ -232,8 +226,6 @@ def _check_evaluator(evaluator, state: dict) -> None:
 
 
 def _load_evaluator_state(evaluator, state: dict) -> None:
-    from .metrics import AccuracyMatrix
-
     if state["accuracy_matrix"] is not None:
         for m in evaluator.metrics:
             if isinstance(m, AccuracyMatrix):

@@ -14,8 +14,8 @@ import argparse
 import contextlib
 import math
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -436,10 +436,11 @@ def checkpoint_extra(path: Path) -> dict | None:
         return None
 
 
-def check_checkpoint_config(path: Path, config: dict) -> None:
+def check_checkpoint_config(path: Path, config: dict, extra: dict | None = None) -> None:
     """A checkpoint made with other settings (its ``extra["config"]``; ``run_dir`` aside) cannot be
-    continued by this run: ValueError naming the settings that differ."""
-    extra = checkpoint_extra(path)
+    continued by this run: ValueError naming the settings that differ. ``extra``: the checkpoint's
+    values when the caller has read them already."""
+    extra = checkpoint_extra(path) if extra is None else extra
     saved = None if extra is None else extra.get("config", {})
     if saved is not None and {k: v for k, v in saved.items() if k != "run_dir"} != config:
         diff = {k: v for k, v in saved.items() if k != "run_dir" and config.get(k) != v} or saved

@@ -247,7 +247,7 @@ def _saved_run(ck_path: Path | None, name: str, args, learner) -> dict | None:
     if extra is None:
         load_checkpoint(ck_path, learner)  # an unreadable file: CheckpointError says why, nothing changes
         raise CheckpointError(f"cannot read the values saved with checkpoint {ck_path}")
-    _common.check_checkpoint_config(ck_path, run_config(args))
+    _common.check_checkpoint_config(ck_path, run_config(args), extra)
     if "experiences_done" not in extra:
         raise ValueError(f"checkpoint {ck_path} was not written by continual.py (no experience count in it)")
     return extra

@@ -11,6 +11,11 @@ Stable-Baselines3 2.9 fits amstream's environment (its dependencies, torch and G
 already there), so it is not given a second torch: ``--make-envs`` installs the package alone into
 ``.bench-envs/sb3-overlay`` (``pip install --target ... --no-deps``), which only the bench's worker
 puts on its path.
+
+With ``compiled``, each amstream agent also runs with ``compile=True`` (its learner's whole update one
+compiled graph): first one untimed run of 2,000 steps (its updates compile the step, or load it from
+torch's on-disk compiler cache, as any later process on the machine does), whose seconds are reported,
+then the timed runs, whose steps per second include loading the compiled step from that cache.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ WORKER = r"""
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-kind, steps = sys.argv[1], int(sys.argv[2])
+kind, steps, compiled = sys.argv[1], int(sys.argv[2]), sys.argv[4] == "compiled"
 settings = dict(buffer_size=50000, learning_starts=1000, batch_size=64, gamma=0.99)
 if kind == "sb3":
     from stable_baselines3 import DQN
@@ -42,7 +47,7 @@ else:
     from agents import DQNAgent
     agent = DQNAgent("CartPole-v1", learner=kind, learning_rate=1e-3, train_frequency=4,
                      target_update_interval=500, exploration_fraction=0.25, end_e=0.05, device="cpu", seed=1,
-                     **settings)
+                     learner_kwargs={"compile": True} if compiled else None, **settings)
     run = lambda: agent.learn(steps, progress_bar=False)
 start = time.perf_counter()
 run()
@@ -65,28 +70,42 @@ def sb3_path(make: bool) -> Path | None:
     return OVERLAY
 
 
-def dqn_throughput(learners: list[str], *, steps: int, rounds: int, make_envs: bool) -> list[dict]:
-    """Environment steps per second of SB3's DQN and of ``DQNAgent`` with each learner, ``rounds``
-    rounds of one fresh run each in turn; the ratio to SB3 is the median of the per-round ratios."""
+def dqn_throughput(learners: list[str], *, steps: int, rounds: int, make_envs: bool,
+                   compiled: bool = False) -> list[dict]:
+    """Environment steps per second of SB3's DQN and of ``DQNAgent`` with each learner (and, with
+    ``compiled``, each learner with ``compile=True`` too), ``rounds`` rounds of one fresh run each in
+    turn; the ratio to SB3 is the median of the per-round ratios."""
     overlay = sb3_path(make_envs)
-    runners = ([] if overlay is None else ["sb3"]) + list(learners)
+    runners = [("sb3", "eager")] if overlay is not None else []
+    runners += [(name, mode) for mode in ("eager", "compiled")[:1 + compiled] for name in learners]
     if overlay is None:
         print(f"note: Stable-Baselines3 is not measured: {OVERLAY} is missing (add --make-envs to install it)",
               file=sys.stderr)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(overlay or ""), os.environ.get("PYTHONPATH", "")]))}
-    per_round: dict[str, list[float]] = {name: [] for name in runners}
+
+    def run(name: str, mode: str, n: int) -> float:
+        out = subprocess.run([sys.executable, "-c", WORKER, name, str(n), str(ROOT), mode], env=env,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"the {name} DQN run ({mode}) failed: {out.stderr.strip()[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    warmup = {}
+    for name, mode in runners:
+        if mode == "compiled":  # 2,000 steps: 250 updates after the first 1,000 steps
+            warmup[name] = 2000 / run(name, mode, 2000)
+            print(f"note: {name} compile=True, the first run of 2,000 steps took {warmup[name]:.1f} s (compiling, "
+                  "or loading the compiled step from torch's cache); untimed", file=sys.stderr, flush=True)
+    per_round: dict[tuple[str, str], list[float]] = {runner: [] for runner in runners}
     for _ in range(rounds):
-        for name in runners:
-            out = subprocess.run([sys.executable, "-c", WORKER, name, str(steps), str(ROOT)], env=env,
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"the {name} DQN run failed: {out.stderr.strip()[-2000:]}")
-            per_round[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for name, mode in runners:
+            per_round[name, mode].append(run(name, mode, steps))
     rows = []
-    for name, values in per_round.items():
-        ratios = [v / b for v, b in zip(values, per_round["sb3"])] if overlay is not None else []
-        rows.append({"runner": "Stable-Baselines3 2.9.2 DQN" if name == "sb3" else f"DQNAgent, {name}",
+    for (name, mode), values in per_round.items():
+        ratios = [v / b for v, b in zip(values, per_round["sb3", "eager"])] if overlay is not None else []
+        label = "Stable-Baselines3 2.9.2 DQN" if name == "sb3" else f"DQNAgent, {name}"
+        rows.append({"runner": label + (", compile=True" if mode == "compiled" else ""),
                      "steps_per_s": statistics.median(values),
                      "ratio": statistics.median(ratios) if ratios else None,
                      "spread": (min(ratios), max(ratios)) if ratios else None})

@@ -105,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_option(p, "--rl-steps", HParam(100_000, "rl section: environment steps per DQN run", int, count))
     add_option(p, "--rl-rounds", HParam(2, "rl section: rounds of one run per agent", int, count))
     p.add_argument("--rl-learner", default="backprop,am-adam", help="rl section: the DQNAgent learners")
+    p.add_argument("--rl-compiled", action="store_true",
+                   help="rl section: also run each agent with compile=True (after one untimed run that compiles "
+                        "its update or loads it from torch's compiler cache)")
     p.add_argument("--processes", default="1,2", help="distributed section: numbers of processes (gloo, one "
                    "thread each; 1 is always run first, as the base of the speed-ups)")
     add_option(p, "--distributed-steps", HParam(50, "distributed section: timed steps per run", int, count))
@@ -469,7 +472,35 @@ def online_replay_overhead(args, device) -> list[dict]:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what :mod:`platform` knows. The
+    ratios of GEMM-bound steps to overhead-bound ones depend on it: one thread's float32 GEMM ran
+    at about 80 GMAC/s on one of our 2-vCPU machines and 43 on another (BENCHMARKS.md, section 12)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gemm_speed(device: torch.device, size: int = 512, seconds: float = 0.2) -> float:
+    """Multiply-adds per nanosecond of a square float32 GEMM at this run's thread count: the machine's
+    scale for the GEMM-bound parts of a step (a step's ratio to backprop moves with it)."""
+    a = torch.randn(size, size, device=device)
+    out = torch.empty_like(a)
+    torch.mm(a, a, out=out)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, a, out=out)
+        calls += 1
+        _sync(device)
+    return calls * size ** 3 / (time.perf_counter() - start) / 1e9
 
 
 def main(argv=None) -> None:
@@ -485,7 +516,8 @@ def main(argv=None) -> None:
     n = max(4000, args.batch_size * 20)
     x, y = train.x[:n].to(device), train.y[:n].to(device)
 
-    print(f"device: {describe_device(device)}; torch {torch.__version__}")
+    print(f"device: {describe_device(device)}; torch {torch.__version__}; float32 GEMM "
+          f"{gemm_speed(device):.0f} GMAC/s")
     print(f"command: python scripts/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print()
     sections = set(args.section or DEFAULT_SECTIONS)
@@ -519,7 +551,8 @@ def main(argv=None) -> None:
                [[row["runner"], f"{row['samples_per_s']:,.0f}",
                  "" if row["ratio"] is None else f"{row['ratio']:.2f}x", f"{row['accuracy']:.4f}"] for row in rows])
     if "rl" in sections:
-        rows = dqn_throughput(args.rl_learners, steps=args.rl_steps, rounds=args.rl_rounds, make_envs=args.make_envs)
+        rows = dqn_throughput(args.rl_learners, steps=args.rl_steps, rounds=args.rl_rounds, make_envs=args.make_envs,
+                              compiled=args.rl_compiled)
         _table(f"DQN on CartPole-v1, {args.rl_steps:,} steps, BENCHMARKS.md section 7 settings without evaluation, "
                f"one thread, {args.rl_rounds} rounds of one fresh run each in turn (median; ratio range in brackets)",
                ["agent", "environment steps/s", "ratio to Stable-Baselines3"],

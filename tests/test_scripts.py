@@ -251,6 +251,33 @@ def test_bench_stream_rl_and_distributed_sections(data_root):
     assert re.search(r"^\| am-mem \| 1 \| [\d,]+ \| 1.00x \|", proc.stdout, flags=re.M), proc.stdout
 
 
+def test_bench_rl_compiled_runs_warm_up_once_then_time_each_agent_both_ways(monkeypatch):
+    """``--rl-compiled``: each amstream agent also runs with ``compile=True``, after one untimed
+    2,000-step run (the compilation); the ratios are to Stable-Baselines3's runs of the same round.
+    The worker processes are replaced by a recorder (the real ones take minutes)."""
+    import sys as _sys
+    from types import SimpleNamespace
+
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    import _bench_rl
+
+    calls = []
+    speed = {("sb3", "eager"): 1000.0, ("am-adam", "eager"): 600.0, ("am-adam", "compiled"): 800.0}
+
+    def fake_run(cmd, **kwargs):
+        name, steps, mode = cmd[3], int(cmd[4]), cmd[6]
+        calls.append((name, steps, mode))
+        return SimpleNamespace(returncode=0, stdout=f"{speed[name, mode]}\n", stderr="")
+
+    monkeypatch.setattr(_bench_rl, "sb3_path", lambda make: ROOT)
+    monkeypatch.setattr(_bench_rl.subprocess, "run", fake_run)
+    rows = _bench_rl.dqn_throughput(["am-adam"], steps=500, rounds=2, make_envs=False, compiled=True)
+    assert calls[0] == ("am-adam", 2000, "compiled")  # the warm-up, once
+    assert calls[1:] == [("sb3", 500, "eager"), ("am-adam", 500, "eager"), ("am-adam", 500, "compiled")] * 2
+    assert {row["runner"]: row["ratio"] for row in rows} == {
+        "Stable-Baselines3 2.9.2 DQN": 1.0, "DQNAgent, am-adam": 0.6, "DQNAgent, am-adam, compile=True": 0.8}
+
+
 def test_bench_bad_option_is_a_clean_error():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-size", "-5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -91,11 +91,10 @@ def dqn_throughput(learners: list[str], *, steps: int, rounds: int, make_envs: b
             raise RuntimeError(f"the {name} DQN run ({mode}) failed: {out.stderr.strip()[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    warmup = {}
     for name, mode in runners:
         if mode == "compiled":  # 2,000 steps: 250 updates after the first 1,000 steps
-            warmup[name] = 2000 / run(name, mode, 2000)
-            print(f"note: {name} compile=True, the first run of 2,000 steps took {warmup[name]:.1f} s (compiling, "
+            seconds = 2000 / run(name, mode, 2000)
+            print(f"note: {name} compile=True, the first run of 2,000 steps took {seconds:.1f} s (compiling, "
                   "or loading the compiled step from torch's cache); untimed", file=sys.stderr, flush=True)
     per_round: dict[tuple[str, str], list[float]] = {runner: [] for runner in runners}
     for _ in range(rounds):

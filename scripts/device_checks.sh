@@ -19,7 +19,13 @@ mkdir -p "$OUT"
 export AMSTREAM_DATA="${AMSTREAM_DATA:-.devdata}" PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 DEVICE="${DEVICE:-cuda}"
 PY="${PY:-python3}"
-if [ -n "${QUICK:-}" ]; then R=2; S=2; IT=2; EP="--max-samples 2000"; else R=20; S=10; IT=200; EP=""; fi
+# QUICK: a dry run of every step on a CPU in about 10 minutes (narrow networks stand for the wide ones)
+if [ -n "${QUICK:-}" ]; then
+    R=2; S=2; IT=2; DS=5; EP="--max-samples 2000"; WIDE="--hidden 256,256 --batch-size 256 --warmup 1"; FULL="--hidden 100,100"
+    PROCS=1,2
+else
+    R=20; S=10; IT=200; DS=50; EP=""; WIDE="--hidden 4096,4096 --batch-size 2048"; FULL=""; PROCS=1,2,4,8
+fi
 
 step() {  # step NAME COMMAND...: run, keep the output, never stop the script
     local name=$1 start=$SECONDS status
@@ -40,13 +46,13 @@ step steps-b200 $PY scripts/bench.py --device "$DEVICE" --section steps --sectio
 step steps-b1 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
     --learner am-adam --batch-size 1 --rounds $R --steps $S
 step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
-    --learner am-adam --hidden 4096,4096 --batch-size 2048 --rounds $R --steps $S
+    --learner am-adam $WIDE --rounds $R --steps $S
 step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m \
     --rounds $R --steps $S
 step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \
     --rounds $R --steps $S
 # issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
-step distributed-cpu $PY scripts/bench.py --section distributed --processes 1,2,4,8 --distributed-steps 50 \
+step distributed-cpu $PY scripts/bench.py --section distributed --processes $PROCS --distributed-steps $DS \
     --distributed-learner backprop,am-adam,am-mem,locoprop-m --distributed-overlap
 # 3. issue 15: one MNIST epoch of the section 1 protocol, eager and compiled (time and accuracy), with
 # BatchNorm (the protocol) and without; compiled, both steps are one CUDA graph each
@@ -60,7 +66,7 @@ done
 for ds in mnist fashion-mnist; do
     for run in "dladmm:preset=reference" "dladmm:preset=reference,step_size=bound" "gd:lr=0.1" "adam:lr=1e-3"; do
         name="full-$ds-$(echo "$run" | tr ':=,' '---')"
-        step "$name" $PY scripts/full_batch.py --dataset $ds --run "$run" --iterations $IT --device "$DEVICE" \
+        step "$name" $PY scripts/full_batch.py --dataset $ds --run "$run" --iterations $IT $FULL --device "$DEVICE" \
             --json "$WORK/$name.json"
     done
 done

@@ -63,13 +63,14 @@ SYMMETRIC_PANEL = 128
 def symmetric_update_(A: torch.Tensor, a: torch.Tensor, *, beta: float, alpha: float,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """``A <- beta A + alpha a^T a`` in place for a symmetric ``A`` (or into ``out``, ``A`` unchanged),
-    computing only the upper triangle.
+    computing only the upper triangle and the diagonal blocks.
 
     Torch has no symmetric rank-k update (BLAS syrk), so the rows are cut into panels of
     :data:`SYMMETRIC_PANEL`: panel ``I`` updates ``A[I, I_start:]`` with one GEMM (the diagonal
     block and everything to its right), and the block below the diagonal is copied from its
     transpose. For d columns this does about half the multiply-adds plus a copy of the lower
-    triangle. Below two panels it is the plain GEMM."""
+    triangle. Below two panels it is the plain GEMM. The diagonal blocks are symmetric to rounding
+    only: a GEMM may sum ``(i, j)`` and ``(j, i)`` in different orders (MKL on an AMD EPYC does)."""
     out = A if out is None else out
     d = A.shape[0]
     if d < 2 * SYMMETRIC_PANEL:

@@ -102,8 +102,9 @@ def test_am_adam_captures_its_whole_step_in_one_graph():
 def test_am_mem_whole_step_keeps_the_symmetric_memory_update_of_a_wide_layer():
     """A first layer of 300 inputs (+ the bias column: two or more row panels) takes the memory
     update's row panels inside the compiled graph, as one operator that writes the next memory set
-    in place: the step equals the eager one, the memories are exactly symmetric, and the current set
-    is left as it was until the step is committed."""
+    in place: the step equals the eager one, the memories are symmetric (to the rounding of the
+    diagonal blocks' GEMM: a lower triangle left stale would differ by O(1)), and the current set is
+    left as it was until the step is committed."""
     from amstream.memory import SYMMETRIC_PANEL
 
     def wide_mlp():
@@ -123,7 +124,7 @@ def test_am_mem_whole_step_keeps_the_symmetric_memory_update_of_a_wide_layer():
             assert _max_difference(eager.model, captured.model) < 1e-12
             for (A, Bm), (A_c, B_c) in zip(eager._memories, captured._memories):
                 assert torch.allclose(A_c, A, rtol=0, atol=1e-12) and torch.allclose(B_c, Bm, rtol=0, atol=1e-12)
-                assert torch.equal(A_c, A_c.T)
+                assert (A_c - A_c.T).abs().max() <= 1e-14 * A_c.abs().max()
             captured.load_state_dict(eager.state_dict())
     assert captured._compiled_functions["the whole step"].active
 

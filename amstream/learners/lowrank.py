@@ -269,9 +269,10 @@ class SBE(_LowRankLearner):
     defaults = dict(_LowRankLearner.defaults)
     # rank-1 writes learn slowly at batch 32 (the SBE paper: many more epochs than mini-batch GD): the
     # floors are for two passes over the digits and 400 single samples, chance being 0.1 (measured by
-    # the conformance tests: 0.44 and 0.44; MNIST figures in BENCHMARKS.md, section 9)
+    # the conformance tests: 0.44 and 0.44; MNIST figures in BENCHMARKS.md, section 9). lr 0.2 gave 0.44
+    # on one machine and 0.28 on an AMD EPYC (its float rounding differs); lr 0.1 gave 0.45 there.
     conformance_cases = {
-        "": {"kwargs": {"lr": 0.2, "momentum": 0.9}, "accuracy": 0.3,
+        "": {"kwargs": {"lr": 0.1, "momentum": 0.9}, "accuracy": 0.3,
              "one_sample": ({"momentum": 0.0, "lr": 0.05}, 0.3)},
     }
 

@@ -23,6 +23,7 @@ functions use the ``"reduce-overhead"`` mode, which replays them as CUDA graphs 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +65,7 @@ class CompiledFunction:
         self.failure: str | None = None  # why it runs eagerly, once it does
         # torch stops compiling a function after recompile_limit variants (input shapes, dtypes)
         # without an error: the cache is watched so that this is said (plain functions only)
-        self._code = getattr(fn, "__code__", None) if _cache_entries is not None else None
+        self._code = getattr(fn, "__code__", None) if _cache_entries() is not None else None
         self.saturated = False
 
     @property
@@ -90,7 +91,7 @@ class CompiledFunction:
 
     def _check_saturation(self) -> None:
         limit = torch._dynamo.config.recompile_limit
-        if len(_cache_entries(self._code)) >= limit:
+        if len(_cache_entries()(self._code)) >= limit:
             self.saturated = True
             warnings.warn(f"compile=True: {self.name} has been compiled for {limit} input variants (shapes, "
                           "dtypes), torch's recompile_limit: inputs unlike those run eagerly from now on (same "
@@ -130,7 +131,13 @@ def mark_static(tensors) -> None:
         mark_static(item)
 
 
-try:  # a debugging hook of dynamo's (private): without it the saturation goes unreported
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
-except ImportError:  # pragma: no cover - another torch
-    _cache_entries = None
+@functools.cache
+def _cache_entries() -> Callable | None:
+    """Dynamo's debugging hook that lists a code object's compiled variants (private: without it the
+    saturation goes unreported). Imported at the first compiled function, not with amstream: it
+    loads the whole compiler (about 2 s), which a script that never compiles should not wait for."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - another torch
+        return None
+    return _debug_get_cache_entry_list

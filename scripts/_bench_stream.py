@@ -83,11 +83,16 @@ def foreign_python(name: str, make: bool) -> Path | None:
 
 
 class _Worker:
+    """One runner in its own process, started here; :meth:`wait_ready` waits for it to have imported
+    its library and built its learner (the workers start side by side, then each is waited for)."""
+
     def __init__(self, label: str, python: Path | str, kind: str, spec: dict, data: str) -> None:
         self.label, self.seconds, self.seen, self.correct = label, 0.0, 0, 0
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         self.proc = subprocess.Popen([str(python), "-c", WORKER, kind, json.dumps(spec), data], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
+
+    def wait_ready(self) -> None:
         self._read()
 
     def _read(self):
@@ -126,12 +131,14 @@ def stream_throughput(runs: list[tuple[str, str, dict, int]], *, samples: int, c
         if python is None:
             print(f"note: deep-river is not measured: its environment {ENVS / 'deep-river'} is missing "
                   "(add --make-envs to make it)", file=sys.stderr)
-        else:
-            workers.append(_Worker("deep-river 0.3.4, Classifier", python, "deep-river", {}, data))
-        for label, learner, kwargs, micro_batch in runs:
-            spec = {"root": str(ROOT), "learner": learner, "kwargs": kwargs, "micro_batch": micro_batch}
-            workers.append(_Worker(label, sys.executable, "amstream", spec, data))
         try:
+            if python is not None:
+                workers.append(_Worker("deep-river 0.3.4, Classifier", python, "deep-river", {}, data))
+            for label, learner, kwargs, micro_batch in runs:
+                spec = {"root": str(ROOT), "learner": learner, "kwargs": kwargs, "micro_batch": micro_batch}
+                workers.append(_Worker(label, sys.executable, "amstream", spec, data))
+            for w in workers:
+                w.wait_ready()
             for _ in range(0, n, chunk):
                 for w in workers:
                     w.run(chunk)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from amstream.distributed import data_parallel, is_main_process
 from amstream.utils import resolve_device
 
-__all__ = ["ShardedLearning", "init_from_env", "launched_by_torchrun", "make_data_parallel", "say"]
+__all__ = ["ShardedLearning", "init_from_env", "launched_by_torchrun", "make_data_parallel", "say",
+           "torchrun_world_size"]
 
 
 def launched_by_torchrun() -> bool:
@@ -29,13 +30,20 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(device: str) -> tuple[int, int, torch.device]:
-    """Join the process group described by torchrun's environment; ``(rank, world size, device)``.
-    ``device="auto"``: the local rank's GPU when there are GPUs, else the CPU."""
+def torchrun_world_size() -> int:
+    """The number of processes torchrun started, from its environment, before any process group
+    exists (so that settings the processes cannot share are refused before anything is loaded)."""
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise ValueError(f"--distributed needs torchrun's environment (missing {', '.join(missing)}): start the "
                          "script with torchrun --nproc-per-node N")
+    return int(os.environ["WORLD_SIZE"])
+
+
+def init_from_env(device: str) -> tuple[int, int, torch.device]:
+    """Join the process group described by torchrun's environment; ``(rank, world size, device)``.
+    ``device="auto"``: the local rank's GPU when there are GPUs, else the CPU."""
+    torchrun_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device)
     if resolved.type == "cuda":

@@ -60,7 +60,7 @@ from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
 from _common import CommaList, add_option, build_mlp, learner_names, make_learner  # noqa: E402
-from _distributed import init_from_env, launched_by_torchrun, make_data_parallel, say  # noqa: E402
+from _distributed import init_from_env, launched_by_torchrun, make_data_parallel, say, torchrun_world_size  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
 PLUGIN_NAMES = ("replay", "replay-balanced", "gdumb", "ewc", "si", "mas", "rwalk", "lwf")
@@ -318,17 +318,18 @@ def main(argv=None) -> None:
         _common.check_checkpoint_options(args, parser)
         args.processes, args.experiences_run = 1, 0
         if args.distributed or launched_by_torchrun():
-            # Avalanche builds loggers when its training package is imported (default arguments), and
-            # refuses to off rank 0 once a process group exists: import it first.
-            import scenarios.strategy  # noqa: F401
-            _, args.processes, device = init_from_env(args.device)
-            if args.batch_size % args.processes:
-                raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {args.processes} processes: "
+            processes = torchrun_world_size()  # settings the processes cannot share fail before Avalanche loads
+            if args.batch_size % processes:
+                raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {processes} processes: "
                                  "each takes an equal share of every batch")
             if args.checkpoint and "rwalk" in plugin_names:
                 raise ValueError("--checkpoint with several processes and RWalk: RWalk's scores come from each "
                                  "process's shard and differ across processes, so one checkpoint cannot stand for "
                                  "all of them; run without --checkpoint, or on one process")
+            # Avalanche builds loggers when its training package is imported (default arguments), and
+            # refuses to off rank 0 once a process group exists: import it first.
+            import scenarios.strategy  # noqa: F401
+            _, args.processes, device = init_from_env(args.device)
         else:
             device = resolve_device(args.device)
         _common.check_resumable(args, learners)

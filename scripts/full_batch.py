@@ -86,6 +86,9 @@ def main(argv=None) -> None:
     p.add_argument("--run", required=True, help="METHOD[:NAME=VALUE,...]: dladmm, gd or adam")
     p.add_argument("--hidden", default="1000,1000", help="hidden widths (the reference's 1000,1000)")
     p.add_argument("--iterations", type=int, default=200, help="full-batch iterations (the reference's 200)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N",
+                   help="use the first N training images (default: all, 55,000 of MNIST, 60,000 of Fashion-MNIST; "
+                        "fewer for a quick trial)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -99,8 +102,9 @@ def main(argv=None) -> None:
     try:
         method, kwargs = parse_run(args.run)
         hidden = [int(w) for w in args.hidden.split(",") if w]
-        if args.iterations < 1 or not hidden or min(hidden) < 1 or args.checkpoint_every < 1:
-            raise ValueError("--iterations, --checkpoint-every and every --hidden width must be >= 1")
+        if (args.iterations < 1 or not hidden or min(hidden) < 1 or args.checkpoint_every < 1
+                or (args.max_samples is not None and args.max_samples < 1)):
+            raise ValueError("--iterations, --checkpoint-every, --max-samples and every --hidden width must be >= 1")
         if (args.checkpoint or args.resume) and method != "dladmm":
             raise ValueError("--checkpoint and --resume are for dladmm runs (gd and adam take minutes)")
         if args.resume and not args.checkpoint:
@@ -117,7 +121,7 @@ def main(argv=None) -> None:
         p.error(str(err))
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
-    n_train = 55_000 if args.dataset == "mnist" else 60_000
+    n_train = min(55_000 if args.dataset == "mnist" else 60_000, args.max_samples or len(train))
     x, y = train.x[:n_train].flatten(1).to(args.device), train.y[:n_train].to(args.device)
     xt, yt = test.x.flatten(1).to(args.device), test.y.to(args.device)
     model = network([784, *hidden, 10]).to(args.device)
@@ -142,6 +146,8 @@ def main(argv=None) -> None:
         except ValueError as err:
             p.error(f"--run {args.run}: {err}")
         run_options = {key: getattr(args, key) for key in ("dataset", "run", "hidden", "seed")}
+        if args.max_samples:  # only when set: checkpoints of whole-data runs keep their options
+            run_options["max_samples"] = n_train
         if args.resume:
             try:
                 saved = load_checkpoint(args.checkpoint, learner)

@@ -678,12 +678,14 @@ def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
     assert set(results) == {"admm", "adam"} and all(r["curve"] for r in results.values())
     assert results["adam"]["best_validation"] > 0.8  # one second of Adam on MNIST pixels
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    full_batch = [sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:preset=reference", "--hidden", "8"]
+    full_batch = [sys.executable, str(scripts / "full_batch.py"), "--run", "dladmm:preset=reference", "--hidden", "8",
+                  "--max-samples", "5000"]
 
     def run(name, *options):
         proc = subprocess.run([*full_batch, *options, "--json", str(tmp_path / name)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
+        assert "mnist: 5000 training images" in proc.stdout
         return json.loads((tmp_path / name).read_text())
 
     whole = run("f.json", "--iterations", "4")

@@ -8,6 +8,8 @@ GPU marker.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -419,3 +421,10 @@ def test_a_function_compiled_for_as_many_variants_as_torch_allows_says_so(monkey
     messages = [str(w.message) for w in caught if "recompile_limit" in str(w.message)]
     assert len(messages) == 1 and "the test function" in messages[0], [str(w.message) for w in caught]
     assert compiled.saturated
+
+
+def test_import_does_not_load_the_compiler():
+    """``import amstream`` leaves torch's compiler (dynamo: about 2 s to import) for the first compiled
+    function (or torch optimizer), so that a script that stops on bad input or ``--help`` answers at once."""
+    code = "import sys, amstream; assert 'torch._dynamo' not in sys.modules, 'dynamo imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

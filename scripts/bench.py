@@ -3,10 +3,13 @@
 
 1. Time per step of every registered learner (with its defaults, plus ``--also`` variants) against
    backprop-Adam on the same network, batch, data and device. The learners run in interleaved rounds (AM, backprop, AM, backprop, ...) so both see
-   the same machine conditions; the reported ratio is the median of the per-round ratios.
+   the same machine conditions; the reported ratio is the median of the per-round ratios. Each
+   step's matrix multiply-adds (torch's flop counter) at the header's GEMM speed give the least
+   ratio the learner could reach were everything but its GEMMs free.
 2. AM-mem's weight solve: one Gauss-Seidel sweep as blocked triangular solves (and the full Cholesky solve)
    against the reference code's column-by-column sweep, on co-activation memories of real MNIST
-   inputs at width 784 (+1 bias column).
+   inputs at width 784 (+1 bias column); then AM-mem's step, the time inside its GEMM and
+   triangular-solve kernels alone (CPU profiler), its first layer's parts and a backprop-Adam step.
 3. Avalanche: an epoch of AM-Adam through ``AMStrategy`` against its plain loop, and the
    online-replay Split-MNIST protocol of Avalanche's continual-learning-baselines through
    ``AMStrategy`` with a ``Backprop`` learner against Avalanche's own ``OnlineNaive``.
@@ -177,8 +180,26 @@ def step_times(args, device, x, y) -> list[dict]:
                       "scripts/sequence.py reports its time per step against backprop through time")
     for name, kwargs in args.also:
         learners[f"{name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"] = fresh(name, **kwargs)
-    per_round = _interleaved(learners, _batches(x, y, args.batch_size), args, device)
-    return _ratio_rows(per_round, "backprop-adam", "learner")
+    batches = _batches(x, y, args.batch_size)
+    per_round = _interleaved(learners, batches, args, device)
+    rows = _ratio_rows(per_round, "backprop-adam", "learner")
+    for row in rows:
+        row["macs"] = matrix_macs(learners[row["learner"]], *batches[0])
+    return rows
+
+
+def matrix_macs(learner, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Multiply-adds of one step's matrix products (torch's flop counter: GEMMs and convolutions, not
+    triangular solves). Divided by the GEMM speed, the least time the step can take on this machine.
+    None where the counter cannot follow the step (it refuses ``torch.autograd.grad`` on a non-leaf)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            learner.learn(x, y)
+    except RuntimeError:
+        return None
+    return counter.get_total_flops() / 2
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -334,11 +355,31 @@ def ammem_parts(args, device, x, y) -> list[dict]:
         "first layer: full Cholesky solve (exact)": lambda: memory_solve(A, Bm),
         "copy of the memory alone (in every row above but the step)": lambda: A_work.copy_(A),
     }
+    torch.manual_seed(0)
+    backprop = LEARNERS["backprop"](build_mlp((1, 28, 28), parse_int_list(args.hidden), 10), device=device, lr=0.003)
+    for bx, by in batches[:10]:
+        backprop.learn(bx, by)
+    parts["backprop-Adam step, whole (for scale)"] = lambda: backprop.learn(*batches[cursor[0] % len(batches)])
     per_round: dict[str, list[float]] = {name: [] for name in parts}
     for _ in range(args.solve_rounds):
         for name, fn in parts.items():
             per_round[name].append(min(_timed(fn, device) for _ in range(args.solve_repeats)) * 1e3)
-    return [{"part": name, "ms": statistics.median(times)} for name, times in per_round.items()]
+    rows = [{"part": name, "ms": statistics.median(times)} for name, times in per_round.items()]
+    if device.type == "cpu":
+        rows.insert(1, {"part": "AM-mem step: its matrix products and triangular solves alone (profiler, 10 steps)",
+                        "ms": _kernel_ms(step, ("aten::addmm", "aten::mm", "aten::linalg_solve_triangular"), 10)})
+    return rows
+
+
+def _kernel_ms(fn, kernels: tuple[str, ...], calls: int) -> float:
+    """Milliseconds per call of ``fn`` spent in the named operators themselves (CPU profiler, self time):
+    what a step costs at least however little everything around them costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in kernels) / calls / 1e3
 
 
 def strategy_overhead(args, device) -> list[dict]:
@@ -520,19 +561,27 @@ def main(argv=None) -> None:
     n = max(4000, args.batch_size * 20)
     x, y = train.x[:n].to(device), train.y[:n].to(device)
 
-    print(f"device: {describe_device(device)}; torch {torch.__version__}; float32 GEMM "
-          f"{gemm_speed(device):.0f} GMAC/s")
+    gmacs = gemm_speed(device)
+    print(f"device: {describe_device(device)}; torch {torch.__version__}; float32 GEMM {gmacs:.0f} GMAC/s")
     print(f"command: python scripts/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print()
     sections = set(args.section or DEFAULT_SECTIONS)
     net = (f"MNIST 784-{args.hidden.replace(',', '-')}-10 ReLU MLP{' with BatchNorm' if args.batchnorm else ''}, "
            f"batch {args.batch_size}")
     if "steps" in sections:
+        rows = step_times(args, device, x, y)
+        base = next(row for row in rows if row["learner"] == "backprop-adam")
         _table(f"Step time, {net}, {args.rounds} interleaved rounds x {args.steps} steps (median; ratio IQR in "
-               "brackets)", ["learner", "ms/step", "ratio to backprop-Adam"],
+               f"brackets); a step's matrix multiply-adds at this machine's GEMM speed ({gmacs:.0f} GMAC/s) are "
+               "the least time it can take, and that floor over backprop-Adam's measured step the least ratio",
+               ["learner", "ms/step", "ratio to backprop-Adam", "matrix multiply-adds", "their time at the GEMM speed",
+                "least ratio"],
                [[row["learner"], f"{row['ms_per_step']:.2f}",
-                 f"{row['ratio']:.2f}x [{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}]"]
-                for row in step_times(args, device, x, y)])
+                 f"{row['ratio']:.2f}x [{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}]",
+                 *(["", "", ""] if row["macs"] is None else
+                   [f"{row['macs'] / 1e6:.1f}M", f"{row['macs'] / gmacs / 1e6:.2f} ms",
+                    f"{row['macs'] / gmacs / 1e6 / base['ms_per_step']:.2f}x"])]
+                for row in rows])
     if "compiled" in sections:
         _table(f"Compiled (compile=True) against eager steps, {net}, {args.rounds} interleaved rounds x "
                f"{args.steps} steps each (median; ratio IQR in brackets)",

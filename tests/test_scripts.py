@@ -196,6 +196,12 @@ def test_bench_smoke(data_root):
     for name in set(amstream.LEARNERS) - mlp_learners:  # sequence learners: sequence.py times them
         assert f"note: {name} is not timed on the MLP" in proc.stdout
     assert float(ratios["backprop-adam"]) == 1.0
+    # each step's matrix multiply-adds, counted: backprop's forward pass 200 x (784x100 + 100x100 + 100x10),
+    # its weight gradients as many, and the input gradients of layers 2 and 3
+    macs = dict(re.findall(r"^\| ([a-z][a-z\-]*) \| [\d.]+ \| [\d.]+x \[[^]]*\] \| ([\d.]+)M \|", proc.stdout, flags=re.M))
+    assert float(macs["backprop-adam"]) == pytest.approx(200 * (2 * (784 * 100 + 100 * 100 + 100 * 10)
+                                                                + 100 * 100 + 10 * 100) / 1e6, abs=0.05), proc.stdout
+    assert float(macs["am-mem"]) > 4 * float(macs["backprop-adam"])  # the 785 x 785 memory and its sweep
     assert "sweep as blocked triangular solves" in proc.stdout and "device: CPU" in proc.stdout
     agreement = re.search(r"max \|blocked - loop\| / max \|W\| \| \| ([\d.e+-]+) \|", proc.stdout)
     assert agreement and float(agreement[1]) < 1e-4, proc.stdout

@@ -47,10 +47,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (no usage dump), ending with a hint to ``--help``."""
+    """An argument parser whose errors are one line (no usage dump), ending with a hint to ``--help``.
+    Options are never abbreviated: with dozens of learner options a prefix silently picks one
+    (``rl.py --steps 600`` ran 100,000 steps with ``--steps-per-task 600``, which only ``--tasks`` reads)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

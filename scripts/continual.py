@@ -387,9 +387,10 @@ def main(argv=None) -> None:
         print(f"\naccuracy matrix, {name} (row: after training experience i; column: test experience j)")
         for i, row in enumerate(r["matrix"]):
             print(f"  {i:>2} | " + " ".join(f"{a:.3f}" for a in row))
-    print(f"\n{'learner':<10} {'avg acc':>8} {'forgetting':>10} {'BWT':>8} {'steps':>7} {'seconds':>8}")
+    width = max(len("learner"), *(len(name) for name in results))
+    print(f"\n{'learner':<{width}} {'avg acc':>8} {'forgetting':>10} {'BWT':>8} {'steps':>7} {'seconds':>8}")
     for name, r in results.items():
-        print(f"{name:<10} {r['average_accuracy']:>8.4f} {r['forgetting']:>10.4f} {r['bwt']:>8.4f} "
+        print(f"{name:<{width}} {r['average_accuracy']:>8.4f} {r['forgetting']:>10.4f} {r['bwt']:>8.4f} "
               f"{r['steps']:>7d} {r['seconds']:>8.1f}")
     import _plots
 

@@ -228,11 +228,12 @@ def main(argv=None) -> None:
     import _plots
 
     plot = Path(args.plot) if args.plot else Path(args.logdir) / f"rl-{label}.png"
+    width = max(len("learner"), *(len(name) for name in learners))
     if args.tasks:
-        print(f"\n{'learner':<10} {'avg return':>12} {'forgetting':>12} {'BWT':>10} {'seconds':>8}")
+        print(f"\n{'learner':<{width}} {'avg return':>12} {'forgetting':>12} {'BWT':>10} {'seconds':>8}")
         for name in learners:
             mine = [r for r in runs if r["learner"] == name]
-            print(f"{name:<10} {_spread([r['average_return'] for r in mine]):>12} "
+            print(f"{name:<{width}} {_spread([r['average_return'] for r in mine]):>12} "
                   f"{_spread([r['forgetting'] for r in mine]):>12} {_spread([r['bwt'] for r in mine]):>10} "
                   f"{statistics.mean(r['seconds'] for r in mine):>8.0f}")
         for r in runs:
@@ -243,12 +244,12 @@ def main(argv=None) -> None:
         _plots.plot_score_matrices(first, plot, title=f"{args.tasks}: mean greedy return", label="return")
     else:
         threshold = THRESHOLDS.get(args.env)
-        print(f"\n{'learner':<10} {'seeds':>5} {'final return':>16} {'steps/s':>8} {'first step >= ' + format(threshold, 'g') if threshold is not None else '':>20}")
+        print(f"\n{'learner':<{width}} {'seeds':>5} {'final return':>16} {'steps/s':>8} {'first step >= ' + format(threshold, 'g') if threshold is not None else '':>20}")
         for name in learners:
             mine = [r for r in runs if r["learner"] == name]
             solved = [r["solved_at"] for r in mine]
             solved_text = ", ".join("-" if s is None else str(s) for s in solved)
-            print(f"{name:<10} {len(mine):>5} {_spread([r['final_mean'] for r in mine]):>16} "
+            print(f"{name:<{width}} {len(mine):>5} {_spread([r['final_mean'] for r in mine]):>16} "
                   f"{statistics.mean(r['sps'] for r in mine):>8.0f} {solved_text:>20}")
         curves = {name: [[(s, m) for s, m, _ in r["eval_history"]] for r in runs if r["learner"] == name]
                   for name in learners}

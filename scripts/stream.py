@@ -255,11 +255,12 @@ def stream_learner(run: Run, train, test, n_train: int, eval_every: int, budget:
 def print_summary(results: dict, args, n_train: int) -> None:
     print()
     # wall s: time in test-then-train steps only (no held-out evaluation, logging or checkpoints)
-    print(f"{'learner':<10} {'prequential':>11} {'held-out':>9} {'best (epoch)':>13} {'wall s':>8} "
+    width = max(len("learner"), *(len(name) for name in results))
+    print(f"{'learner':<{width}} {'prequential':>11} {'held-out':>9} {'best (epoch)':>13} {'wall s':>8} "
           f"{'samples/s':>10} {'rolled back':>11}")
     for name, r in results.items():
         best_epoch, best = max(r["test_curve"], key=lambda p: p[1]) if r["test_curve"] else (0, r["held_out"])
-        print(f"{name:<10} {r['prequential']:>11.4f} {r['held_out']:>9.4f} {f'{best:.4f} ({best_epoch})':>13} "
+        print(f"{name:<{width}} {r['prequential']:>11.4f} {r['held_out']:>9.4f} {f'{best:.4f} ({best_epoch})':>13} "
               f"{r['seconds']:>8.2f} {r['samples_per_s']:>10.0f} {r['rolled_back']:>11d}")
     print()
     plot_path = Path(args.plot) if args.plot else Path(args.logdir) / f"stream-{args.dataset}.png"

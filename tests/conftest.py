@@ -46,7 +46,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The modules whose tests start whole scripts in subprocesses (10-70 s each): run first, so that
+# with several workers (make test: pytest-xdist) the short tests fill in around them instead of
+# one worker finishing a long test alone at the end.
+LONG_FIRST = ("test_scripts.py", "test_distributed.py", "test_reconstruction.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the order within stays
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

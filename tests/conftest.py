@@ -46,14 +46,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-# The modules whose tests start whole scripts in subprocesses (10-70 s each): run first, so that
-# with several workers (make test: pytest-xdist) the short tests fill in around them instead of
-# one worker finishing a long test alone at the end.
+# The modules whose tests start scripts or processes (2-10 s each, the "slow" ones 8-70 s): run
+# first, the slow ones before all, so that with several workers (make test: pytest-xdist) the short
+# tests fill in around them instead of one worker finishing a long test alone at the end.
 LONG_FIRST = ("test_scripts.py", "test_distributed.py", "test_reconstruction.py")
 
 
+def _start_order(item) -> int:
+    return 0 if "slow" in item.keywords else 1 if item.path.name in LONG_FIRST else 2
+
+
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the order within stays
+    items.sort(key=_start_order)  # stable: the order within each group stays
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

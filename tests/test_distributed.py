@@ -55,6 +55,7 @@ def ranks(tmp_path_factory):
     return _run_ranks("distributed_worker.py", tmp_path_factory.mktemp("dist"))
 
 
+@pytest.mark.slow
 def test_avalanche_strategy_on_two_ranks_learns_what_one_process_learns(tmp_path):
     """AMStrategy under a process group: Avalanche's distributed sampler shards each experience (and
     the replay buffer), the data-parallel learners combine the shards (8 + 8 samples per step against

@@ -378,6 +378,7 @@ def _script(*args: str, check: bool = True):
     return proc
 
 
+@pytest.mark.slow
 def test_script_reconstructs_writes_images_and_resumes_exactly(tmp_path):
     import json
 

@@ -73,6 +73,7 @@ def test_mnist_real_data(tmp_path, data_root):
     assert (tmp_path / "stream-mnist.png").is_file()
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_is_exact(tmp_path):
     common = ["--max-samples", "300", "--learner", "am-adam", "--checkpoint-every", "5", "--quiet",
               "--logdir", str(tmp_path / "runs")]
@@ -161,6 +162,7 @@ def _summary_rows(stdout: str) -> dict[str, tuple[str, str]]:
     return {m[0]: (m[1], m[2]) for m in re.findall(r"^(\S+)\s+(0\.\d{4})\s+(0\.\d{4})\s", stdout, flags=re.M)}
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_learn_what_one_process_learns(tmp_path):
     """torchrun --nproc-per-node 2 scripts/stream.py: each process learns its shard of every batch
     (gloo), and the prequential and held-out accuracies are one process's; rank 0 alone prints and
@@ -186,6 +188,7 @@ def test_help():
     assert "--dataset" in proc.stdout and "--checkpoint" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_smoke(data_root):
     """scripts/bench.py with a tiny budget: both tables, every learner row, a finite ratio."""
     proc = subprocess.run(
@@ -224,6 +227,7 @@ def test_bench_smoke(data_root):
     assert len(online) == 2 and online[0][1] == online[1][1], proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_compare_times_this_tree_against_a_revision(data_root):
     """scripts/bench_compare.py: two workers, this tree and HEAD exported by git archive, the same
     learners; one row per learner with a finite ratio (``--compile`` builds the same learners with
@@ -237,6 +241,7 @@ def test_bench_compare_times_this_tree_against_a_revision(data_root):
     assert all(0 < float(r) < 100 for r in rows.values())
 
 
+@pytest.mark.slow
 def test_bench_stream_rl_and_distributed_sections(data_root):
     """The streaming section (Elec2 one sample at a time, each learner in its worker), the DQN
     section and the data-parallel section, on tiny budgets; deep-river and Stable-Baselines3 are measured where their environments
@@ -315,6 +320,7 @@ def run_continual(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
 
 
+@pytest.mark.slow
 def test_continual_compares_learners_with_a_plugin(tmp_path):
     proc = run_continual("--learner", "am-adam,am-mem", "--plugins", "replay", "--quiet", "--logdir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -328,6 +334,7 @@ def test_continual_compares_learners_with_a_plugin(tmp_path):
         assert list(tmp_path.glob(f"split-digits-{name}-*/events.out.tfevents.*")), name
 
 
+@pytest.mark.slow
 def test_continual_under_torchrun_reports_one_process_results_from_rank_0(tmp_path):
     """torchrun --nproc-per-node 2 scripts/continual.py: the distributed sampler shards each
     experience and the replay buffer, the learners are data-parallel, every rank evaluates the whole
@@ -366,6 +373,7 @@ def test_continual_under_torchrun_reports_one_process_results_from_rank_0(tmp_pa
     assert odd.returncode != 0 and "not a multiple of the 2 processes" in odd.stderr
 
 
+@pytest.mark.slow
 def test_continual_under_torchrun_stops_and_resumes_on_as_many_or_fewer_processes(tmp_path):
     """torchrun --nproc-per-node 2 with --checkpoint: rank 0 writes after every experience once the
     processes agree on the strategy's state; stopped after two experiences and resumed on two
@@ -402,6 +410,7 @@ def test_continual_under_torchrun_stops_and_resumes_on_as_many_or_fewer_processe
     assert not (tmp_path / "rw").exists() and not list(tmp_path.glob("rw*.pt"))
 
 
+@pytest.mark.slow
 def test_continual_online_stream(tmp_path):
     proc = run_continual("--learner", "am-mem", "--online", "32", "--experiences", "2", "--quiet",
                          "--logdir", str(tmp_path))
@@ -409,6 +418,7 @@ def test_continual_online_stream(tmp_path):
     assert "online sub-experiences of 32" in proc.stdout
 
 
+@pytest.mark.slow
 def test_continual_growing_head_hyperparameters_and_json(tmp_path):
     proc = run_continual("--learner", "am-adam,backprop", "--plugins", "replay", "--growing-head", "--lr", "0.002",
                          "--optimizer", "sgd", "--set", "backprop.lr=0.05", "--quiet", "--logdir", str(tmp_path),
@@ -524,6 +534,7 @@ def test_rl_compares_learners_and_seeds(tmp_path):
     assert len(list(tmp_path.glob("CartPole-v1__dqn-*/events.out.tfevents.*"))) == 4
 
 
+@pytest.mark.slow
 def test_rl_parallel_jobs_give_the_same_runs(tmp_path):
     args = ("--env", "CartPole-v1", "--learner", "am-adam,backprop", "--seeds", "1,2", "--total-timesteps", "600",
             "--learning-starts", "200", "--train-frequency", "4", "--batch-size", "32", "--eval-every", "300",
@@ -681,6 +692,7 @@ def test_autoencoder_experiment_runs_any_learner(tmp_path):
     assert bad.returncode == 2 and "no hyperparameter 'gama'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
     """ADMM-Softmax's and dlADMM's experiments with tiny budgets: curves in the JSON, a bad run spec
     is a one-line error."""
@@ -720,6 +732,7 @@ def test_softmax_regression_and_full_batch_experiments_run(tmp_path):
     assert bad.returncode == 2 and "invalid step_size" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_sequence_experiment_runs_every_task(tmp_path):
     """scripts/sequence.py with tiny budgets: text (held-out nats from ln 61 down), row MNIST, the
     adding problem and a robustness grid; a bad run spec is a one-line error."""

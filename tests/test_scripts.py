@@ -747,10 +747,11 @@ def test_sequence_experiment_runs_every_task(tmp_path):
         assert abs(r["curve"][0][2] - 4.11) < 0.05 and r["final"] < r["curve"][0][2]  # learns from ln 61
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     mnist = subprocess.run([*script, "--task", "permuted-mnist", "--max-samples", "600", "--batch-size", "50",
-                            "--run", "frank-wolfe", "--run", "backprop", "--epochs", "2"],
+                            "--run", "frank-wolfe", "--run", "backprop", "--epochs", "2", "--plot", str(tmp_path / "m.png")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert mnist.returncode == 0, mnist.stderr
     assert "| backprop | " in mnist.stdout and "epoch 2" in mnist.stdout
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"  # not under the repository's runs/
     adding = subprocess.run([*script, "--task", "adding", "--length", "10", "--steps", "20", "--eval-every", "10",
                              "--run", "backprop", "--grid", "--init-scales", "1", "--lr-factors", "1,10"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -36,6 +36,11 @@ def learner_names() -> tuple[str, ...]:
     return tuple(LEARNERS)
 
 
+def learner_column_width(names: Iterable[str]) -> int:
+    """Width of a results table's first column: the header ``learner`` or the longest name."""
+    return max([len("learner"), *(len(name) for name in names)])
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except ``None`` and ``False`` (whose help text says what they mean)."""
 

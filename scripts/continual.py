@@ -59,7 +59,7 @@ from amstream.logging import make_run_dir, resumed_summary_writer  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
-from _common import CommaList, add_option, build_mlp, learner_names, make_learner  # noqa: E402
+from _common import CommaList, add_option, build_mlp, learner_column_width, learner_names, make_learner  # noqa: E402
 from _distributed import init_from_env, launched_by_torchrun, make_data_parallel, say, torchrun_world_size  # noqa: E402
 
 BENCHMARK_NAMES = ("split-digits", "split-mnist", "split-fashion-mnist", "permuted-mnist", "rotated-mnist", "elec2")
@@ -387,7 +387,7 @@ def main(argv=None) -> None:
         print(f"\naccuracy matrix, {name} (row: after training experience i; column: test experience j)")
         for i, row in enumerate(r["matrix"]):
             print(f"  {i:>2} | " + " ".join(f"{a:.3f}" for a in row))
-    width = max(len("learner"), *(len(name) for name in results))
+    width = learner_column_width(results)
     print(f"\n{'learner':<{width}} {'avg acc':>8} {'forgetting':>10} {'BWT':>8} {'steps':>7} {'seconds':>8}")
     for name, r in results.items():
         print(f"{name:<{width}} {r['average_accuracy']:>8.4f} {r['forgetting']:>10.4f} {r['bwt']:>8.4f} "

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common.py, 
 import torch  # noqa: E402
 
 import _common  # noqa: E402
-from _common import CommaList, add_option  # noqa: E402
+from _common import CommaList, add_option, learner_column_width  # noqa: E402
 from amstream import LEARNERS  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 from amstream.utils import resolve_device  # noqa: E402
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     import _plots
 
     plot = Path(args.plot) if args.plot else Path(args.logdir) / f"rl-{label}.png"
-    width = max(len("learner"), *(len(name) for name in learners))
+    width = learner_column_width(learners)
     if args.tasks:
         print(f"\n{'learner':<{width}} {'avg return':>12} {'forgetting':>12} {'BWT':>10} {'seconds':>8}")
         for name in learners:

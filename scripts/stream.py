@@ -44,7 +44,7 @@ from amstream.utils import resolve_device  # noqa: E402
 
 import _common  # noqa: E402
 from _distributed import ShardedLearning, init_from_env, launched_by_torchrun, make_data_parallel, say  # noqa: E402
-from _common import CommaList, add_option, evaluate_accuracy, learner_names, make_learner  # noqa: E402
+from _common import CommaList, add_option, evaluate_accuracy, learner_column_width, learner_names, make_learner  # noqa: E402
 
 POSITIVE = "[1, inf)"
 
@@ -255,7 +255,7 @@ def stream_learner(run: Run, train, test, n_train: int, eval_every: int, budget:
 def print_summary(results: dict, args, n_train: int) -> None:
     print()
     # wall s: time in test-then-train steps only (no held-out evaluation, logging or checkpoints)
-    width = max(len("learner"), *(len(name) for name in results))
+    width = learner_column_width(results)
     print(f"{'learner':<{width}} {'prequential':>11} {'held-out':>9} {'best (epoch)':>13} {'wall s':>8} "
           f"{'samples/s':>10} {'rolled back':>11}")
     for name, r in results.items():

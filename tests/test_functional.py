@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
-from amstream.functional import (CriterionLoss, code_objective, hidden_code_step_cap, linear_view, linear_weight_grads_,
-                                 nesterov_step_, spectral_norm_bound,
+from amstream import functional
+from amstream.functional import (CriterionLoss, code_objective, gram_pays, hidden_code_step_cap, linear_view,
+                                 linear_weight_grads_, nesterov_step_, spectral_norm_bound,
                                  proximity_anchor, task_loss_gradient, update_codes)
 from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve,
                              proximal_sweep, soft_threshold, symmetric_update_, update_memory_)
@@ -710,3 +711,81 @@ def test_code_step_cap_is_inactive_below_it():
     capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=True, **kwargs)
     for a, b in zip(free, capped):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+def _wide_problem(width=128, batch=200, scale=1.0):
+    """A 20-width-width-3 ReLU MLP whose middle weight is big enough for the cap's screening."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+    blocks = blocks_from_sequential(model.to(F64))
+    x, y = torch.randn(batch, 20, dtype=F64), torch.randint(0, 3, (batch,))
+    with torch.no_grad():
+        codes, _ = blocks.forward_with_codes(x)
+    return blocks, codes, lambda out: F.cross_entropy(out, y)
+
+
+def test_code_step_cap_skips_its_bound_where_the_frobenius_norm_shows_it_cannot_bind(monkeypatch):
+    """AM-Adam's mean-reduced objective: ||W||_F already gives a cap far above the step size, so the
+    bound's matrix products (4 n^3 multiply-adds) are not done, and the steps are the uncapped ones."""
+    blocks, codes, loss_fn = _wide_problem()
+    view = linear_view(blocks.hidden[1])
+    exact_cap = hidden_code_step_cap(view, codes[0], "mean")
+    assert exact_cap > 0.3
+    kwargs = dict(mu=0.5, steps=3, lrs=[0.3, 0.3], reduction="mean")
+    free = update_codes(codes, blocks.hidden, blocks.output, loss_fn, **kwargs)
+
+    def no_bound(weight, power=16):
+        raise AssertionError("the spectral norm bound was computed although the cap cannot bind")
+
+    monkeypatch.setattr(functional, "spectral_norm_bound", no_bound)
+    assert hidden_code_step_cap(view, codes[0], "mean", 0.3) is None
+    capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=True, **kwargs)
+    for a, b in zip(free, capped):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["binding", "just-below"])
+def test_code_step_cap_screening_keeps_the_cap_where_it_may_bind(below):
+    """Sum reduction and large weights (AM-mem's case): the screen cannot rule the cap out, so the
+    cap is the bound's, both where it binds and where the step size is just below it (the
+    Frobenius norm's cap is lower still: it cannot tell)."""
+    blocks, codes, loss_fn = _wide_problem(scale=10.0)
+    view = linear_view(blocks.hidden[1])
+    exact_cap = hidden_code_step_cap(view, codes[0], "sum")
+    lr = 0.99 * float(exact_cap) if below else 0.3
+    assert exact_cap < 0.3
+    screened = hidden_code_step_cap(view, codes[0], "sum", lr)
+    assert screened is not None and torch.equal(screened, exact_cap)
+    # far below, the screen sees it: no cap
+    assert hidden_code_step_cap(view, codes[0], "sum", 1e-9) is None
+
+
+def test_gram_form_of_the_code_steps_equals_autograd():
+    """Full batches take the hidden code's steps by its next weight's Gram matrix; the codes are
+    autograd's (float64), with and without the next layer's bias."""
+    blocks, codes, loss_fn = _wide_problem(width=16, batch=64)
+    view = linear_view(blocks.hidden[1])
+    assert gram_pays(view, batch=64, steps=4) and not gram_pays(view, batch=1, steps=4)
+    for bias in (True, False):
+        if not bias:
+            blocks.hidden[1].weight_layer.bias = None
+        kwargs = dict(mu=0.7, steps=4, lrs=[0.2, 0.2], momentum=0.9, lambda_c=0.1, reduction="sum")
+        fast = update_codes(codes, blocks.hidden, blocks.output, loss_fn, fast=True, **kwargs)
+        slow = update_codes(codes, blocks.hidden, blocks.output, loss_fn, fast=False, **kwargs)
+        for f, s_, c in zip(fast, slow, codes):
+            torch.testing.assert_close(f, s_, rtol=1e-10, atol=1e-12)
+            assert not torch.equal(s_, c)
+
+
+def test_gram_form_pays_for_full_batches_only():
+    """The multiply-add counts of gram_pays' docstring: the shared protocol's hidden layer at batch
+    200 and a 4096-wide one at batch 2048 take the Gram form, one sample or a wide input does not."""
+    def view(m, n):
+        return linear_view(blocks_from_sequential(nn.Sequential(nn.Linear(3, n), nn.ReLU(), nn.Linear(n, m))).output)
+
+    assert gram_pays(view(100, 100), batch=200, steps=5)
+    assert gram_pays(view(4096, 4096), batch=2048, steps=5)
+    assert not gram_pays(view(100, 100), batch=1, steps=5)
+    assert not gram_pays(view(10, 784), batch=200, steps=5)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import symmetric_update_
+
 __all__ = [
     "proximity_anchor",
     "code_objective",
@@ -246,7 +248,8 @@ def gram_pays(view: LinearBlockView, batch: int, steps: int) -> bool:
     forward product is the forward code's): ``(2 steps - 1) B m n``. By the Gram matrix
     ``G = W^T W``, once ``n^2 m + B m n`` (``G`` and ``(b - t) W``), then ``B n^2`` a step. The Gram
     form wins for full batches (784-100-100-10 at batch 200: 13M against 18M; 4096-wide layers at
-    batch 2048: 275G against 309G), the direct one for small batches and wide inputs."""
+    batch 2048: 275G against 309G, or 241G with the Gram matrix's symmetry), the direct one for small
+    batches and wide inputs."""
     if view.bn is not None:
         return False
     m, n = view.linear.weight.shape
@@ -259,7 +262,8 @@ def code_gram(view: LinearBlockView, target: torch.Tensor) -> tuple[torch.Tensor
     into ``G`` (Choromanska et al.'s code loss, new here; in float32 the fold loses about the
     digits by which ``||a W^T||`` exceeds the residual's norm, harmless for a gradient step)."""
     weight = view.linear.weight.detach()
-    gram = weight.T @ weight
+    n = weight.shape[1]  # symmetric: its upper triangle only, from 256 columns (half the multiply-adds)
+    gram = symmetric_update_(weight.new_empty(n, n), weight, beta=0.0, alpha=1.0)
     shift = -target if view.linear.bias is None else view.linear.bias.detach() - target
     return gram, shift @ weight
 
@@ -273,8 +277,9 @@ def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox
     hidden code's next block, by which the step costs one product instead of two."""
     per_element = reduction == "sum"
     if gram is not None:  # a hidden code's step by its next weight's Gram matrix (gram_pays)
-        g_in = torch.addmm(gram[1], view_next.inputs(c), gram[0])
-        grad = _through_activation(view_next, c, g_in.mul_(2.0 if per_element else 2.0 / target.numel()))
+        scale = 2.0 if per_element else 2.0 / target.numel()
+        g_in = torch.addmm(gram[1], view_next.inputs(c), gram[0], beta=scale, alpha=scale)
+        grad = _through_activation(view_next, c, g_in)
         return _code_grad_terms(grad, c, anchor, mu=mu, lambda_c=lambda_c, prox=prox, per_element=per_element)
     if known_output is not None:  # never through a BatchNorm (the caller's rule)
         pred, residual = known_output, known_output - target

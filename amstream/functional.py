@@ -27,6 +27,9 @@ __all__ = [
     "update_codes",
     "spectral_norm_bound",
     "hidden_code_step_cap",
+    "step_cap_may_bind",
+    "gram_pays",
+    "code_gram",
 ]
 
 PROX_MODES = ("paper", "official")
@@ -427,14 +430,13 @@ def spectral_norm_bound(weight: torch.Tensor, power: int = 16) -> torch.Tensor:
 
 
 #: multiply-adds of :func:`spectral_norm_bound` (``n^2 m + 3 n^3`` for an ``m x n`` weight, n the smaller
-#: side) from which :func:`hidden_code_step_cap` first tries the Frobenius norm: on a CPU from a
-#: 64 x 64 weight (reading the norm on the host is free there), on a GPU from 1024 x 1024 (the read
-#: waits for the queued kernels; the bound's products at that size take longer than the wait)
+#: side) from which :func:`step_cap_may_bind` tries the Frobenius norm: on a CPU from a 64 x 64
+#: weight (reading the norm on the host is free there), on a GPU from 1024 x 1024 (the read waits
+#: for the queued kernels; the bound's products at that size take longer than the wait)
 _SCREEN_FROM_MACS = {"cpu": 2**20, "cuda": 2**32}
 
 
-def hidden_code_step_cap(view_next: LinearBlockView, code: torch.Tensor, reduction: str,
-                         lr: float | None = None) -> torch.Tensor | None:
+def hidden_code_step_cap(view_next: LinearBlockView, code: torch.Tensor, reduction: str) -> torch.Tensor | None:
     """The largest stable step size for a hidden code whose next block is ``view_next``.
 
     The hidden code objective ``||f_{l+1}(c) - c_{l+1}||^2 + ||c - c0||^2`` (:func:`code_objective`)
@@ -444,38 +446,51 @@ def hidden_code_step_cap(view_next: LinearBlockView, code: torch.Tensor, reducti
     next layer's weights grow (as AM-mem's do over a long non-stationary stream), a fixed code step
     size eventually crosses that line and the codes, then the weights fitted to them, blow up.
     Returns ``1/L`` as a 0-dim tensor, or None when the activation's slope has no known bound.
-
-    With the step size ``lr`` the cap would clamp (a float), it also returns None when the cap
-    cannot bind: ``||W||_F >= ||W||_2`` gives a cap below the exact one, and if even that is at
-    least ``lr``, ``lr`` stands. The Frobenius norm costs one pass over ``W``, against the
-    ``log2(16) + 1`` matrix products of :func:`spectral_norm_bound` (``4 n^3`` multiply-adds for a
-    square ``n x n`` weight: at 4096 x 4096, more than a backprop step of batch 2048), and decides
-    AM-Adam's mean-reduced objective, whose cap is far above its step sizes, every time. Not while
-    compiling (the test reads a value on the host) nor where the bound is cheap.
     """
-    if view_next.act is None or view_next.act_backward is None:  # identity or straight-through
-        slope = 1.0
-    else:
-        bound = _ACTIVATION_SLOPE_BOUNDS.get(type(view_next.act))
-        if bound is None:
-            return None
-        slope = bound(view_next.act)
-    weight = view_next.linear.weight.detach()  # a bound, not part of any graph
-    if lr is not None and _screening_pays(weight):
-        rough = _curvature_cap(torch.linalg.vector_norm(weight), slope, code, view_next, reduction)
-        if float(rough) >= lr:
-            return None
-    return _curvature_cap(spectral_norm_bound(weight), slope, code, view_next, reduction)
+    slope = _activation_slope(view_next)
+    if slope is None:
+        return None
+    sigma = spectral_norm_bound(view_next.linear.weight.detach())  # a bound, not part of any graph
+    return _curvature_cap(sigma, slope, code.shape[0], code[0].numel(), view_next, reduction)
 
 
-def _curvature_cap(sigma: torch.Tensor, slope: float, code: torch.Tensor, view_next: LinearBlockView,
+def step_cap_may_bind(view_next: LinearBlockView, batch: int, reduction: str, lr: float) -> bool:
+    """False when :func:`hidden_code_step_cap` is sure to be at least ``lr`` (the cap cannot bind),
+    told without its bound (new here).
+
+    ``||W||_F >= ||W||_2`` gives a cap below the exact one: if even that is at least ``lr``, ``lr``
+    stands. The Frobenius norm costs one pass over ``W``, against the ``log2(16) + 1`` matrix
+    products of :func:`spectral_norm_bound` (``4 n^3`` multiply-adds for a square ``n x n``
+    weight: at 4096 x 4096, more than a backprop step of batch 2048), and it rules out AM-Adam's
+    mean-reduced cap, which is far above its step sizes. It reads the norm on the host, so it is
+    tried only where the bound's products cost more than that (:data:`_SCREEN_FROM_MACS`), and not
+    while compiling; everywhere else the answer is True (the cap is computed).
+    """
+    slope = _activation_slope(view_next)
+    weight = view_next.linear.weight.detach()
+    if slope is None or not _screening_pays(weight):
+        return True
+    width = weight.shape[1]
+    rough = _curvature_cap(torch.linalg.vector_norm(weight), slope, batch, width, view_next, reduction)
+    return float(rough) < lr
+
+
+def _activation_slope(view: LinearBlockView) -> float | None:
+    """``sup |act'|`` of the block's activation (1 for none or straight-through); None if unknown."""
+    if view.act is None or view.act_backward is None:  # identity or straight-through
+        return 1.0
+    bound = _ACTIVATION_SLOPE_BOUNDS.get(type(view.act))
+    return None if bound is None else bound(view.act)
+
+
+def _curvature_cap(sigma: torch.Tensor, slope: float, batch: int, width: int, view_next: LinearBlockView,
                    reduction: str) -> torch.Tensor:
-    """``1/L`` of :func:`hidden_code_step_cap` for a bound ``sigma`` on the next layer's spectral norm."""
+    """``1/L`` of :func:`hidden_code_step_cap` for a bound ``sigma`` on the next layer's spectral norm
+    (``batch`` codes of ``width`` elements each)."""
     if reduction == "sum":
         curvature = 2.0 * (slope * sigma) ** 2 + 2.0
     else:
-        batch = code.shape[0]
-        curvature = 2.0 * (slope * sigma) ** 2 / (batch * view_next.linear.out_features) + 2.0 / code.numel()
+        curvature = 2.0 * (slope * sigma) ** 2 / (batch * view_next.linear.out_features) + 2.0 / (batch * width)
     return 1.0 / curvature
 
 
@@ -501,7 +516,7 @@ def update_codes(
     lambda_c: float = 0.0,
     fast: bool = True,
     reduction: str = "mean",
-    cap_steps: bool = False,
+    cap_steps: bool | Sequence[bool] = False,
     batchnorm: bool = False,
 ) -> list[torch.Tensor]:
     """Top-down code update (Choromanska et al., Alg. 1): last code first, then each lower code.
@@ -518,7 +533,9 @@ def update_codes(
             BatchNorm, custom activations) always use autograd.
         cap_steps: cap each hidden code's step size at ``1/L`` of its objective
             (:func:`hidden_code_step_cap`) where the next block is ``Linear(activation(c))``; the
-            last code's task loss can be anything, so its step is never capped.
+            last code's task loss can be anything, so its step is never capped. True skips the
+            caps that cannot bind (:func:`step_cap_may_bind`, for float step sizes); one bool
+            per code caps exactly those flagged (the caller's screen, as a compiled step needs).
         batchnorm: with ``fast``, closed-form gradients through a next block that ends in a
             BatchNorm1d too (batch statistics; the same values as autograd inside
             ``frozen_batchnorm_stats``); its steps are not capped, as autograd's are not.
@@ -531,10 +548,15 @@ def update_codes(
     for i in reversed(range(n)):
         target = None if i == n - 1 else new_codes[i + 1]
         lr = lrs[i]
-        if cap_steps and target is not None:
+        if (cap_steps if isinstance(cap_steps, bool) else cap_steps[i]) and target is not None:
             next_view = linear_view(blocks[i + 1])
-            screen = lr if isinstance(lr, float) else None
-            cap = hidden_code_step_cap(next_view, codes[i], reduction, screen) if next_view is not None else None
+            if next_view is None:
+                cap = None
+            elif isinstance(cap_steps, bool):  # screened here (eager, a step size known on the host)
+                may_bind = not isinstance(lr, float) or step_cap_may_bind(next_view, codes[i].shape[0], reduction, lr)
+                cap = hidden_code_step_cap(next_view, codes[i], reduction) if may_bind else None
+            else:  # the caller's screen
+                cap = hidden_code_step_cap(next_view, codes[i], reduction) if cap_steps[i] else None
             if cap is not None:
                 lr = torch.clamp(cap, max=lr)
         view = linear_view(output_block if target is None else blocks[i + 1], batchnorm) if fast else None

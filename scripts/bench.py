@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="registered learners timed against backprop-Adam, each with its defaults")
     p.add_argument("--also", action="append", default=None, metavar="LEARNER:NAME=VALUE[,NAME=VALUE]",
                    help="also time a learner with other hyperparameters, e.g. am-adam:fast=false (repeatable; "
-                        "default: am-adam:fast=false, the autograd path that Conv and BatchNorm models take)")
+                        "default: am-adam:fast=false, the autograd path that Conv and BatchNorm models take; "
+                        "none: no other variant)")
     add_option(p, "--batch-size", HParam(200, "samples per step", int, count))
     add_option(p, "--rounds", HParam(20, "interleaved timing rounds per learner pair", int, count))
     add_option(p, "--steps", HParam(10, "steps per learner per round", int, count))
@@ -136,7 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                              "learner")]
         args.distributed_learners += [_variant(text) for text in args.distributed_also]
         args.process_counts = sorted({1, *parse_int_list(args.processes)})
-        args.also = [_variant(text) for text in (args.also if args.also is not None else ["am-adam:fast=false"])]
+        also = args.also if args.also is not None else ["am-adam:fast=false"]
+        args.also = [] if also == ["none"] else [_variant(text) for text in also]
     except ValueError as err:
         p.error(str(err))
     return args

@@ -46,7 +46,7 @@ step steps-b200 $PY scripts/bench.py --device "$DEVICE" --section steps --sectio
 step steps-b1 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
     --learner am-adam --batch-size 1 --rounds $R --steps $S
 step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
-    --learner am-adam $WIDE --rounds $R --steps $S
+    --learner am-adam --also none $WIDE --rounds $R --steps $S
 step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m \
     --rounds $R --steps $S
 step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \

@@ -101,6 +101,33 @@ def test_am_adam_captures_its_whole_step_in_one_graph():
 
 
 
+def test_step_caps_that_cannot_bind_are_left_out_of_eager_and_compiled_steps(monkeypatch):
+    """AM-Adam's mean-reduced code step cap is far above its step sizes: at a 128-wide layer the
+    host's screen (``functional.step_cap_may_bind``) leaves the cap's spectral bound (4 products of
+    128 x 128 matrices) out of the eager step and out of the compiled graph, which equal each other."""
+    from amstream import functional
+
+    def no_bound(weight, power=16):
+        raise AssertionError("the spectral norm bound was computed although the cap cannot bind")
+
+    monkeypatch.setattr(functional, "spectral_norm_bound", no_bound)
+
+    def wide_mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).to(F64)
+
+    eager = amstream.AMAdam(wide_mlp(), device="cpu")
+    captured = amstream.AMAdam(wide_mlp(), device="cpu", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would make this test vacuous
+        for x, y in _batches(3):
+            eager.learn(x, y)
+            captured.learn(x, y)
+            assert _max_difference(eager.model, captured.model) < 1e-12
+            captured.load_state_dict(eager.state_dict())
+    assert captured._compiled_functions["the whole step"].active
+
+
 def test_am_mem_whole_step_keeps_the_symmetric_memory_update_of_a_wide_layer():
     """A first layer of 300 inputs (+ the bias column: two or more row panels) takes the memory
     update's row panels inside the compiled graph, as one operator that writes the next memory set

@@ -15,7 +15,7 @@ from torch import nn
 from amstream.blocks import Sign, Step, StraightThrough, blocks_from_sequential
 from amstream import functional
 from amstream.functional import (CriterionLoss, code_objective, gram_pays, hidden_code_step_cap, linear_view,
-                                 linear_weight_grads_, nesterov_step_, spectral_norm_bound,
+                                 linear_weight_grads_, nesterov_step_, spectral_norm_bound, step_cap_may_bind,
                                  proximity_anchor, task_loss_gradient, update_codes)
 from amstream.memory import (gauss_seidel_sweep, gauss_seidel_sweep_, gauss_seidel_sweep_reference, memory_solve,
                              proximal_sweep, soft_threshold, symmetric_update_, update_memory_)
@@ -740,26 +740,30 @@ def test_code_step_cap_skips_its_bound_where_the_frobenius_norm_shows_it_cannot_
         raise AssertionError("the spectral norm bound was computed although the cap cannot bind")
 
     monkeypatch.setattr(functional, "spectral_norm_bound", no_bound)
-    assert hidden_code_step_cap(view, codes[0], "mean", 0.3) is None
-    capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=True, **kwargs)
-    for a, b in zip(free, capped):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not step_cap_may_bind(view, 200, "mean", 0.3)
+    for cap_steps in (True, (False, False)):  # screened by update_codes, or by its caller
+        capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=cap_steps, **kwargs)
+        for a, b in zip(free, capped):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("below", [False, True], ids=["binding", "just-below"])
 def test_code_step_cap_screening_keeps_the_cap_where_it_may_bind(below):
-    """Sum reduction and large weights (AM-mem's case): the screen cannot rule the cap out, so the
-    cap is the bound's, both where it binds and where the step size is just below it (the
-    Frobenius norm's cap is lower still: it cannot tell)."""
+    """Sum reduction and large weights (AM-mem's case): the screen cannot rule the cap out, both
+    where it binds and where the step size is just below it (the Frobenius norm's cap is lower
+    still: it cannot tell), and the steps are capped as without the screen."""
     blocks, codes, loss_fn = _wide_problem(scale=10.0)
     view = linear_view(blocks.hidden[1])
-    exact_cap = hidden_code_step_cap(view, codes[0], "sum")
-    lr = 0.99 * float(exact_cap) if below else 0.3
+    exact_cap = float(hidden_code_step_cap(view, codes[0], "sum"))
+    lr = 0.99 * exact_cap if below else 0.3
     assert exact_cap < 0.3
-    screened = hidden_code_step_cap(view, codes[0], "sum", lr)
-    assert screened is not None and torch.equal(screened, exact_cap)
-    # far below, the screen sees it: no cap
-    assert hidden_code_step_cap(view, codes[0], "sum", 1e-9) is None
+    assert step_cap_may_bind(view, 200, "sum", lr)
+    assert not step_cap_may_bind(view, 200, "sum", 1e-9)  # far below, the screen sees it
+    kwargs = dict(mu=0.5, steps=3, lrs=[lr, lr], reduction="sum")
+    by_hand = update_codes(codes, blocks.hidden, blocks.output, loss_fn, **{**kwargs, "lrs": [min(lr, exact_cap), lr]})
+    capped = update_codes(codes, blocks.hidden, blocks.output, loss_fn, cap_steps=True, **kwargs)
+    for a, b in zip(by_hand, capped):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 def test_gram_form_of_the_code_steps_equals_autograd():

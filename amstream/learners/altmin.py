@@ -22,7 +22,8 @@ from torch import nn
 
 from ..blocks import Block, frozen_batchnorm_stats
 from ..functional import (PROX_MODES, REDUCTIONS, batch_norm_backward, batch_norm_train, linear_view,
-                          linear_weight_grads, linear_weight_grads_, task_loss_gradient, update_codes)
+                          linear_weight_grads, linear_weight_grads_, step_cap_may_bind, task_loss_gradient,
+                          update_codes)
 from ..optim.adam_update import adam_update_
 from ..hparams import HParam
 from ..schedules import apply_lr_halving_, mu_at
@@ -120,6 +121,8 @@ class AltMinLearner(BlockLearner):
         # the whole step's: the same, and blocks ending in a BatchNorm1d too (its backward in closed form)
         views = [linear_view(b, batchnorm=True) for b in self._adam_blocks()]
         self._whole_views = views if self.fast and all(v is not None for v in views) else None
+        # each hidden code's next block, whose weight its step cap bounds (None: no cap)
+        self._cap_views = [linear_view(b) for b in self.blocks.hidden[1:]]
 
     # --------------------------------------------------------------------------- subclass hooks
     def _adam_blocks(self) -> list[Block]:
@@ -171,9 +174,10 @@ class AltMinLearner(BlockLearner):
         if self.reduction == "mean":
             factor *= self._global_batch_share
         code_lrs = [lr * factor for lr in self.code_lrs]
+        caps = self._code_caps(x.shape[0], code_lrs)
         states = self._whole_step_plan(loss_fn, penalty)
         if states is not None:
-            return self._captured_step(x, loss_fn, mu, code_lrs, states)
+            return self._captured_step(x, loss_fn, mu, code_lrs, caps, states)
 
         # (1) forward pass; BatchNorm running statistics update here only
         codes, out = self._forward_pass(x)
@@ -186,7 +190,7 @@ class AltMinLearner(BlockLearner):
                 codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=mu,
                 steps=self.code_steps, lrs=code_lrs, momentum=self.code_momentum,
                 prox=self.prox, lambda_c=self.lambda_c, fast=self.fast, reduction=self.reduction,
-                cap_steps=self.cap_code_steps,
+                cap_steps=caps,
             ) if codes else []
             # (3) weights: every block on its own input/output codes
             inputs = self._fit_inputs(x, codes, new_codes)
@@ -237,13 +241,21 @@ class AltMinLearner(BlockLearner):
         groups = [g for g in self.optimizer.param_groups if not g.get("solved")]
         return self._linear_whole_step_states(self._whole_views, groups, loss_fn, penalty)
 
+    def _code_caps(self, batch: int, code_lrs: list[float]) -> tuple[bool, ...]:
+        """Which hidden codes' step sizes the cap may clamp this step (``cap_code_steps``), told on the
+        host before the code update (:func:`~amstream.functional.step_cap_may_bind`), so that neither
+        the eager nor the compiled update computes a bound that cannot bind."""
+        flags = [self.cap_code_steps and view is not None and step_cap_may_bind(view, batch, self.reduction, lr)
+                 for view, lr in zip(self._cap_views, code_lrs)]
+        return (*flags, False)  # the last code's task loss has no cap
+
     def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, mu: float, code_lrs: list[float],
-                       states: list) -> StepInfo:
+                       caps: tuple[bool, ...], states: list) -> StepInfo:
         """The step as one compiled function (:meth:`_whole_step`)."""
         lrs = [g["lr"] for g in self.optimizer.param_groups if not g.get("solved")]
         scalars = self._step_scalars.get([mu, *code_lrs, *lrs], self._params[0])
         loss, new_codes, local, displacement, grads = self._run_whole_step(
-            type(self)._whole_step, states, x, loss_fn, self._take_pending(x), scalars)
+            type(self)._whole_step, states, x, loss_fn, self._take_pending(x), scalars, caps)
         self._set_grads(states, grads)
         self._count_samples(x.shape[0])
         self._last_codes = new_codes  # checked for finiteness right after the step, before any replay
@@ -261,7 +273,7 @@ class AltMinLearner(BlockLearner):
         """Counters of the rule for blocks outside Adam, after a whole step (AM-mem's samples seen)."""
 
     def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
-                    states: list) -> tuple:
+                    caps: tuple[bool, ...], states: list) -> tuple:
         """Everything of one step that touches tensors, as one pure function of them for
         ``torch.compile`` (``fullgraph``): the forward codes (or ``forward``, those of
         :meth:`forward_for_step`), the top-down code update, each block's closed-form local gradient
@@ -269,21 +281,21 @@ class AltMinLearner(BlockLearner):
         state: ``states`` has each block's parameters and their Adam state, so checkpoints do not
         depend on the path, and the graph does not read the optimizer object, which torch.compile
         would guard by identity). ``scalars``: ``mu``, the code step sizes and each block's learning
-        rate as one tensor, so that a new value needs no new graph. The same arithmetic as the eager
-        step (tested to float tolerance); new here."""
+        rate as one tensor, so that a new value needs no new graph. ``caps``: which hidden codes' step
+        caps may bind (:meth:`_code_caps`; a graph per pattern, which rarely changes). The same
+        arithmetic as the eager step (tested to float tolerance); new here."""
         with torch.no_grad():  # inside, so that the compiled frame is this function's own
-            return self._whole_step_no_grad(x, loss_fn, forward, scalars, states)
+            return self._whole_step_no_grad(x, loss_fn, forward, scalars, caps, states)
 
     def _whole_step_no_grad(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
-                            states: list) -> tuple:
+                            caps: tuple[bool, ...], states: list) -> tuple:
         n_codes = len(self.blocks.hidden)
         codes, out = forward if forward is not None else self.blocks.forward_with_codes(x)
         loss = loss_fn(out)
         new_codes = update_codes(
             codes, self.blocks.hidden, self.blocks.output, loss_fn, mu=scalars[0], steps=self.code_steps,
             lrs=[scalars[1 + i] for i in range(n_codes)], momentum=self.code_momentum, prox=self.prox,
-            lambda_c=self.lambda_c, fast=True, reduction=self.reduction, cap_steps=self.cap_code_steps,
-            batchnorm=True,
+            lambda_c=self.lambda_c, fast=True, reduction=self.reduction, cap_steps=caps, batchnorm=True,
         ) if codes else []
         inputs = self._fit_inputs(x, codes, new_codes)
         beta1, beta2 = self.betas

@@ -8,6 +8,8 @@ each learner, ``--rounds`` times, so both see the same machine conditions; a lea
 median of its per-round ratios (this tree / the revision: below 1 is faster).
 
     python scripts/bench_compare.py --against HEAD~1 --threads 1
+    python scripts/bench_compare.py --against HEAD~1 --hidden 4096,4096 --batch-size 2048 \
+        --learner backprop-adam,am-adam --rounds 3 --steps 1 --warmup 1
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Parser, add_option  # noqa: E402
+from _common import CommaList, Parser, add_option, parse_int_list, parse_name_list  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+LEARNERS = ["backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"]
 
 # The worker uses only what every revision of the API has: the learner classes, learn(), load_mnist.
 WORKER = r"""
@@ -34,17 +37,22 @@ from amstream.data import load_mnist
 torch.set_num_threads(int(sys.argv[1]))
 batch = int(sys.argv[2])
 train = load_mnist("train", root=sys.argv[3] or None)
-x, y = train.x[:4000], train.y[:4000]
-batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, 4000 - batch + 1, batch)]
+n = max(4000, 2 * batch)
+x, y = train.x[:n], train.y[:n]
+batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, n - batch + 1, batch)]
+widths = [784, *json.loads(sys.argv[5])]
 def mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 100), torch.nn.ReLU(),
-                               torch.nn.Linear(100, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
+    layers = [torch.nn.Flatten()]
+    for d_in, d_out in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(d_in, d_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 10))
 kw = {"compile": True} if sys.argv[4] == "1" else {}  # --compile: every learner with compile=True
-learners = {"backprop-adam": amstream.Backprop(mlp(), lr=0.003, device="cpu", **kw),
-            "am-adam": amstream.AMAdam(mlp(), device="cpu", **kw),
-            "am-adam (autograd path)": amstream.AMAdam(mlp(), fast=False, device="cpu", **kw),
-            "am-mem": amstream.AMMem(mlp(), device="cpu", **kw)}
+makers = {"backprop-adam": lambda: amstream.Backprop(mlp(), lr=0.003, device="cpu", **kw),
+          "am-adam": lambda: amstream.AMAdam(mlp(), device="cpu", **kw),
+          "am-adam (autograd path)": lambda: amstream.AMAdam(mlp(), fast=False, device="cpu", **kw),
+          "am-mem": lambda: amstream.AMMem(mlp(), device="cpu", **kw)}
+learners = {name: makers[name]() for name in json.loads(sys.argv[6])}
 cursor = {k: 0 for k in learners}
 def run(name, n):
     for _ in range(n):
@@ -71,13 +79,23 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="root of the MNIST files (default: AMSTREAM_DATA)")
     p.add_argument("--compile", action="store_true", help="build every learner with compile=True (the warm-up "
                    "steps then include the compilation: give --warmup 3 or more)")
-    return p.parse_args(argv)
+    p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP (default: 100,100)")
+    p.add_argument("--learner", action=CommaList, default=",".join(LEARNERS),
+                   help=f"comma-separated learners to time, from {', '.join(LEARNERS)} (default: all)")
+    args = p.parse_args(argv)
+    try:
+        args.hidden = parse_int_list(args.hidden)
+        args.learner = parse_name_list(args.learner, LEARNERS, "learner")
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def start_worker(path: Path, args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(args.threads), str(args.batch_size),
-                             args.data_dir or "", "1" if args.compile else "0"], cwd=path, env=env,
+                             args.data_dir or "", "1" if args.compile else "0", json.dumps(args.hidden),
+                             json.dumps(args.learner)], cwd=path, env=env,
                             stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     header = json.loads(proc.stdout.readline())
@@ -102,7 +120,7 @@ def main(argv=None) -> None:
         revision = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, capture_output=True,
                                   text=True, check=True).stdout.strip()
         workers = {"this tree": start_worker(ROOT, args), revision: start_worker(old, args)}
-        names = ["backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"]
+        names = args.learner
         for worker in workers.values():
             for name in names:
                 ask(worker, name, max(args.warmup, 1))
@@ -114,7 +132,8 @@ def main(argv=None) -> None:
         for worker in workers.values():
             worker.stdin.close()
             worker.wait()
-    print(f"Step time{' (compile=True)' if args.compile else ''}, MNIST 784-100-100-10 MLP, batch {args.batch_size}, "
+    print(f"Step time{' (compile=True)' if args.compile else ''}, MNIST "
+          f"{'-'.join(str(w) for w in [784, *args.hidden, 10])} MLP, batch {args.batch_size}, "
           f"{args.threads} thread(s) per worker, "
           f"{args.rounds} interleaved rounds x {args.steps} steps (median ms; ratio IQR in brackets)")
     print(f"command: python scripts/bench_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())

@@ -228,16 +228,21 @@ def test_bench_smoke(data_root):
 
 
 @pytest.mark.slow
-def test_bench_compare_times_this_tree_against_a_revision(data_root):
+@pytest.mark.parametrize("options, network, learners", [
+    ([], "784-100-100-10", {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}),
+    (["--hidden", "64", "--learner", "backprop-adam,am-mem"], "784-64-10", {"backprop-adam", "am-mem"}),
+], ids=["default", "network-and-learners"])
+def test_bench_compare_times_this_tree_against_a_revision(data_root, options, network, learners):
     """scripts/bench_compare.py: two workers, this tree and HEAD exported by git archive, the same
     learners; one row per learner with a finite ratio (``--compile`` builds the same learners with
     compile=True: its first steps compile, too long for this smoke test)."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_compare.py"), "--against", "HEAD",
-                           "--data-dir", str(data_root), "--rounds", "1", "--steps", "1", "--warmup", "1"],
+                           "--data-dir", str(data_root), "--rounds", "1", "--steps", "1", "--warmup", "1", *options],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert f"MNIST {network} MLP" in proc.stdout
     rows = dict(re.findall(r"^\| ([a-z][a-z\- ()]*) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M))
-    assert set(rows) == {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}, proc.stdout
+    assert set(rows) == learners, proc.stdout
     assert all(0 < float(r) < 100 for r in rows.values())
 
 

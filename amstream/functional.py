@@ -409,16 +409,19 @@ def linear_weight_grads_(view: LinearBlockView, a: torch.Tensor, g_out: torch.Te
 
 
 @torch.no_grad()
-def spectral_norm_bound(weight: torch.Tensor, power: int = 16) -> torch.Tensor:
+def spectral_norm_bound(weight: torch.Tensor, power: int = 16, gram: torch.Tensor | None = None) -> torch.Tensor:
     """An upper bound on the largest singular value of ``weight`` (a 0-dim tensor, no host sync).
 
     With the Gram matrix ``G = W W^T`` (or ``W^T W``, whichever is smaller) scaled by its trace,
     ``trace(G^k)^(1/k) >= lambda_max(G)`` and the bound is at most ``n^(1/k)`` too large (1.33x
     for n = 100, k = 16; far less when the spectrum decays, as trained weights' spectra do). It
-    costs ``log2(k)`` small matrix products; power iteration would underestimate instead.
+    costs ``log2(k)`` small matrix products; power iteration would underestimate instead. ``gram``:
+    ``W^T W`` where the caller has made it (:func:`code_gram`), used unless ``W W^T`` is smaller (the
+    two have the same nonzero eigenvalues).
     """
     w = weight.flatten(1)
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    if gram is None or w.shape[0] < w.shape[1]:  # a given W^T W is used where it is the smaller one
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
     scale = torch.diagonal(gram).sum().clamp_min(torch.finfo(gram.dtype).tiny)
     g = gram / scale
     k = 1
@@ -436,7 +439,8 @@ def spectral_norm_bound(weight: torch.Tensor, power: int = 16) -> torch.Tensor:
 _SCREEN_FROM_MACS = {"cpu": 2**20, "cuda": 2**32}
 
 
-def hidden_code_step_cap(view_next: LinearBlockView, code: torch.Tensor, reduction: str) -> torch.Tensor | None:
+def hidden_code_step_cap(view_next: LinearBlockView, code: torch.Tensor, reduction: str,
+                         gram: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """The largest stable step size for a hidden code whose next block is ``view_next``.
 
     The hidden code objective ``||f_{l+1}(c) - c_{l+1}||^2 + ||c - c0||^2`` (:func:`code_objective`)
@@ -446,11 +450,14 @@ def hidden_code_step_cap(view_next: LinearBlockView, code: torch.Tensor, reducti
     next layer's weights grow (as AM-mem's do over a long non-stationary stream), a fixed code step
     size eventually crosses that line and the codes, then the weights fitted to them, blow up.
     Returns ``1/L`` as a 0-dim tensor, or None when the activation's slope has no known bound.
+    ``gram``: :func:`code_gram` of the same block where the code steps made it: its ``W^T W`` is
+    reused by the bound (one product fewer) when it is the smaller of the two Gram matrices.
     """
     slope = _activation_slope(view_next)
     if slope is None:
         return None
-    sigma = spectral_norm_bound(view_next.linear.weight.detach())  # a bound, not part of any graph
+    weight = view_next.linear.weight.detach()  # a bound, not part of any graph
+    sigma = spectral_norm_bound(weight, gram=gram[0] if gram is not None else None)
     return _curvature_cap(sigma, slope, code.shape[0], code[0].numel(), view_next, reduction)
 
 
@@ -548,18 +555,22 @@ def update_codes(
     for i in reversed(range(n)):
         target = None if i == n - 1 else new_codes[i + 1]
         lr = lrs[i]
+        view = linear_view(output_block if target is None else blocks[i + 1], batchnorm) if fast else None
+        gram = None
+        if view is not None and target is not None and gram_pays(view, codes[i].shape[0], steps):
+            with torch.no_grad():
+                gram = code_gram(view, target)
         if (cap_steps if isinstance(cap_steps, bool) else cap_steps[i]) and target is not None:
             next_view = linear_view(blocks[i + 1])
             if next_view is None:
                 cap = None
             elif isinstance(cap_steps, bool):  # screened here (eager, a step size known on the host)
                 may_bind = not isinstance(lr, float) or step_cap_may_bind(next_view, codes[i].shape[0], reduction, lr)
-                cap = hidden_code_step_cap(next_view, codes[i], reduction) if may_bind else None
-            else:  # the caller's screen
-                cap = hidden_code_step_cap(next_view, codes[i], reduction) if cap_steps[i] else None
+                cap = hidden_code_step_cap(next_view, codes[i], reduction, gram) if may_bind else None
+            else:  # flagged by the caller's screen
+                cap = hidden_code_step_cap(next_view, codes[i], reduction, gram)
             if cap is not None:
                 lr = torch.clamp(cap, max=lr)
-        view = linear_view(output_block if target is None else blocks[i + 1], batchnorm) if fast else None
         if view is not None:
             c = codes[i].detach().clone()
             anchor = codes[i].detach()
@@ -569,7 +580,6 @@ def update_codes(
             # whose forward pass normalized with other statistics.
             known = codes[i + 1] if target is not None and view.bn is None else None
             with torch.no_grad():
-                gram = code_gram(view, target) if target is not None and gram_pays(view, c.shape[0], steps) else None
                 for _ in range(steps):
                     grad = _code_grad_fast(c, anchor, view, target, loss_fn, mu=mu, lambda_c=lambda_c, prox=prox,
                                            reduction=reduction, known_output=known, gram=gram)

@@ -431,17 +431,18 @@ def test_captured_steps_equal_eager_ones_on_cuda(name, kwargs):
         assert float(info.loss) == pytest.approx(loss, rel=1e-5)
 
 
-def test_a_function_compiled_for_as_many_variants_as_torch_allows_says_so(monkeypatch):
+def test_a_function_compiled_for_as_many_variants_as_torch_allows_says_so():
     """Past its recompile limit torch runs new input variants eagerly without an error: the wrapper
-    warns once, naming the function."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    warns once, naming the function. (The limit is set by torch's own config patch: pytest's
+    monkeypatch deletes a torch config entry when it undoes, which broke later compiled tests in the
+    same process.)"""
     torch._dynamo.reset()
 
     def double_plus_one(x):
         return 2 * x + 1
 
     compiled = CompiledFunction(double_plus_one, "AMAdam: the test function", torch.device("cpu"))
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(recompile_limit=2):
         warnings.simplefilter("always")
         for dtype in (torch.float32, torch.float64, torch.float16):
             assert torch.equal(compiled(torch.ones(3, dtype=dtype)), torch.full((3,), 3.0, dtype=dtype))

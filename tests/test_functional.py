@@ -669,6 +669,8 @@ def test_spectral_norm_bound_is_a_tight_upper_bound(shape):
     bound = spectral_norm_bound(w)
     n = min(shape)
     assert exact * (1 - 1e-12) <= bound <= exact * n ** (1 / 16)
+    # the code steps' W^T W gives the same bound (the same nonzero eigenvalues as W W^T)
+    torch.testing.assert_close(spectral_norm_bound(w, gram=w.T @ w), bound, rtol=1e-12, atol=0)
     # A dominant direction (trained weights' spectra decay): the bound is nearly exact.
     w[0] *= 50
     assert torch.isclose(spectral_norm_bound(w), torch.linalg.matrix_norm(w, 2), rtol=1e-3)

@@ -259,16 +259,20 @@ def gram_pays(view: LinearBlockView, batch: int, steps: int) -> bool:
     return n * n * m + batch * m * n + steps * batch * n * n < (2 * steps - 1) * batch * m * n
 
 
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``a^T a``, its upper triangle only from 256 columns (half the multiply-adds; symmetric row panels)."""
+    n = a.shape[1]
+    return symmetric_update_(a.new_empty(n, n), a, beta=0.0, alpha=1.0)
+
+
 def code_gram(view: LinearBlockView, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W^T W, (b - t) W)`` of a hidden code's next block: its objective's gradient w.r.t. the
     block's input ``a`` is ``2 (a W^T + b - t) W = 2 (a G + P)``, the residual's product folded
     into ``G`` (Choromanska et al.'s code loss, new here; in float32 the fold loses about the
     digits by which ``||a W^T||`` exceeds the residual's norm, harmless for a gradient step)."""
     weight = view.linear.weight.detach()
-    n = weight.shape[1]  # symmetric: its upper triangle only, from 256 columns (half the multiply-adds)
-    gram = symmetric_update_(weight.new_empty(n, n), weight, beta=0.0, alpha=1.0)
     shift = -target if view.linear.bias is None else view.linear.bias.detach() - target
-    return gram, shift @ weight
+    return _gram(weight), shift @ weight
 
 
 def _code_grad_fast(c, anchor, view_next, target, loss_fn, *, mu, lambda_c, prox, reduction,
@@ -415,18 +419,19 @@ def spectral_norm_bound(weight: torch.Tensor, power: int = 16, gram: torch.Tenso
     With the Gram matrix ``G = W W^T`` (or ``W^T W``, whichever is smaller) scaled by its trace,
     ``trace(G^k)^(1/k) >= lambda_max(G)`` and the bound is at most ``n^(1/k)`` too large (1.33x
     for n = 100, k = 16; far less when the spectrum decays, as trained weights' spectra do). It
-    costs ``log2(k)`` small matrix products; power iteration would underestimate instead. ``gram``:
+    costs ``log2(k)`` products of symmetric matrices, each computed as its upper triangle from 256
+    columns; power iteration would underestimate instead. ``gram``:
     ``W^T W`` where the caller has made it (:func:`code_gram`), used unless ``W W^T`` is smaller (the
     two have the same nonzero eigenvalues).
     """
     w = weight.flatten(1)
     if gram is None or w.shape[0] < w.shape[1]:  # a given W^T W is used where it is the smaller one
-        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        gram = _gram(w.T if w.shape[0] <= w.shape[1] else w)
     scale = torch.diagonal(gram).sum().clamp_min(torch.finfo(gram.dtype).tiny)
     g = gram / scale
     k = 1
     while 2 * k < power:  # g = G^k / trace(G)^k
-        g = g @ g
+        g = _gram(g)  # g^T g = g^2: g is symmetric
         k *= 2
     # trace(G^(2k)) = ||G^k||_F^2, since G^k is symmetric
     return (torch.linalg.vector_norm(g).square().pow(1.0 / (2 * k)) * scale).sqrt()

@@ -661,7 +661,7 @@ def test_blocked_in_place_sweep_equals_the_column_loop(blocks):
 
 
 # ------------------------------------------------------------------------- code step-size cap
-@pytest.mark.parametrize("shape", [(100, 100), (10, 100), (100, 784), (300, 50), (1, 7)])
+@pytest.mark.parametrize("shape", [(100, 100), (10, 100), (100, 784), (300, 50), (1, 7), (300, 300)])
 def test_spectral_norm_bound_is_a_tight_upper_bound(shape):
     torch.manual_seed(0)
     w = torch.randn(*shape, dtype=F64) * 0.1

@@ -157,6 +157,19 @@ def test_a_repeated_learner_option_adds_to_the_list(script):
     assert one.learner == "backprop"
 
 
+def test_bench_also_takes_variants_or_none():
+    """bench.py --also: learner variants parsed and checked by the learner's declaration; ``none``
+    times no variant (the default is AM-Adam's autograd path)."""
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    bench = importlib.import_module("bench")
+    assert bench.parse_args([]).also == [("am-adam", {"fast": False})]
+    assert bench.parse_args(["--also", "none"]).also == []
+    assert bench.parse_args(["--also", "am-mem:sweeps=2"]).also == [("am-mem", {"sweeps": 2})]
+
+
 def _summary_rows(stdout: str) -> dict[str, tuple[str, str]]:
     """learner -> (prequential, held-out) from stream.py's final table."""
     return {m[0]: (m[1], m[2]) for m in re.findall(r"^(\S+)\s+(0\.\d{4})\s+(0\.\d{4})\s", stdout, flags=re.M)}

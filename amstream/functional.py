@@ -260,7 +260,10 @@ def gram_pays(view: LinearBlockView, batch: int, steps: int) -> bool:
 
 
 def _gram(a: torch.Tensor) -> torch.Tensor:
-    """``a^T a``, its upper triangle only from 256 columns (half the multiply-adds; symmetric row panels)."""
+    """``a^T a``, its upper triangle only from 256 columns (half the multiply-adds; symmetric row panels).
+    Traced, one product: the panels would be the whole product and a copy there."""
+    if torch.compiler.is_compiling():
+        return a.T @ a
     n = a.shape[1]
     return symmetric_update_(a.new_empty(n, n), a, beta=0.0, alpha=1.0)
 
@@ -478,13 +481,12 @@ def step_cap_may_bind(view_next: LinearBlockView, batch: int, reduction: str, lr
     tried only where the bound's products cost more than that (:data:`_SCREEN_FROM_MACS`), and not
     while compiling; everywhere else the answer is True (the cap is computed).
     """
+    weight = view_next.linear.weight
     slope = _activation_slope(view_next)
-    weight = view_next.linear.weight.detach()
-    if slope is None or not _screening_pays(weight):
+    if slope is None or not _screening_pays(weight):  # (before any tensor call: a captured step's path)
         return True
-    width = weight.shape[1]
-    rough = _curvature_cap(torch.linalg.vector_norm(weight), slope, batch, width, view_next, reduction)
-    return float(rough) < lr
+    norm = torch.linalg.vector_norm(weight.detach())
+    return float(_curvature_cap(norm, slope, batch, weight.shape[1], view_next, reduction)) < lr
 
 
 def _activation_slope(view: LinearBlockView) -> float | None:

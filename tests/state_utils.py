@@ -36,3 +36,16 @@ def assert_same_state(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> None:
             assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), f"{path}: {x} != {y}"
 
     walk(a, b)
+
+
+def addresses(learner) -> dict[str, tuple[int, torch.Size]]:
+    """Where each tensor a captured step holds by address lives (weights, optimizer states, the
+    learner's static tensors such as AM-mem's memories): name -> (data pointer, shape)."""
+    held = {f"model.{k}": v for k, v in learner.model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor)}
+    for i, opt in enumerate(learner.optimizers()):
+        for j, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            held.update({f"opt{i}.param{j}.{k}": v for k, v in opt.state.get(p, {}).items()
+                         if isinstance(v, torch.Tensor)})
+    held.update({f"static{i}": t for i, t in enumerate(learner._static_tensors())})
+    return {name: (t.data_ptr(), t.shape) for name, t in held.items()}

@@ -220,9 +220,10 @@ def test_a_step_the_graph_cannot_hold_takes_the_eager_path():
 def test_a_captured_step_that_goes_non_finite_is_rolled_back(name):
     """The guarantees hold around the whole-step graph: a step whose loss has an infinite target
     (weights, memories and Adam state go non-finite inside the graph) is undone exactly, and the
-    learner then steps as an eager one from the same state."""
+    learner then steps as an eager one from the same state. Loading a state and the rollback leave
+    every tensor the step updates where it was, so that its CUDA graph would replay as recorded."""
     from agents.td import TDLoss
-    from state_utils import assert_same_state, snapshot
+    from state_utils import addresses, assert_same_state, snapshot
 
     eager = amstream.LEARNERS[name](_mlp(), device="cpu", criterion=nn.MSELoss())
     captured = amstream.LEARNERS[name](_mlp(), device="cpu", criterion=nn.MSELoss(), compile=True)
@@ -240,6 +241,7 @@ def test_a_captured_step_that_goes_non_finite_is_rolled_back(name):
         eager.step(x, loss_fn)
         captured.step(x, loss_fn)
     assert captured._compiled_functions["the whole step"].active
+    held = addresses(captured)  # what a CUDA graph of the step would hold
     captured.load_state_dict(eager.state_dict())
     before = snapshot(captured)
     x, loss_fn = td_batch(math.inf)
@@ -251,6 +253,7 @@ def test_a_captured_step_that_goes_non_finite_is_rolled_back(name):
     eager.step(x, loss_fn)
     captured.step(x, loss_fn)
     assert _max_difference(eager.model, captured.model) < 1e-12
+    assert addresses(captured) == held  # loaded and rolled back in place: the graph would replay
 
 
 def test_the_captured_adam_update_is_torch_adam():

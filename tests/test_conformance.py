@@ -20,7 +20,7 @@ import amstream
 from amstream import InputError, NonFiniteStepError
 from amstream.data import load_digits
 from learner_cases import batches, conformance_cases
-from state_utils import assert_same_state, snapshot
+from state_utils import addresses, assert_same_state, snapshot
 
 CASES = conformance_cases()
 
@@ -240,6 +240,32 @@ def test_a_learner_loaded_from_a_live_state_is_independent(name, digits):
     for x, y in steps[:3]:
         alone.learn(x, y)
     assert_same_state(alone.state_dict(), a.state_dict())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_loaded_or_rolled_back_state_stays_in_the_learners_own_tensors(name, digits):
+    """Loading a state copies its values into the tensors the learner already has (weights, optimizer
+    states, AM-mem's memories), and so does a rollback: a CUDA graph, which holds the addresses of
+    the tensors a captured step updates, replays after a resume instead of being recorded again."""
+    case = CASES[name]
+    steps = data(case, digits[0], n=4)
+    a, b = case.make(), case.make(seed=5)
+    for x, y in steps[:2]:
+        a.learn(x, y)
+        b.learn(x, y)
+    before = addresses(b)
+    b.load_state_dict(a.state_dict())
+    x, y = steps[2]
+    with pytest.raises(InputError):
+        b.learn(torch.full_like(x, float("nan")), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "rolled back"
+        assert b.step(x, lambda out: F.cross_entropy(out * float("inf"), y)).rolled_back
+    after = addresses(b)
+    assert after.keys() == before.keys()
+    moved = [k for k in before if after[k] != before[k]]
+    assert not moved, f"loading a state replaced these tensors: {moved}"
+    assert_same_state(snapshot(a), snapshot(b), ignore=("stream",))
 
 
 @pytest.mark.parametrize("name", CASES)

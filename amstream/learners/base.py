@@ -32,7 +32,7 @@ from ..stream import StreamingMixin
 from ..utils import eval_mode, resolve_device
 from ..validation import InputSpec, is_classification_criterion
 from .groups import named_parameter_groups, sync_groups_
-from .state import Snapshot, all_finite, check_model_state, clone_tensors, optimizer_tensors
+from .state import Snapshot, all_finite, check_model_state, clone_tensors, load_optimizer_state_, optimizer_tensors
 
 __all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn", "Penalty", "fused_kwargs"]
 
@@ -587,7 +587,7 @@ class Learner(StreamingMixin, abc.ABC):
     def _load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         for opt, opt_state in zip(self.optimizers(), state["optimizers"]):
-            opt.load_state_dict(opt_state)
+            load_optimizer_state_(opt, opt_state)
         counters = state.get("counters", {"step_count": state.get("step_count", 0)})
         for name in self._counters:
             setattr(self, name, type(getattr(self, name))(counters[name]))

@@ -19,7 +19,7 @@ from torch import nn
 
 _SHAPE = operator.attrgetter("shape")
 
-__all__ = ["Snapshot", "all_finite", "clone_tensors", "optimizer_tensors", "check_model_state"]
+__all__ = ["Snapshot", "all_finite", "clone_tensors", "optimizer_tensors", "check_model_state", "load_optimizer_state_"]
 
 
 def clone_tensors(obj):
@@ -49,6 +49,26 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tens
                 if isinstance(value, torch.Tensor):
                     tensors.append(value)
     return tensors, {id(p) for p in optimizer.state}
+
+
+def load_optimizer_state_(optimizer: torch.optim.Optimizer, state: Mapping) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the optimizer's own state tensors: where a parameter
+    already has a state tensor of the loaded one's shape, dtype and device, the values are copied
+    into it rather than the tensor replaced.
+
+    A learner loaded or rolled back then holds its optimizer state in the same memory as before, like
+    its weights (``nn.Module.load_state_dict`` copies too). A captured step needs this: a CUDA graph
+    holds the addresses of the tensors it updates, and a state tensor at a new address would make
+    torch record the graph again (new here)."""
+    before = {p: dict(s) for p, s in optimizer.state.items()}
+    optimizer.load_state_dict(state)
+    for p, loaded in optimizer.state.items():
+        own = before.get(p, {})
+        for key, value in loaded.items():
+            old = own.get(key)
+            if (isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old is not value
+                    and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device):
+                loaded[key] = old.copy_(value)
 
 
 def check_model_state(model: nn.Module, state: Mapping) -> None:

@@ -485,8 +485,8 @@ def step_cap_may_bind(view_next: LinearBlockView, batch: int, reduction: str, lr
     slope = _activation_slope(view_next)
     if slope is None or not _screening_pays(weight):  # (before any tensor call: a captured step's path)
         return True
-    norm = torch.linalg.vector_norm(weight.detach())
-    return float(_curvature_cap(norm, slope, batch, weight.shape[1], view_next, reduction)) < lr
+    norm = float(torch.linalg.vector_norm(weight.detach()))  # the cap in host arithmetic: no more kernels
+    return _curvature_cap(norm, slope, batch, weight.shape[1], view_next, reduction) < lr
 
 
 def _activation_slope(view: LinearBlockView) -> float | None:
@@ -497,10 +497,10 @@ def _activation_slope(view: LinearBlockView) -> float | None:
     return None if bound is None else bound(view.act)
 
 
-def _curvature_cap(sigma: torch.Tensor, slope: float, batch: int, width: int, view_next: LinearBlockView,
-                   reduction: str) -> torch.Tensor:
+def _curvature_cap(sigma: torch.Tensor | float, slope: float, batch: int, width: int, view_next: LinearBlockView,
+                   reduction: str) -> torch.Tensor | float:
     """``1/L`` of :func:`hidden_code_step_cap` for a bound ``sigma`` on the next layer's spectral norm
-    (``batch`` codes of ``width`` elements each)."""
+    (``batch`` codes of ``width`` elements each), of ``sigma``'s type."""
     if reduction == "sum":
         curvature = 2.0 * (slope * sigma) ** 2 + 2.0
     else:

@@ -47,7 +47,7 @@ step steps-b1 $PY scripts/bench.py --device "$DEVICE" --section steps --section 
     --learner am-adam --batch-size 1 --rounds $R --steps $S
 step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
     --learner am-adam --also none $WIDE --rounds $R --steps $S
-step compiled-locoprop $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m \
+step compiled-locoprop-fw $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m,frank-wolfe \
     --rounds $R --steps $S
 step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \
     --rounds $R --steps $S

@@ -47,7 +47,8 @@ def _max_difference(a: nn.Module, b: nn.Module) -> float:
 
 @pytest.mark.parametrize("name, kwargs", [("am-adam", {}), ("backprop", {"lr": 3e-3}), ("am-mem", {}),
                                           ("locoprop-s", {"local_steps": 3}), ("locoprop-m", {"local_steps": 3}),
-                                          ("dladmm", {}), ("admm-softmax", {})])
+                                          ("dladmm", {}), ("admm-softmax", {}), ("frank-wolfe", {"lr": 3e-3}),
+                                          ("frank-wolfe", {"lr": 3e-3, "inner_steps": 3, "faithful": True})])
 def test_compiled_steps_equal_eager_ones(name, kwargs):
     eager = amstream.LEARNERS[name](_mlp(), device="cpu", **kwargs)
     compiled = amstream.LEARNERS[name](_mlp(), device="cpu", compile=True, **kwargs)
@@ -63,8 +64,9 @@ def test_compiled_steps_equal_eager_ones(name, kwargs):
         assert torch.allclose(compiled.predict(x), eager.predict(x), atol=1e-10, rtol=0)
     assert compiled._compiled_functions, "compile=True must route the step through compiled functions"
     assert all(f.active for f in compiled._compiled_functions.values())
-    if name in ("am-adam", "backprop", "am-mem", "locoprop-s", "locoprop-m"):  # from the second step, each
-        # step is one compiled function (LocoProp's with 3 local steps here: its graph unrolls them)
+    if name in ("am-adam", "backprop", "am-mem", "locoprop-s", "locoprop-m", "frank-wolfe"):  # from the second
+        # step, each step is one compiled function (LocoProp's with 3 local steps here: its graph unrolls
+        # them; Frank-Wolfe's, one per position in the round of inner steps)
         assert "the whole step" in compiled._compiled_functions
 
 
@@ -216,7 +218,23 @@ def test_a_step_the_graph_cannot_hold_takes_the_eager_path():
     assert compiled._compiled_functions["the code update"].active
 
 
-@pytest.mark.parametrize("name", ["am-adam", "am-mem"])
+def test_frank_wolfe_on_one_batch_says_why_its_step_is_not_one_graph():
+    """With ``same_batch=True`` the inner steps re-evaluate the batch inside the optimizer's step, so
+    the step cannot be one graph: said once, and the steps are the eager ones."""
+    eager = amstream.FrankWolfeLearner(_mlp(), device="cpu", same_batch=True, inner_steps=3)
+    compiled = amstream.FrankWolfeLearner(_mlp(), device="cpu", same_batch=True, inner_steps=3, compile=True)
+    for i, (x, y) in enumerate(_batches(3)):
+        eager.learn(x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled.learn(x, y)
+        said = [str(w.message) for w in caught if "piece by piece" in str(w.message)]
+        assert len(said) == (i == 0) and all("same_batch=True" in m for m in said), said
+        assert _max_difference(eager.model, compiled.model) == 0.0
+    assert "the whole step" not in compiled._compiled_functions
+
+
+@pytest.mark.parametrize("name", ["am-adam", "am-mem", "backprop", "frank-wolfe"])
 def test_a_captured_step_that_goes_non_finite_is_rolled_back(name):
     """The guarantees hold around the whole-step graph: a step whose loss has an infinite target
     (weights, memories and Adam state go non-finite inside the graph) is undone exactly, and the

@@ -112,17 +112,14 @@ class Backprop(Learner):
         :meth:`Learner._whole_step_states`)."""
         if not self.compile or self._tell_whole_step_refusal():
             return None
-        names = {id(p): name for name, p in self.model.named_parameters()}
         params = [g["params"] for g in self.optimizer.param_groups]
         states = self._whole_step_states(list(zip(self.optimizer.param_groups, params)), penalty)
-        return None if states is None else ([[names[id(p)] for p in ps] for ps in params], states)
+        return None if states is None else (parameter_names(self.model, params), states)
 
     def _whole_step_refusal(self) -> str | None:
-        if self._buffers:
-            return ("the model has buffers (BatchNorm's running statistics), which the traced forward pass would "
-                    "not update")
-        if self.inputs.recurrent:
-            return "the model has a recurrent layer"
+        reason = traced_model_refusal(self)
+        if reason is not None:
+            return reason
         if not isinstance(self.optimizer, torch.optim.Adam):
             return f"the optimizer is {type(self.optimizer).__name__}; the traced update is Adam's"
         return None
@@ -147,14 +144,7 @@ class Backprop(Learner):
         ``(beta1, beta2, eps)``; ``states``: each group's parameters and Adam state, named by
         ``names``. The same arithmetic as the eager step (tested to float tolerance); new here."""
         with torch.no_grad():
-            trainable = {name: p.detach() for (params, _), group_names in zip(states, names)
-                         for name, p in zip(group_names, params)}
-
-            def loss_of(values: dict) -> torch.Tensor:
-                return loss_fn(torch.func.functional_call(self.model, values, (x,)))
-
-            grads, loss = torch.func.grad_and_value(loss_of)(trainable)
-            group_grads = [[grads[name] for name in group_names] for group_names in names]
+            loss, group_grads = model_gradients(self.model, x, loss_fn, states, names)
             for k, ((params, state), gs, (beta1, beta2, eps)) in enumerate(zip(states, group_grads, adam)):
                 adam_update_(params, gs, state, lr=scalars[k], beta1=beta1, beta2=beta2, eps=eps)
         return loss, group_grads
@@ -164,3 +154,35 @@ class Backprop(Learner):
         choice = self._optimizer_choice
         values["optimizer"] = choice if isinstance(choice, str) else getattr(choice, "__name__", repr(choice))
         return values
+
+
+def traced_model_refusal(learner: Learner) -> str | None:
+    """Why the model's forward and backward passes cannot be traced into a whole-step graph by
+    :func:`model_gradients` (a sentence), or None."""
+    if learner._buffers:
+        return ("the model has buffers (BatchNorm's running statistics), which the traced forward pass would "
+                "not update")
+    if learner.inputs.recurrent:
+        return "the model has a recurrent layer"
+    return None
+
+
+def parameter_names(model: nn.Module, groups: list[list[nn.Parameter]]) -> list[list[str]]:
+    """The model's name of each parameter of each group (:func:`model_gradients` addresses them so)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in params] for params in groups]
+
+
+def model_gradients(model: nn.Module, x: torch.Tensor, loss_fn: LossFn, states: list,
+                    names: list[list[str]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """The loss of ``model(x)`` and its gradient w.r.t. each group's parameters (``states``: each
+    group's ``(params, optimizer state)``, named by ``names``), by ``torch.func.grad_and_value`` of
+    the loss of ``torch.func.functional_call``: ``.backward()`` would end a compiled graph."""
+    trainable = {name: p.detach() for (params, _), group_names in zip(states, names)
+                 for name, p in zip(group_names, params)}
+
+    def loss_of(values: dict) -> torch.Tensor:
+        return loss_fn(torch.func.functional_call(model, values, (x,)))
+
+    grads, loss = torch.func.grad_and_value(loss_of)(trainable)
+    return loss, [[grads[name] for name in group_names] for group_names in names]

@@ -14,6 +14,8 @@ from torch import nn
 
 from ..hparams import HParam
 from ..optim import FrankWolfe
+from ..optim.frank_wolfe import frank_wolfe_state, frank_wolfe_update_, inner_position
+from .backprop import model_gradients, parameter_names, traced_model_refusal
 from .base import Learner, LossFn, Penalty, StepInfo
 from .penalty import penalty_value
 
@@ -67,6 +69,10 @@ class FrankWolfeLearner(Learner):
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         out = self._take_pending(x)
+        if out is None:
+            plan = self._whole_step_plan(penalty)
+            if plan is not None:
+                return self._captured_step(x, loss_fn, *plan)
         first_loss: list[torch.Tensor] = []
         before = clone_all(self._buffers) if self.same_batch else []
         after_first: list[torch.Tensor] = []
@@ -95,6 +101,56 @@ class FrankWolfeLearner(Learner):
             self.optimizer.step()
         return StepInfo(loss=first_loss[0], batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups})
+
+    # ------------------------------------------------------------------------ the captured step
+    def _whole_step_refusal(self) -> str | None:
+        if self.same_batch:
+            return "same_batch=True re-evaluates the batch inside the optimizer's step (its steps run eagerly)"
+        return traced_model_refusal(self)
+
+    def _whole_step_plan(self, penalty: Penalty) -> tuple | None:
+        """What :meth:`_whole_step` takes besides the batch, or None where the step takes the eager
+        path: ``compile=False``, a refusal (:meth:`_whole_step_refusal`), a penalty, data
+        parallelism, or a parameter without its Frank-Wolfe state yet (made at its first step)."""
+        if not self.compile or self._tell_whole_step_refusal() or penalty is not None or self._parallel is not None:
+            return None
+        groups = self.optimizer.param_groups
+        states = [(g["params"], frank_wolfe_state(self.optimizer, g["params"])) for g in groups]
+        if any(state is None for _, state in states):
+            return None
+        positions = [inner_position(self.optimizer.state[g["params"][0]]["step"], g["inner_steps"]) for g in groups]
+        # each group's inner step and rule settings are fixed per graph (T graphs at most); its
+        # learning rate and Adam step number are inputs
+        rules = tuple((k, g["inner_steps"], g["faithful"], g["betas"], g["eps"]) for (k, _), g in zip(positions, groups))
+        scalars = self._step_scalars.get([g["lr"] for g in groups] + [step for _, step in positions], self._params[0])
+        return parameter_names(self.model, [g["params"] for g in groups]), rules, scalars, states
+
+    def _captured_step(self, x: torch.Tensor, loss_fn: LossFn, names: list, rules: tuple, scalars: torch.Tensor,
+                       states: list) -> StepInfo:
+        """The step as one compiled function (:meth:`_whole_step`); the step counters, on the CPU,
+        advance outside it."""
+        loss, grads = self._run_whole_step(type(self)._whole_step, states, x, loss_fn, scalars, names, rules)
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                self.optimizer.state[p]["step"] += 1
+        self._set_grads(states, grads)
+        return StepInfo(loss=self._outlives_step(loss), batch_size=x.shape[0],
+                        lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups})
+
+    def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, scalars: torch.Tensor, names: list, rules: tuple,
+                    states: list) -> tuple[torch.Tensor, list]:
+        """Forward pass, backward pass and one Frank-Wolfe inner step (with Adam's step at the round's
+        end) as one pure function of the tensors, for ``torch.compile`` (``fullgraph``; one CUDA graph
+        on a GPU): the optimizer's own rule (:func:`~amstream.optim.frank_wolfe.frank_wolfe_update_`)
+        on its own state. ``scalars``: each group's learning rate, then its Adam step number. The
+        same arithmetic as the eager step (tested to float tolerance); new here."""
+        with torch.no_grad():
+            loss, group_grads = model_gradients(self.model, x, loss_fn, states, names)
+            n = len(states)
+            for i, ((params, state), grads, (k, T, faithful, betas, eps)) in enumerate(zip(states, group_grads, rules)):
+                frank_wolfe_update_(params, grads, state, k=k, lr=scalars[i], adam_step=scalars[n + i], inner_steps=T,
+                                    faithful=faithful, betas=betas, eps=eps)
+        return loss, group_grads
 
 
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

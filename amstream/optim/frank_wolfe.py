@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["FrankWolfe"]
+__all__ = ["FrankWolfe", "FrankWolfeState", "frank_wolfe_state", "frank_wolfe_update_", "inner_position"]
 
 
 class FrankWolfe(torch.optim.Optimizer):
@@ -86,41 +86,76 @@ class FrankWolfe(torch.optim.Optimizer):
                 state["displacement"] = torch.zeros_like(p)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-        states = [self.state[p] for p in params]
         T = group["inner_steps"]
-        taken = int(states[0]["step"])
-        k = taken % T + 1
-        origins = [s["origin"] for s in states]
-        moves = [s["displacement"] for s in states]
-        if k == 1:  # a new round starts at the current weights
-            torch._foreach_copy_(origins, [p.detach() for p in params])
-        grads = [p.grad for p in params]
-        norms = torch.stack(torch._foreach_norm(grads))
-        inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms)).unbind()  # g = 0: no move
-        unit = torch._foreach_mul(grads, inverse)
-        lr = group["lr"]
-        torch._foreach_mul_(moves, 1.0 - 1.0 / k)
-        torch._foreach_add_(moves, unit, alpha=-lr / k)
-        for s in states:
-            s["step"] += 1
-        if k == T:
-            torch._foreach_copy_(params, origins)
-            self._adam(group, params, states, torch._foreach_div(moves, -lr), (taken + 1) // T)
-        elif group["faithful"]:
-            torch._foreach_add_(params, moves)  # the reference: w_k = w_{k-1} + D_k
-        else:
-            torch._foreach_copy_(params, origins)
-            torch._foreach_add_(params, moves)  # Frank-Wolfe: w_k = w0 + D_k
+        k, adam_step = inner_position(self.state[params[0]]["step"], T)
+        frank_wolfe_update_(params, [p.grad for p in params], frank_wolfe_state(self, params), k=k,
+                            lr=group["lr"], adam_step=adam_step, inner_steps=T, faithful=group["faithful"],
+                            betas=group["betas"], eps=group["eps"])
+        for p in params:
+            self.state[p]["step"] += 1
 
-    @staticmethod
-    def _adam(group: dict, params: list[torch.Tensor], states: list[dict], directions: list[torch.Tensor],
-              step: int) -> None:
-        """torch.optim.Adam's update number ``step`` (no weight decay, no amsgrad) with ``directions``
-        as gradients."""
-        beta1, beta2 = group["betas"]
-        for p, s, d in zip(params, states, directions):
-            s["exp_avg"].lerp_(d, 1 - beta1)
-            s["exp_avg_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
-            bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-            denom = (s["exp_avg_sq"].sqrt() / bias2 ** 0.5).add_(group["eps"])
-            p.addcdiv_(s["exp_avg"], denom, value=-group["lr"] / bias1)
+
+#: ``(origins, displacements, exp_avgs, exp_avg_sqs)`` of a list of parameters, in their order
+FrankWolfeState = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def frank_wolfe_state(optimizer: FrankWolfe, params: list[torch.Tensor]) -> FrankWolfeState | None:
+    """The state tensors of ``params`` for :func:`frank_wolfe_update_`, or None before each has its state
+    (made at its first inner step)."""
+    states = [optimizer.state.get(p) for p in params]
+    if not all(states):
+        return None
+    return tuple([s[key] for s in states] for key in ("origin", "displacement", "exp_avg", "exp_avg_sq"))
+
+
+def inner_position(taken: torch.Tensor, inner_steps: int) -> tuple[int, int]:
+    """``(k, Adam's step number)`` of the next inner step after ``taken`` (a CPU tensor) inner steps:
+    ``k`` in ``1..T``, and the number the Adam step at ``k = T`` takes."""
+    taken = int(taken)
+    return taken % inner_steps + 1, (taken + 1) // inner_steps
+
+
+def frank_wolfe_update_(params: list[torch.Tensor], grads: list[torch.Tensor], state: FrankWolfeState, *, k: int,
+                        lr: float | torch.Tensor, adam_step: int | torch.Tensor, inner_steps: int, faithful: bool,
+                        betas: tuple[float, float], eps: float) -> None:
+    """Inner step ``k`` (``1..T``) of :class:`FrankWolfe` on ``params`` along ``grads``, in place,
+    and at ``k = T`` Adam's step number ``adam_step``: a plain tensor function, so that the learner's
+    whole step applies the optimizer's very rule in one compiled graph (one CUDA graph on a GPU).
+    ``lr`` and ``adam_step`` may be 0-dim tensors on the parameters' device (a new value needs no
+    new graph); the step counters are the caller's to advance."""
+    origins, moves, exp_avgs, exp_avg_sqs = state
+    if k == 1:  # a new round starts at the current weights
+        torch._foreach_copy_(origins, [p.detach() for p in params])
+    norms = torch.stack(torch._foreach_norm(grads))
+    inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms)).unbind()  # g = 0: no move
+    unit = torch._foreach_mul(grads, inverse)
+    torch._foreach_mul_(moves, 1.0 - 1.0 / k)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_add_(moves, torch._foreach_mul(unit, -lr / k))
+    else:
+        torch._foreach_add_(moves, unit, alpha=-lr / k)
+    if k == inner_steps:
+        torch._foreach_copy_(params, origins)
+        _adam(params, exp_avgs, exp_avg_sqs, torch._foreach_div(moves, -lr), adam_step, lr, betas, eps)
+    elif faithful:
+        torch._foreach_add_(params, moves)  # the reference: w_k = w_{k-1} + D_k
+    else:
+        torch._foreach_copy_(params, origins)
+        torch._foreach_add_(params, moves)  # Frank-Wolfe: w_k = w0 + D_k
+
+
+def _adam(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+          directions: list[torch.Tensor], step: int | torch.Tensor, lr: float | torch.Tensor,
+          betas: tuple[float, float], eps: float) -> None:
+    """torch.optim.Adam's update number ``step`` (no weight decay, no amsgrad) with ``directions``
+    as gradients."""
+    beta1, beta2 = betas
+    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+    for p, m, v, d in zip(params, exp_avgs, exp_avg_sqs, directions):
+        m.lerp_(d, 1 - beta1)
+        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
+        if isinstance(lr, torch.Tensor) or isinstance(step, torch.Tensor):
+            p.sub_(m / denom * (lr / bias1))
+        else:
+            p.addcdiv_(m, denom, value=-lr / bias1)

@@ -218,6 +218,18 @@ def test_a_step_the_graph_cannot_hold_takes_the_eager_path():
     assert compiled._compiled_functions["the code update"].active
 
 
+def test_a_learner_without_a_whole_step_graph_says_so_once():
+    """SBE reads each layer's rows through forward hooks and autograd: with ``compile=True`` its
+    first step says that the steps run eagerly, and no later step repeats it."""
+    learner = amstream.SBE(_mlp(), device="cpu", compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in _batches(3):
+            learner.learn(x, y)
+    said = [str(w.message) for w in caught if "piece by piece" in str(w.message)]
+    assert len(said) == 1 and "SBE" in said[0] and "forward hooks" in said[0], said
+
+
 def test_frank_wolfe_on_one_batch_says_why_its_step_is_not_one_graph():
     """With ``same_batch=True`` the inner steps re-evaluate the batch inside the optimizer's step, so
     the step cannot be one graph: said once, and the steps are the eager ones."""

@@ -269,6 +269,14 @@ def test_a_loaded_or_rolled_back_state_stays_in_the_learners_own_tensors(name, d
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_compile_says_whether_the_whole_step_is_one_graph(name):
+    """With ``compile=True`` every learner either runs its whole step as one graph (no reason: the
+    compiled tests check that it does) or has the sentence it says once, at its first step."""
+    reason = CASES[name].make(compile=True)._whole_step_refusal()
+    assert reason is None or (isinstance(reason, str) and len(reason.split()) >= 4), reason
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_buffered_samples_survive_a_checkpoint(name, digits, tmp_path):
     """learn_one with a micro-batch: the buffered samples, the micro-batch size and the dict
     feature order are part of the checkpoint, so a resumed stream learns exactly the same."""

@@ -205,6 +205,9 @@ class ADMMiRNN(Learner):
         return _Variables(X, h0, A, S, O, zeros(A), zeros(S), zeros(O))
 
     # --------------------------------------------------------------------------------- the step
+    def _whole_step_refusal(self) -> str | None:
+        return ("it tests convergence on the host between its compiled Newton steps (its other blocks run eagerly)")
+
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         net: ElmanRNN = self.model
         v = self._take_pending(x)

@@ -65,6 +65,9 @@ class AMRNN(Learner):
                   for name, params in self._named_groups()]
         self.optimizer = torch.optim.Adam(groups, lr=self.lr)
 
+    def _whole_step_refusal(self) -> str | None:
+        return ("no whole-step graph is written for its unrolled codes yet (predict's forward pass is compiled, the step runs eagerly)")
+
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         net: ElmanRNN = self.model
         with torch.no_grad():

@@ -159,11 +159,11 @@ class Backprop(Learner):
 def traced_model_refusal(learner: Learner) -> str | None:
     """Why the model's forward and backward passes cannot be traced into a whole-step graph by
     :func:`model_gradients` (a sentence), or None."""
-    if learner._buffers:
-        return ("the model has buffers (BatchNorm's running statistics), which the traced forward pass would "
-                "not update")
     if learner.inputs.recurrent:
         return "the model has a recurrent layer"
+    if learner._buffers:
+        return ("the model has buffers (such as BatchNorm's running statistics), which the traced forward pass "
+                "would not update")
     return None
 
 

@@ -214,7 +214,8 @@ class Learner(StreamingMixin, abc.ABC):
     # ------------------------------------------------------------------------ the captured step
     def _whole_step_refusal(self) -> str | None:
         """Why ``compile=True`` can never run this learner's whole step as one graph, for this model
-        and these settings (a sentence), ``""`` for a method that has no whole-step graph, or None."""
+        and these settings (a sentence, said once at the first step), ``""`` for nothing to say, or
+        None (it can)."""
         return ""
 
     def _tell_whole_step_refusal(self) -> bool:
@@ -501,6 +502,8 @@ class Learner(StreamingMixin, abc.ABC):
 
     def _guarded_step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         self.inputs.commit()  # the batch passed every check: its shape is now the learner's
+        if self.compile and self.step_count == 0:
+            self._tell_whole_step_refusal()  # a learner whose steps are never one graph says why, once
         start = time.perf_counter()
         tensors, opt_keys = self._guarded_tensors()
         self._snapshot.take(tensors)

@@ -447,6 +447,9 @@ class DLADMM(Learner):
         return super()._data_parallel_refusal()
 
     # ------------------------------------------------------------------------------- streaming
+    def _whole_step_refusal(self) -> str | None:
+        return ("it tests convergence on the host between its compiled updates (the b and z updates, the output layer's Newton steps)")
+
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         pending = self._take_pending(x)
         acts, zs = pending if pending is not None else self._forward_auxiliaries(x)

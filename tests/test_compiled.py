@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import amstream
-from amstream.compiled import CompiledFunction, resolve_compile
+from amstream.compiled import CompiledFunction, _cache_entries, resolve_compile
 
 F64 = torch.float64
 
@@ -228,6 +228,19 @@ def test_a_learner_without_a_whole_step_graph_says_so_once():
             learner.learn(x, y)
     said = [str(w.message) for w in caught if "piece by piece" in str(w.message)]
     assert len(said) == 1 and "SBE" in said[0] and "forward hooks" in said[0], said
+
+
+def test_frank_wolfe_compiles_one_graph_per_position_in_its_round():
+    """The position in the round of inner steps is fixed per graph (two at ``inner_steps=2``); the
+    learning rate and Adam's step number are inputs, so a new learning rate compiles nothing."""
+    learner = amstream.FrankWolfeLearner(_mlp(), device="cpu", lr=3e-3, compile=True)
+    for i, (x, y) in enumerate(_batches(10)):
+        if i == 5:
+            for group in learner.optimizer.param_groups:
+                group["lr"] = 1e-3
+        learner.learn(x, y)
+    whole = learner._compiled_functions["the whole step"]
+    assert whole.active and len(_cache_entries()(whole._code)) == 2
 
 
 def test_frank_wolfe_on_one_batch_says_why_its_step_is_not_one_graph():

@@ -255,7 +255,7 @@ class AltMinLearner(BlockLearner):
         lrs = [g["lr"] for g in self.optimizer.param_groups if not g.get("solved")]
         scalars = self._step_scalars.get([mu, *code_lrs, *lrs], self._params[0])
         loss, new_codes, local, displacement, grads = self._run_whole_step(
-            type(self)._whole_step, states, x, loss_fn, self._take_pending(x), scalars, caps)
+            type(self)._whole_step, states, x, loss_fn, self._take_pending(x), scalars, caps, self._solved_state())
         self._set_grads(states, grads)
         self._count_samples(x.shape[0])
         self._last_codes = new_codes  # checked for finiteness right after the step, before any replay
@@ -263,17 +263,24 @@ class AltMinLearner(BlockLearner):
                                self._outlives_step(displacement))
 
     def _solved_blocks_fit(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                           forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
+                           forward_codes: list[torch.Tensor], solved: tuple) -> list[torch.Tensor]:
         """The tensor part of the rule for blocks outside Adam, traced into the whole step (AM-mem's
-        memory updates and solves); returns their local losses. Python counters it would change are
-        advanced by :meth:`_count_samples`, outside the graph."""
+        memory updates and solves) on the tensors of :meth:`_solved_state`; returns their local
+        losses. Python counters it would change are advanced by :meth:`_count_samples`, outside the
+        graph."""
         return []
+
+    def _solved_state(self) -> tuple:
+        """The tensors the rule for blocks outside Adam reads and writes this step (AM-mem: its
+        current memories and those the step writes), an argument of the whole step: read from the
+        learner inside the graph, which of two alternating sets is current would be a graph each."""
+        return ()
 
     def _count_samples(self, batch_size: int) -> None:
         """Counters of the rule for blocks outside Adam, after a whole step (AM-mem's samples seen)."""
 
     def _whole_step(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
-                    caps: tuple[bool, ...], states: list) -> tuple:
+                    caps: tuple[bool, ...], solved: tuple, states: list) -> tuple:
         """Everything of one step that touches tensors, as one pure function of them for
         ``torch.compile`` (``fullgraph``): the forward codes (or ``forward``, those of
         :meth:`forward_for_step`), the top-down code update, each block's closed-form local gradient
@@ -282,13 +289,14 @@ class AltMinLearner(BlockLearner):
         depend on the path, and the graph does not read the optimizer object, which torch.compile
         would guard by identity). ``scalars``: ``mu``, the code step sizes and each block's learning
         rate as one tensor, so that a new value needs no new graph. ``caps``: which hidden codes' step
-        caps may bind (:meth:`_code_caps`; a graph per pattern, which rarely changes). The same
-        arithmetic as the eager step (tested to float tolerance); new here."""
+        caps may bind (:meth:`_code_caps`; a graph per pattern, which rarely changes). ``solved``:
+        :meth:`_solved_state`. The same arithmetic as the eager step (tested to float tolerance); new
+        here."""
         with torch.no_grad():  # inside, so that the compiled frame is this function's own
-            return self._whole_step_no_grad(x, loss_fn, forward, scalars, caps, states)
+            return self._whole_step_no_grad(x, loss_fn, forward, scalars, caps, solved, states)
 
     def _whole_step_no_grad(self, x: torch.Tensor, loss_fn: LossFn, forward: tuple | None, scalars: torch.Tensor,
-                            caps: tuple[bool, ...], states: list) -> tuple:
+                            caps: tuple[bool, ...], solved: tuple, states: list) -> tuple:
         n_codes = len(self.blocks.hidden)
         codes, out = forward if forward is not None else self.blocks.forward_with_codes(x)
         loss = loss_fn(out)
@@ -312,7 +320,7 @@ class AltMinLearner(BlockLearner):
             for k, ((params, state), block_grads) in enumerate(zip(states, grads)):
                 adam_update_(params, block_grads, state, lr=scalars[1 + n_codes + k], beta1=beta1, beta2=beta2,
                              eps=self.adam_eps)
-        local += self._solved_blocks_fit(inputs, new_codes, codes)
+        local += self._solved_blocks_fit(inputs, new_codes, codes, solved)
         return loss, new_codes, local, _displacement(new_codes, codes), grads
 
     def _adam_params(self) -> list[torch.nn.Parameter]:

@@ -196,7 +196,7 @@ class AMMem(AltMinLearner):
                           loss_fn: LossFn, forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._output_admm is not None:
             self._fit_output_admm(inputs[len(self.blocks.hidden)], loss_fn)
-        local = self._solved_blocks_fit(inputs, targets, forward_codes)
+        local = self._solved_blocks_fit(inputs, targets, forward_codes, self._solved_state())
         self._count_samples(inputs[0].shape[0])
         return local
 
@@ -204,10 +204,12 @@ class AMMem(AltMinLearner):
         self.samples_seen += batch_size if self._parallel is None else self._parallel.batch_size
 
     def _solved_blocks_fit(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                           forward_codes: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each hidden layer's memories updated with its input and code, and its weights solved."""
+                           forward_codes: list[torch.Tensor], solved: tuple) -> list[torch.Tensor]:
+        """Each hidden layer's memories updated with its input and code, and its weights solved
+        (``solved``: the current memories and those the step writes)."""
         local = []
-        for block, (A_old, B_old), (A, Bm) in zip(self.blocks.hidden, self._memories, self._next_memories):
+        current, updated = solved
+        for block, (A_old, B_old), (A, Bm) in zip(self.blocks.hidden, current, updated):
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]
             with torch.no_grad():
                 a = block.pre(inputs[block.index]).flatten(1)
@@ -265,6 +267,9 @@ class AMMem(AltMinLearner):
     def _next_memories(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Where a step writes the updated memories (current once the step is committed)."""
         return self._memory_sets[1 - self._memory_parity]
+
+    def _solved_state(self) -> tuple:
+        return self._memories, self._next_memories
 
     def _commit_step(self) -> None:
         self._memory_parity ^= 1

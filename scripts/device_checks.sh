@@ -21,10 +21,10 @@ DEVICE="${DEVICE:-cuda}"
 PY="${PY:-python3}"
 # QUICK: a dry run of every step on a CPU in about 10 minutes (narrow networks stand for the wide ones)
 if [ -n "${QUICK:-}" ]; then
-    R=2; S=2; IT=2; DS=5; EP="--max-samples 2000"; WIDE="--hidden 256,256 --batch-size 256 --warmup 1"; FULL="--hidden 100,100"
+    R=2; S=2; IT=2; DS=5; SR=1; EP="--max-samples 2000"; WIDE="--hidden 256,256 --batch-size 256 --warmup 1"; FULL="--hidden 100,100"
     PROCS=1,2
 else
-    R=20; S=10; IT=200; DS=50; EP=""; WIDE="--hidden 4096,4096 --batch-size 2048"; FULL=""; PROCS=1,2,4,8
+    R=20; S=10; IT=200; DS=50; SR=7; EP=""; WIDE="--hidden 4096,4096 --batch-size 2048"; FULL=""; PROCS=1,2,4,8
 fi
 
 step() {  # step NAME COMMAND...: run, keep the output, never stop the script
@@ -47,10 +47,8 @@ step steps-b1 $PY scripts/bench.py --device "$DEVICE" --section steps --section 
     --learner am-adam --batch-size 1 --rounds $R --steps $S
 step steps-4096 $PY scripts/bench.py --device "$DEVICE" --section steps --section compiled \
     --learner am-adam --also none $WIDE --rounds $R --steps $S
-step compiled-locoprop-fw $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m,frank-wolfe \
-    --rounds $R --steps $S
-step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \
-    --rounds $R --steps $S
+# AM-mem's first-layer parts against the exact solve, and its memory update as one GEMM or as row panels
+step solve-parts $PY scripts/bench.py --device "$DEVICE" --section solve --solve-rounds $SR --solve-repeats 3
 # issue 16: data-parallel throughput on the machine's CPU cores, 1-8 gloo processes of one thread each
 step distributed-cpu $PY scripts/bench.py --section distributed --processes $PROCS --distributed-steps $DS \
     --distributed-learner backprop,am-adam,am-mem,locoprop-m --distributed-overlap
@@ -62,7 +60,12 @@ for mode in false true; do
             --epochs 1 $bn --device "$DEVICE" --compile $mode --quiet --logdir "$WORK/runs" $EP
     done
 done
-# 4. issue 13: dlADMM's reference protocol at 784-1000-1000-10 (backtracking and bound), both data sets
+# 4. issue 15: the other learners' compiled steps (after the issues' own lines: the least needed last)
+step compiled-locoprop-fw $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m,frank-wolfe \
+    --rounds $R --steps $S
+step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \
+    --rounds $R --steps $S
+# 5. issue 13: dlADMM's reference protocol at 784-1000-1000-10 (backtracking and bound), both data sets
 for ds in mnist fashion-mnist; do
     for run in "dladmm:preset=reference" "dladmm:preset=reference,step_size=bound" "gd:lr=0.1" "adam:lr=1e-3"; do
         name="full-$ds-$(echo "$run" | tr ':=,' '---')"

@@ -10,9 +10,10 @@ learner: a compiled learner saves what an eager one saves and loads it back.
 AM-Adam, AM-mem, LocoProp, backprop and Frank-Wolfe go further: from their second step (once the
 optimizer has made its state) the whole step is one function compiled without graph breaks
 (``fullgraph``), on CUDA one CUDA graph; it applies the optimizer's rule to the optimizer's own state
-(:mod:`amstream.optim.adam_update`, :func:`amstream.optim.frank_wolfe.frank_wolfe_update_`) and takes the step sizes as one tensor (:class:`StepScalars`), so
-that a schedule needs no recompilation. The state it updates in place is marked static
-(:func:`mark_static`), as parameters are, so that a CUDA graph updates it rather than being skipped.
+(:mod:`amstream.optim.adam_update`, :func:`amstream.optim.frank_wolfe.frank_wolfe_update_`) and takes
+the step sizes as one tensor (:class:`StepScalars`), so that a schedule needs no recompilation. The
+state it updates in place is marked static (:func:`mark_static`), as parameters are, so that a CUDA
+graph updates it rather than being skipped.
 
 Compilation happens at the first call of each function (tens of seconds on a CPU, where torch
 generates and builds C++ kernels) and again for each new input shape. Where a function cannot be

@@ -61,8 +61,8 @@ for mode in false true; do
     done
 done
 # 4. issue 15: the other learners' compiled steps (after the issues' own lines: the least needed last)
-step compiled-locoprop-fw $PY scripts/bench.py --device "$DEVICE" --section compiled --learner locoprop-s,locoprop-m,frank-wolfe \
-    --rounds $R --steps $S
+step compiled-locoprop-fw $PY scripts/bench.py --device "$DEVICE" --section compiled \
+    --learner locoprop-s,locoprop-m,frank-wolfe --rounds $R --steps $S
 step compiled-admm $PY scripts/bench.py --device "$DEVICE" --section compiled --learner admm-softmax,dladmm \
     --rounds $R --steps $S
 # 5. issue 13: dlADMM's reference protocol at 784-1000-1000-10 (backtracking and bound), both data sets

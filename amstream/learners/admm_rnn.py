@@ -206,7 +206,7 @@ class ADMMiRNN(Learner):
 
     # --------------------------------------------------------------------------------- the step
     def _whole_step_refusal(self) -> str | None:
-        return ("it tests convergence on the host between its compiled Newton steps (its other blocks run eagerly)")
+        return "it tests convergence on the host between its compiled Newton steps (its other blocks run eagerly)"
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         net: ElmanRNN = self.model

@@ -562,7 +562,7 @@ class ADMMSoftmax(Learner):
         return D, out  # the output's graph reaches the output layer only: the features are fixed
 
     def _whole_step_refusal(self) -> str | None:
-        return ("it tests convergence on the host between its compiled Newton steps and Armijo trials")
+        return "it tests convergence on the host between its compiled Newton steps and Armijo trials"
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         D = self._take_pending(x)

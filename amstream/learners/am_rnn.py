@@ -66,7 +66,8 @@ class AMRNN(Learner):
         self.optimizer = torch.optim.Adam(groups, lr=self.lr)
 
     def _whole_step_refusal(self) -> str | None:
-        return ("no whole-step graph is written for its unrolled codes yet (predict's forward pass is compiled, the step runs eagerly)")
+        return ("no whole-step graph is written for its unrolled codes yet (predict's forward pass is compiled, "
+                "the step runs eagerly)")
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         net: ElmanRNN = self.model

@@ -448,7 +448,8 @@ class DLADMM(Learner):
 
     # ------------------------------------------------------------------------------- streaming
     def _whole_step_refusal(self) -> str | None:
-        return ("it tests convergence on the host between its compiled updates (the b and z updates, the output layer's Newton steps)")
+        return ("it tests convergence on the host between its compiled updates (the b and z updates, the output "
+                "layer's Newton steps)")
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         pending = self._take_pending(x)

@@ -121,7 +121,8 @@ class FrankWolfeLearner(Learner):
         positions = [inner_position(self.optimizer.state[g["params"][0]]["step"], g["inner_steps"]) for g in groups]
         # each group's inner step and rule settings are fixed per graph (T graphs at most); its
         # learning rate and Adam step number are inputs
-        rules = tuple((k, g["inner_steps"], g["faithful"], g["betas"], g["eps"]) for (k, _), g in zip(positions, groups))
+        rules = tuple((k, g["inner_steps"], g["faithful"], g["betas"], g["eps"])
+                      for (k, _), g in zip(positions, groups))
         scalars = self._step_scalars.get([g["lr"] for g in groups] + [step for _, step in positions], self._params[0])
         return parameter_names(self.model, [g["params"] for g in groups]), rules, scalars, states
 

@@ -150,7 +150,8 @@ class _LowRankLearner(Learner):
         return (captured, out), out
 
     def _whole_step_refusal(self) -> str | None:
-        return ("its step reads each layer's rows through forward hooks and autograd (predict's forward pass is compiled, the step runs eagerly)")
+        return ("its step reads each layer's rows through forward hooks and autograd (predict's forward pass is "
+                "compiled, the step runs eagerly)")
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         pending = self._take_pending(x)

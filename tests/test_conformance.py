@@ -4,8 +4,9 @@ Generated from ``amstream.LEARNERS`` and each class's ``conformance_cases`` (``l
 so a learner registered later is checked with no edit here: exact resume, same seed same
 trajectory, learning on real data, graph-free prediction, bad input refused with the state
 unchanged, rollback of non-finite steps, batch size one, a custom loss, independent copies of a
-state, buffered samples kept by checkpoints, the strategy's forward pass reused by the step, the
-declared hyperparameters, CPU/GPU agreement.
+state loaded into the learner's own tensors, frozen layers held, buffered samples kept by
+checkpoints, the strategy's forward pass reused by the step, the declared hyperparameters, whether
+compile=True captures the step, CPU/GPU agreement.
 """
 from __future__ import annotations
 
@@ -274,6 +275,27 @@ def test_compile_says_whether_the_whole_step_is_one_graph(name):
     compiled tests check that it does) or has the sentence it says once, at its first step."""
     reason = CASES[name].make(compile=True)._whole_step_refusal()
     assert reason is None or (isinstance(reason, str) and len(reason.split()) >= 4), reason
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_frozen_layer_stays_as_it_is(name, digits):
+    """``requires_grad_(False)`` freezes a layer, as in torch: after the first layer is frozen mid-stream,
+    the learner goes on training the others and leaves it exactly as it was."""
+    case = CASES[name]
+    learner = case.make()
+    steps = data(case, digits[0], n=5)
+    for x, y in steps[:2]:
+        learner.learn(x, y)
+    first = next(m for m in learner.model.modules() if any(True for _ in m.parameters(recurse=False)))
+    frozen = {n: p.detach().clone() for n, p in first.named_parameters(recurse=False)}
+    others = [p.detach().clone() for p in learner.model.parameters() if all(p is not q for q in first.parameters())]
+    first.requires_grad_(False)
+    for x, y in steps[2:]:
+        assert not learner.learn(x, y).rolled_back
+    for n, p in first.named_parameters(recurse=False):
+        assert torch.equal(p, frozen[n]), f"the frozen {type(first).__name__}.{n} changed"
+    rest = [p for p in learner.model.parameters() if all(p is not q for q in first.parameters())]
+    assert any(not torch.equal(p, q) for p, q in zip(rest, others)), "nothing else trained"
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -32,7 +32,8 @@ from ..stream import StreamingMixin
 from ..utils import eval_mode, resolve_device
 from ..validation import InputSpec, is_classification_criterion
 from .groups import named_parameter_groups, sync_groups_
-from .state import Snapshot, all_finite, check_model_state, clone_tensors, load_optimizer_state_, optimizer_tensors
+from .state import (FrozenParameters, Snapshot, all_finite, check_model_state, clone_tensors, load_optimizer_state_,
+                    optimizer_tensors)
 
 __all__ = ["Learner", "StepInfo", "NonFiniteStepError", "LossFn", "Penalty", "fused_kwargs"]
 
@@ -508,8 +509,12 @@ class Learner(StreamingMixin, abc.ABC):
         tensors, opt_keys = self._guarded_tensors()
         self._snapshot.take(tensors)
         counters = {name: getattr(self, name) for name in self._counters}
+        frozen = [p for p in self._params if not p.requires_grad]
+        held = FrozenParameters(frozen, self.optimizers()) if frozen else None
         try:
             info = self._step(x, loss_fn, penalty)
+            if held is not None:
+                held.restore()
             finite = all_finite(self._check_tensors(info))
             if self._parallel is not None:  # one rank's NaN rolls the step back on every rank
                 finite = self._parallel.all_true(finite, self.device)

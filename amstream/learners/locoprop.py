@@ -38,6 +38,7 @@ from ..optim.adam_update import adam_update_
 from .base import LossFn, Penalty, StepInfo, fused_kwargs
 from .blockwise import BlockLearner
 from .penalty import add_penalty_grads_, frozen_penalty
+from .state import gradients_or_zeros
 
 __all__ = ["LocoProp", "LocoPropS", "LOCAL_OPTIMIZERS"]
 
@@ -215,7 +216,7 @@ class LocoProp(BlockLearner):
         inputs, pre_acts, out = pending if pending is not None else self._forward_graph(x)
         loss = loss_fn(out)
         # a penalty given as a tensor may reach back through this pass (LwF): keep its graph
-        grads = torch.autograd.grad(loss, pre_acts, retain_graph=penalty is not None and not callable(penalty))
+        grads = gradients_or_zeros(loss, pre_acts, retain_graph=penalty is not None and not callable(penalty))
         with torch.no_grad():
             inputs = [t.detach() for t in inputs]
             pre_acts = [t.detach() for t in pre_acts]
@@ -361,8 +362,9 @@ class LocoProp(BlockLearner):
         with torch.enable_grad(), frozen_batchnorm_stats(self.model):  # Conv, BatchNorm: autograd
             a = block.lin(inp)
             r = (fn(a) - target).detach()
-            params = [p for p in block.lin.parameters() if p.requires_grad]
-            local = torch.autograd.grad(a, params, grad_outputs=r * self._local_grad_scale, allow_unused=True)
+            params = [p for p in block.lin.parameters() if p.requires_grad]  # none: a frozen block
+            local = torch.autograd.grad(a, params, grad_outputs=r * self._local_grad_scale,
+                                        allow_unused=True) if params else ()
         for p, g in zip(params, local):
             p.grad = g
         return torch.linalg.vector_norm(r)

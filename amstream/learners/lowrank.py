@@ -41,6 +41,7 @@ from torch import nn
 from ..hparams import HParam
 from .base import Learner, LossFn, Penalty, StepInfo
 from .penalty import add_penalty_grads_
+from .state import gradients_or_zeros
 
 __all__ = ["SBE", "SBPCA"]
 
@@ -161,8 +162,8 @@ class _LowRankLearner(Learner):
         others = [p for p in self._params if p.requires_grad and id(p) not in low]
         calls = [(layer, estimate, inp, output) for layer, estimate in zip(self._layers, self._estimates)
                  for inp, output in captured[layer]]
-        grads = torch.autograd.grad(loss, [c[3] for c in calls] + others, allow_unused=True,
-                                    retain_graph=penalty is not None and not callable(penalty))
+        grads = gradients_or_zeros(loss, [c[3] for c in calls] + others, allow_unused=True,
+                                   retain_graph=penalty is not None and not callable(penalty))
         explained = []
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -19,7 +19,8 @@ from torch import nn
 
 _SHAPE = operator.attrgetter("shape")
 
-__all__ = ["Snapshot", "all_finite", "clone_tensors", "optimizer_tensors", "check_model_state", "load_optimizer_state_"]
+__all__ = ["FrozenParameters", "Snapshot", "gradients_or_zeros", "all_finite", "clone_tensors", "optimizer_tensors", "check_model_state",
+           "load_optimizer_state_"]
 
 
 def clone_tensors(obj):
@@ -95,6 +96,47 @@ def check_model_state(model: nn.Module, state: Mapping) -> None:
 
 def _first(items: list[str], n: int = 6) -> list[str]:
     return items[:n] + ([f"... ({len(items) - n} more)"] if len(items) > n else [])
+
+
+def gradients_or_zeros(loss: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False,
+                       allow_unused: bool = False) -> list[torch.Tensor | None]:
+    """``torch.autograd.grad(loss, tensors)``, with zeros for the tensors outside the graph: a layer's
+    output when it and everything before it are frozen (``requires_grad_(False)``) has no gradient
+    to give, and its layer is held as it is anyway (:class:`FrozenParameters`)."""
+    live = [i for i, t in enumerate(tensors) if t.requires_grad]
+    found = torch.autograd.grad(loss, [tensors[i] for i in live], retain_graph=retain_graph,
+                                allow_unused=allow_unused) if live else ()
+    grads: list[torch.Tensor | None] = [torch.zeros_like(t) for t in tensors]
+    for i, g in zip(live, found):
+        grads[i] = g
+    return grads
+
+
+class FrozenParameters:
+    """Parameters frozen with ``requires_grad_(False)``, held as they are across a step: their values
+    and their optimizer state are copied before it and put back after it, and state the step gave
+    them is dropped. Torch's optimizers skip a parameter without a gradient; alternating
+    minimization, LocoProp, the low-rank writes and the ADMM solves fit each layer by rules of their
+    own, so the learner enforces the freeze for all of them in one place (new here)."""
+
+    @torch.no_grad()
+    def __init__(self, params: list[torch.Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+        self._params = params
+        self._optimizers = optimizers
+        self._had_state = [[p in opt.state for p in params] for opt in optimizers]
+        self._tensors = list(params) + [v for opt in optimizers for p in params
+                                        for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        self._values = [t.clone() for t in self._tensors]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self._tensors, self._values)
+        for opt, had in zip(self._optimizers, self._had_state):
+            for p, h in zip(self._params, had):
+                if not h and p in opt.state:
+                    del opt.state[p]
+                if p.grad is not None:  # a rule that wrote one: a frozen parameter has no gradient
+                    p.grad = None
 
 
 class Snapshot:

@@ -278,6 +278,23 @@ def test_compile_says_whether_the_whole_step_is_one_graph(name):
 
 
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_step_inside_a_no_grad_block_is_the_same_step(name, mode, digits):
+    """Learning inside ``torch.no_grad()`` or ``torch.inference_mode()`` (an evaluation or an acting
+    loop, with the batch made there) takes the very step taken outside it."""
+    case = CASES[name]
+    steps = data(case, digits[0], n=2)
+    inside, outside = case.make(), case.make()
+    for learner in (inside, outside):
+        learner.learn(*steps[0])
+    with getattr(torch, mode)():
+        x, y = (t.clone() for t in steps[1])
+        inside.learn(x, y)
+    outside.learn(*steps[1])
+    assert_same_state(snapshot(outside), snapshot(inside))
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_a_frozen_layer_stays_as_it_is(name, digits):
     """``requires_grad_(False)`` freezes a layer, as in torch: after the first layer is frozen mid-stream,
     the learner goes on training the others and leaves it exactly as it was."""

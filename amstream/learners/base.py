@@ -14,6 +14,7 @@ available everywhere by one line in :data:`amstream.LEARNERS`.
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import time
 import warnings
@@ -56,6 +57,26 @@ def fused_kwargs(optimizer: type, params) -> dict:
     params = list(params)
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok and params else {}
+
+
+def autograd_of_its_own(method: Callable) -> Callable:
+    """A learner's step runs with autograd on, whatever the caller's mode: inside ``torch.no_grad()``
+    or ``torch.inference_mode()`` (an evaluation or an acting loop) a step would otherwise fail in
+    some rules and not others, since each manages its own graphs (as a torch optimizer's
+    ``step(closure)`` turns gradients on for its closure). Tensors made in inference mode are
+    cloned first, as autograd cannot record them (new here)."""
+
+    @functools.wraps(method)
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return method(self, *args, **kwargs)
+        with torch.inference_mode(False), torch.enable_grad():
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args)
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+                      for k, v in kwargs.items()}
+            return method(self, *args, **kwargs)
+
+    return step
 
 
 class NonFiniteStepError(RuntimeError):
@@ -361,6 +382,7 @@ class Learner(StreamingMixin, abc.ABC):
         """Hook for subclasses that cache views of the layers."""
 
     # ---------------------------------------------------------------------------------- the verbs
+    @autograd_of_its_own
     def step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         """One update on a batch ``x`` of shape ``(B, *sample_shape)`` for the loss ``loss_fn(output)``.
 
@@ -377,6 +399,7 @@ class Learner(StreamingMixin, abc.ABC):
             self._agree_on_batch(x)
         return self._guarded_step(x, loss_fn, penalty)
 
+    @autograd_of_its_own
     def learn(self, x: torch.Tensor, y: torch.Tensor, penalty: Penalty = None) -> StepInfo:
         """``step(x, lambda out: criterion(out, y), penalty)`` after checking the targets.
 

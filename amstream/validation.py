@@ -118,15 +118,18 @@ class InputSpec:
 
     # ---------------------------------------------------------------------------- the one pass
     def check(self, x: object, y: object = None, *, training: bool, classification: bool = False,
-              validate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+              validate: bool = True, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x, y)`` on the learner's device, after every check; raises :class:`InputError`.
 
-        With ``validate=False`` the batch is only moved to the device.
+        ``dtype``: the model's floating dtype, which floating inputs and regression targets are
+        converted to (a float64 array from numpy for a float32 model, as river and scikit-learn take
+        it; torch's own layers would refuse the mix deep inside a step). With ``validate=False`` the
+        batch is only moved to the device and converted.
         """
         if isinstance(x, torch.Tensor):
-            x = x.to(self.device, non_blocking=True)
+            x = x.to(self.device, dtype if dtype is not None and x.is_floating_point() else None, non_blocking=True)
         if isinstance(y, torch.Tensor):
-            y = y.to(self.device, non_blocking=True)
+            y = y.to(self.device, dtype if dtype is not None and y.is_floating_point() else None, non_blocking=True)
         if not validate:
             return x, y  # type: ignore[return-value]
         self.pending = None

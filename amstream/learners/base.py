@@ -478,8 +478,10 @@ class Learner(StreamingMixin, abc.ABC):
 
     # ------------------------------------------------------------------------------ the guard
     def _check(self, x, y, *, training: bool):
+        dtype = self._params[0].dtype
         return self.inputs.check(x, y, training=training, validate=self.validate,
-                                 classification=is_classification_criterion(self.criterion))
+                                 classification=is_classification_criterion(self.criterion),
+                                 dtype=dtype if dtype.is_floating_point else None)
 
     def _check_training(self, x, y):
         """:meth:`_check` of a training batch; a data-parallel learner's ranks then agree on it

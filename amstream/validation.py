@@ -26,6 +26,10 @@ from torch import nn
 __all__ = ["InputError", "InputSpec", "is_classification_criterion"]
 
 
+#: integer label types converted to torch.long (the type every torch classification loss takes)
+_NARROW_INTEGERS = (torch.int8, torch.uint8, torch.int16, torch.int32)
+
+
 class InputError(ValueError):
     """A batch, a sample or a label was rejected; the learner's state is unchanged."""
 
@@ -123,13 +127,16 @@ class InputSpec:
 
         ``dtype``: the model's floating dtype, which floating inputs and regression targets are
         converted to (a float64 array from numpy for a float32 model, as river and scikit-learn take
-        it; torch's own layers would refuse the mix deep inside a step). With ``validate=False`` the
-        batch is only moved to the device and converted.
+        it; torch's own layers would refuse the mix deep inside a step). Class labels in a narrower
+        integer type become ``torch.long``. With ``validate=False`` the batch is only moved to the
+        device and converted.
         """
         if isinstance(x, torch.Tensor):
             x = x.to(self.device, dtype if dtype is not None and x.is_floating_point() else None, non_blocking=True)
         if isinstance(y, torch.Tensor):
             y = y.to(self.device, dtype if dtype is not None and y.is_floating_point() else None, non_blocking=True)
+            if classification and y.dtype in _NARROW_INTEGERS:  # numpy's int32, raw uint8 image labels
+                y = y.long()
         if not validate:
             return x, y  # type: ignore[return-value]
         self.pending = None

@@ -278,20 +278,24 @@ def test_compile_says_whether_the_whole_step_is_one_graph(name):
 
 
 @pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("form", ["float64", "strided", "requires_grad"])
+@pytest.mark.parametrize("form", ["float64", "strided", "requires_grad", "int32 labels", "uint8 labels"])
 def test_a_batch_in_another_form_takes_the_same_step(name, form, digits):
     """A float64 batch (numpy's default) for a float32 model is converted, as river and scikit-learn
-    take it; a strided view or a batch that requires grad is the same batch: the same step, the same
+    take it, and so are class labels in a narrower integer type (numpy's int32, raw uint8 image
+    labels); a strided view or a batch that requires grad is the same batch: the same step, the same
     predictions."""
     case = CASES[name]
     steps = data(case, digits[0], n=2)
     x, y = steps[1]
-    other = {"float64": lambda: x.double(), "strided": lambda: torch.stack([x, x], dim=1)[:, 0],
-             "requires_grad": lambda: x.clone().requires_grad_(True)}[form]()
+    other, other_y = {
+        "float64": lambda: (x.double(), y), "strided": lambda: (torch.stack([x, x], dim=1)[:, 0], y),
+        "requires_grad": lambda: (x.clone().requires_grad_(True), y),
+        "int32 labels": lambda: (x, y.int()), "uint8 labels": lambda: (x, y.to(torch.uint8)),
+    }[form]()
     given, plain = case.make(), case.make()
     for learner in (given, plain):
         learner.learn(*steps[0])
-    given.learn(other, y)
+    given.learn(other, other_y)
     plain.learn(x, y)
     assert_same_state(snapshot(plain), snapshot(given))
     torch.testing.assert_close(given.predict(other), plain.predict(x), rtol=0, atol=0)

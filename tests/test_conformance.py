@@ -221,6 +221,25 @@ def test_step_takes_a_custom_loss(name, digits):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_a_loss_that_is_not_one_number_is_refused(name, digits):
+    """A per-sample loss (``reduction="none"``) is refused with an error that says to reduce it, and
+    the learner is left as it was."""
+    case = CASES[name]
+    learner = case.make()
+    steps = data(case, digits[0], n=2)
+    learner.learn(*steps[0])
+    before = snapshot(learner)
+    x, y = steps[1]
+
+    def per_sample(out):
+        return F.cross_entropy(out.flatten(0, -2) if out.dim() > 2 else out, y.flatten(), reduction="none")
+
+    with pytest.raises(InputError, match=r"one number.*\.mean\(\)"):
+        learner.step(x, per_sample)
+    assert_same_state(before, learner.state_dict())
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_a_learner_loaded_from_a_live_state_is_independent(name, digits):
     """``b.load_state_dict(a.state_dict())`` copies, as ``nn.Module.load_state_dict`` does: after one
     more step of each, each is where it would be alone (no shared optimizer moments or memories)."""

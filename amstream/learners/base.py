@@ -31,7 +31,7 @@ from ..functional import CriterionLoss
 from ..optim.adam_update import adam_state
 from ..stream import StreamingMixin
 from ..utils import eval_mode, resolve_device
-from ..validation import InputSpec, is_classification_criterion
+from ..validation import InputError, InputSpec, is_classification_criterion
 from .groups import named_parameter_groups, sync_groups_
 from .state import (FrozenParameters, Snapshot, all_finite, check_model_state, clone_tensors, load_optimizer_state_,
                     optimizer_tensors)
@@ -77,6 +77,23 @@ def autograd_of_its_own(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return step
+
+
+class ScalarLoss:
+    """A caller's loss function, checked to give one number for the batch: a per-sample loss
+    (``reduction="none"``) would otherwise fail deep inside a step with autograd's or a solver's own
+    error, different for each learner. The step's guard undoes anything done before the check."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        loss = self.fn(out)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise InputError(f"loss_fn must return the batch's loss as one number (a 0-dim tensor), got {got}; "
+                             "reduce a per-sample loss, e.g. with .mean()")
+        return loss
 
 
 class NonFiniteStepError(RuntimeError):
@@ -397,6 +414,8 @@ class Learner(StreamingMixin, abc.ABC):
             x, _ = self._check_training(x, None)
         elif self._parallel is not None:
             self._agree_on_batch(x)
+        if getattr(loss_fn, "gradient", None) is None:  # not one of amstream's closed-form losses
+            loss_fn = ScalarLoss(loss_fn)
         return self._guarded_step(x, loss_fn, penalty)
 
     @autograd_of_its_own

@@ -94,7 +94,11 @@ class StreamingMixin:
             return torch.tensor(int(y), dtype=torch.long)
         if isinstance(y, (float, np.floating)):
             return torch.tensor(float(y), dtype=torch.float32)
-        return torch.as_tensor(np.asarray(y))
+        array = np.asarray(y)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):  # a class name, None
+            raise InputError(f"label must be a class index or a number, got {y!r}: map class names to indices "
+                             "first (for example {'DOWN': 0, 'UP': 1})")
+        return torch.as_tensor(array)
 
     # ------------------------------------------------------------------------------------ verbs
     def learn_one(self, x: object, y: object) -> None:

@@ -235,6 +235,8 @@ def test_numeric_strings_are_rejected(bad):
     pytest.param(1.0, id="float"),
     pytest.param(10, id="out-of-range"),
     pytest.param(-1, id="negative"),
+    pytest.param("UP", id="class-name"),
+    pytest.param(None, id="none"),
 ])
 def test_bad_label_is_rejected(label, flat):
     X, _ = flat

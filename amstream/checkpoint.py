@@ -48,8 +48,14 @@ def _restore_rng_state(state: dict) -> None:
 def atomic_save(payload: object, path: str | os.PathLike) -> Path:
     """``torch.save(payload)`` to a temporary file beside ``path``, synced, then renamed over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a directory; give the file's name, for "
+                              f"example {path / 'checkpoint.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only place, a file where a folder should be
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err} (in {path.parent})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file

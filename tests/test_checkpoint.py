@@ -94,6 +94,18 @@ def test_save_creates_missing_parent_folders(digits, tmp_path):
     assert_same_state(learner.state_dict(), target.state_dict())
 
 
+def test_a_place_that_cannot_hold_the_file_is_a_checkpoint_error(digits, tmp_path):
+    """A folder given as the path, or a file where a folder should be, is said plainly, and nothing
+    is left behind."""
+    learner = trained("backprop", digits, n_batches=1)
+    with pytest.raises(CheckpointError, match="it is a directory; give the file's name"):
+        save_checkpoint(tmp_path, learner)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*a_file/ck\.pt"):
+        save_checkpoint(tmp_path / "a_file" / "ck.pt", learner)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_save_overwrites_an_existing_checkpoint(digits, tmp_path):
     learner = trained("am-adam", digits, n_batches=1)
     path = tmp_path / "ck.pt"

@@ -192,6 +192,9 @@ class DQNAgent:
         obs = np.asarray(obs, dtype=np.float32)
         single = obs.shape == self.obs_shape
         batch = obs[None] if single else obs
+        if batch.shape[1:] != self.obs_shape:
+            raise ValueError(f"observations must have shape {self.obs_shape} (one) or (batch, "
+                             f"{', '.join(map(str, self.obs_shape))}), got {obs.shape}")
         actions = self._act(batch, 0.0 if deterministic else self.epsilon())
         return actions[0] if single else actions
 

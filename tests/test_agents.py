@@ -224,6 +224,15 @@ def test_bad_environments_and_networks_are_clear_errors():
         DQNAgent("CartPole-v1", wrong_output, device="cpu")
 
 
+def test_predict_says_which_observation_shape_it_takes():
+    agent = DQNAgent("CartPole-v1", device="cpu")
+    assert agent.predict([0.0, 0.1, 0.0, 0.1]) in (0, 1)
+    assert agent.predict([[0.0, 0.1, 0.0, 0.1]] * 3).shape == (3,)
+    for wrong in ([0.0, 0.1], [[0.0, 0.1, 0.0]] * 2, 0.5):
+        with pytest.raises(ValueError, match=r"observations must have shape \(4,\) \(one\) or \(batch, 4\)"):
+            agent.predict(wrong)
+
+
 def test_dict_observations_are_refused():
     class DictObs(Counter):
         def __init__(self):

@@ -417,6 +417,21 @@ def test_hyperparameters_are_declared_once_and_round_trip(name):
         case.make(not_a_hyperparameter=1)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_a_learning_rate_assigned_after_construction_is_refused(name):
+    """A learning-rate hyperparameter is the rate the parameter groups started from: assigning it
+    later would change no step while ``hparams()`` reported it, so it is refused with where the rate
+    lives (``param_groups``), and the learner is unchanged."""
+    case = CASES[name]
+    learner = case.make()
+    rates = [n for n, h in case.cls.defaults.items() if h.learning_rate]
+    for rate in rates:
+        before = getattr(learner, rate)
+        with pytest.raises(AttributeError, match="param_groups"):
+            setattr(learner, rate, 0.5)
+        assert getattr(learner, rate) == before == learner.hparams()[rate]
+
+
 def invalid_values(h) -> list:
     """Values that the declaration ``h`` refuses: outside its range, not among its choices."""
     from amstream.hparams import parse_interval

@@ -96,6 +96,26 @@ class ScalarLoss:
         return loss
 
 
+def _initial_learning_rate(name: str) -> property:
+    """A learning-rate hyperparameter as a read-only attribute: it is the rate the learner's parameter
+    groups started from, and assigning it later would change nothing the steps read (while
+    ``hparams()`` and the logs reported the new value). The value lives in the instance's
+    ``__dict__``, where the constructor puts every hyperparameter."""
+
+    def read(self) -> Any:
+        try:
+            return self.__dict__[name]
+        except KeyError:  # a subclass that does not declare it
+            raise AttributeError(f"{type(self).__name__} has no hyperparameter {name!r}") from None
+
+    def refuse(self, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__}.{name} is the learning rate its parameter groups started from, "
+                             "set at construction: change the rate through learner.param_groups (each group's "
+                             "'lr', as torch's schedulers do), or build a new learner")
+
+    return property(read, refuse, doc=f"the initial learning rate ``{name}`` (read-only; see ``param_groups``)")
+
+
 class NonFiniteStepError(RuntimeError):
     """A step produced NaN/Inf weights, codes or losses; it was rolled back before this was raised."""
 
@@ -182,6 +202,9 @@ class Learner(StreamingMixin, abc.ABC):
         clashes = sorted(reserved & set(cls.defaults))
         if clashes:
             raise TypeError(f"{cls.__name__}.defaults declares reserved names {clashes}")
+        for name, declared in cls.defaults.items():
+            if declared.learning_rate and name not in cls.__dict__:
+                setattr(cls, name, _initial_learning_rate(name))
         cls.__signature__ = hp.signature(_COMMON, cls.defaults)
         if cls.__doc__ and "Hyperparameters (declared" not in cls.__doc__ and cls.defaults:
             cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\n" + hp.docstring(cls.defaults)

@@ -133,11 +133,18 @@ class StreamingMixin:
         self._buffer_x, self._buffer_y = [], []
 
     def learn_many(self, X: object, y: object) -> None:
-        """Learn from a batch given as a tensor/array of samples and their labels."""
-        if not isinstance(X, torch.Tensor):
+        """Learn from a batch given as a tensor, an array or a list of samples (dicts included, as
+        ``learn_one`` takes them) and their labels."""
+        if isinstance(X, (list, tuple)) and X and isinstance(X[0], dict):
+            X = torch.stack([self._as_sample(x) for x in X])
+        elif not isinstance(X, torch.Tensor):
             tokens = self.inputs.vocab_size is not None
-            X = torch.as_tensor(np.asarray(X, dtype=np.int64 if tokens else np.float32))
-        y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+            try:
+                X = torch.as_tensor(np.asarray(X, dtype=np.int64 if tokens else np.float32))
+            except (TypeError, ValueError) as err:
+                raise InputError(f"samples must be numbers: {err}") from None
+        if not isinstance(y, torch.Tensor):
+            y = torch.stack([self._as_label(v) for v in y]) if isinstance(y, (list, tuple)) else self._as_label(y)
         self.learn(X, y)
 
     def predict_proba_one(self, x: object) -> dict[int, float] | list[dict[int, float]]:

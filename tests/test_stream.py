@@ -390,9 +390,23 @@ def test_learn_many_numpy_equals_learn_tensor(name, flat):
     c = make(name)
     c.learn_many(X[0:10].tolist(), y[0:10].tolist())
     c.learn_many(X[10:32].numpy().astype(np.float64), [int(v) for v in y[10:32]])
-    assert a.step_count == b.step_count == c.step_count == 2
+    d = make(name)  # dict samples, as learn_one takes them, and numpy's int32 labels
+    for s in (slice(0, 10), slice(10, 32)):
+        d.learn_many([{f"f{j}": float(v) for j, v in enumerate(row)} for row in X[s]], y[s].numpy().astype(np.int32))
+    assert a.step_count == b.step_count == c.step_count == d.step_count == 2
     assert_same_weights(b.state_dict(), a.state_dict())
     assert_same_weights(b.state_dict(), c.state_dict())
+    assert_same_weights(b.state_dict(), d.state_dict())
+
+
+def test_learn_many_refuses_what_is_not_numbers(flat):
+    X, y = flat
+    learner = make("backprop")
+    with pytest.raises(InputError, match="samples must be numbers"):
+        learner.learn_many([["a"] * X.shape[1]] * 2, [0, 1])
+    with pytest.raises(InputError, match="map class names to indices"):
+        learner.learn_many(X[:2].numpy(), ["UP", "DOWN"])
+    assert learner.step_count == 0
 
 
 # ------------------------------------------------------------------------------ BatchNorm

@@ -151,11 +151,12 @@ def _adam(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs:
     as gradients."""
     beta1, beta2 = betas
     bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+    traced = isinstance(lr, torch.Tensor) or isinstance(step, torch.Tensor)  # addcdiv_ takes a number only
     for p, m, v, d in zip(params, exp_avgs, exp_avg_sqs, directions):
         m.lerp_(d, 1 - beta1)
         v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
         denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
-        if isinstance(lr, torch.Tensor) or isinstance(step, torch.Tensor):
+        if traced:
             p.sub_(m / denom * (lr / bias1))
         else:
             p.addcdiv_(m, denom, value=-lr / bias1)

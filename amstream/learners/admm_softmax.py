@@ -482,7 +482,7 @@ class ADMMSoftmax(Learner):
         self.features = self.model[:-1] if isinstance(self.model, nn.Sequential) else nn.Identity()
         self.optimizer = ParameterGroups([{"name": name, "params": params, "lr": 0.0}
                                           for name, params in self._named_groups()])
-        self.memory_dtype = self.memory_dtype or self.output_layer.weight.dtype
+        self._settle_hyperparameter("memory_dtype", self.memory_dtype or self.output_layer.weight.dtype)
         n = self.output_layer.in_features + (self.output_layer.bias is not None)
         self.admm = StreamingSoftmaxADMM(
             n, self.output_layer.out_features, dtype=self.memory_dtype, device=self.device,

@@ -95,7 +95,7 @@ class AMMem(AltMinLearner):
     def __init__(self, model: nn.Module, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self._check_hidden_blocks()
-        self.memory_dtype = self.memory_dtype or next(self.model.parameters()).dtype
+        self._settle_hyperparameter("memory_dtype", self.memory_dtype or next(self.model.parameters()).dtype)
         memories: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in self.blocks.hidden:
             layer: nn.Linear = block.weight_layer  # type: ignore[assignment]

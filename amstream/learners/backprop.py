@@ -67,9 +67,12 @@ class Backprop(Learner):
         "elman": {"model": "elman", "kwargs": {"lr": 3e-3}},
     }
 
+    #: the torch optimizer; the constructor receives the declared choice here and replaces it with the
+    #: optimizer it names (so this hyperparameter is not a read-only attribute, as the others are)
+    optimizer: torch.optim.Optimizer | None = None
+
     def __init__(self, model: nn.Module, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        # self.optimizer holds the declared choice until it is replaced by the optimizer it names
         groups = [{"params": params, "name": name} for name, params in self._named_groups()]
         kw = dict(self.optimizer_kwargs or {})
         choice = self.optimizer

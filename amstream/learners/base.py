@@ -96,11 +96,16 @@ class ScalarLoss:
         return loss
 
 
-def _initial_learning_rate(name: str) -> property:
-    """A learning-rate hyperparameter as a read-only attribute: it is the rate the learner's parameter
-    groups started from, and assigning it later would change nothing the steps read (while
-    ``hparams()`` and the logs reported the new value). The value lives in the instance's
-    ``__dict__``, where the constructor puts every hyperparameter."""
+class _FixedHyperparameter(property):
+    """A declared hyperparameter as a read-only attribute (see :func:`_fixed_hyperparameter`)."""
+
+
+def _fixed_hyperparameter(name: str, learning_rate: bool) -> property:
+    """A declared hyperparameter as a read-only attribute. The constructor built the learner from it
+    (its parameter groups, memories, compiled graphs, the sizes of its buffers), and ``hparams()``,
+    the logs and the run tables report it: an assignment after construction would change what they
+    report and, for many hyperparameters, nothing that a step reads. The value lives in the
+    instance's ``__dict__``, where the constructor puts every hyperparameter."""
 
     def read(self) -> Any:
         try:
@@ -109,11 +114,18 @@ def _initial_learning_rate(name: str) -> property:
             raise AttributeError(f"{type(self).__name__} has no hyperparameter {name!r}") from None
 
     def refuse(self, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__}.{name} is the learning rate its parameter groups started from, "
-                             "set at construction: change the rate through learner.param_groups (each group's "
-                             "'lr', as torch's schedulers do), or build a new learner")
+        owner = type(self).__name__
+        if learning_rate:
+            raise AttributeError(f"{owner}.{name} is the learning rate its parameter groups started from, "
+                                 "set at construction: change the rate through learner.param_groups (each group's "
+                                 "'lr', as torch's schedulers do), or build a new learner")
+        raise AttributeError(f"{owner}.{name} is a hyperparameter, set at construction (the learner was built "
+                             "from it, and hparams() and the logs report it): build a new learner with the new "
+                             f"value, e.g. {owner}(model, **{{**learner.hparams(), {name!r}: value}})")
 
-    return property(read, refuse, doc=f"the initial learning rate ``{name}`` (read-only; see ``param_groups``)")
+    what = "the initial learning rate" if learning_rate else "the hyperparameter"
+    see = "; see ``param_groups``" if learning_rate else ""
+    return _FixedHyperparameter(read, refuse, doc=f"{what} ``{name}`` (read-only{see})")
 
 
 class NonFiniteStepError(RuntimeError):
@@ -202,9 +214,11 @@ class Learner(StreamingMixin, abc.ABC):
         clashes = sorted(reserved & set(cls.defaults))
         if clashes:
             raise TypeError(f"{cls.__name__}.defaults declares reserved names {clashes}")
+        # ... and a read-only one: only the constructor sets it (a class may define its own property)
         for name, declared in cls.defaults.items():
-            if declared.learning_rate and name not in cls.__dict__:
-                setattr(cls, name, _initial_learning_rate(name))
+            existing = inspect.getattr_static(cls, name, _FixedHyperparameter)
+            if existing is _FixedHyperparameter or isinstance(existing, _FixedHyperparameter):
+                setattr(cls, name, _fixed_hyperparameter(name, declared.learning_rate))
         cls.__signature__ = hp.signature(_COMMON, cls.defaults)
         if cls.__doc__ and "Hyperparameters (declared" not in cls.__doc__ and cls.defaults:
             cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n\n" + hp.docstring(cls.defaults)
@@ -388,6 +402,11 @@ class Learner(StreamingMixin, abc.ABC):
     def n_outputs(self) -> int | None:
         """The model's number of outputs (classes), once the input shape is fixed."""
         return self.inputs.n_outputs
+
+    def _settle_hyperparameter(self, name: str, value: Any) -> None:
+        """For a constructor only: fill in a hyperparameter whose default depends on the model (the
+        memories' dtype from the weights'), so that ``hparams()`` reports what the learner uses."""
+        self.__dict__[name] = value
 
     def hparams(self) -> dict:
         """The learner's hyperparameters (for logs and run tables): every declared one, by name."""

@@ -34,6 +34,32 @@ def test_newton_z_step_equals_lbfgs(rho):
     assert (torch.softmax(Z, 1) - Y + rho * (Z - V)).abs().max() < 1e-9
 
 
+def test_float32_newton_takes_the_steps_that_rounding_cannot_resolve_without_halving_them():
+    """Near the optimum a row's cross-entropy is the small difference of two terms of the logits' size,
+    and its Newton decrease is below their rounding. Such a step is taken at once (the Armijo test's
+    slack is the rounding of the terms, not of the small objective); halving it up to 30 times
+    gained nothing and cost dlADMM's streaming step a third of its time (BENCHMARKS.md, section 10).
+    The solution is the float64 one to float32's precision."""
+    from amstream.learners.admm_softmax import armijo_trial, newton_step
+
+    V, Y = _problem(n=200, scale=8.0)
+    Z0 = V + 0.5 * torch.randn(V.shape, generator=torch.Generator().manual_seed(1), dtype=V.dtype)
+    calls = {"newton": 0, "trials": 0}
+
+    def counted(name, kernel):
+        def run(*args):
+            calls[name] += 1
+            return kernel(*args)
+        return run
+
+    Z, steps = softmax_prox_newton(V.float(), Y.float(), 0.1, Z0.float(), iterations=50, tol=1e-5,
+                                   kernels=(counted("newton", newton_step), counted("trials", armijo_trial)))
+    exact, _ = softmax_prox_newton(V, Y, 0.1, Z0, iterations=100)
+    assert steps < 50
+    assert calls["trials"] <= 2 * steps  # a full step is taken; a halving or two where it overshoots
+    torch.testing.assert_close(Z.double(), exact, atol=2e-4, rtol=0)
+
+
 def test_sherman_morrison_equals_a_dense_solve():
     V, Y = _problem(n=16, c=7)
     for rho in (1e-8, 1e-3, 1.0, 50.0):

@@ -244,7 +244,8 @@ def test_bench_smoke(data_root):
 @pytest.mark.parametrize("options, network, learners", [
     ([], "784-100-100-10", {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}),
     (["--hidden", "64", "--learner", "backprop-adam,am-mem"], "784-64-10", {"backprop-adam", "am-mem"}),
-], ids=["default", "network-and-learners"])
+    (["--hidden", "32", "--learner", "dladmm,sbe"], "784-32-10", {"dladmm", "sbe"}),  # any registered one
+], ids=["default", "network-and-learners", "registered-learners"])
 def test_bench_compare_times_this_tree_against_a_revision(data_root, options, network, learners):
     """scripts/bench_compare.py: two workers, this tree and HEAD exported by git archive, the same
     learners; one row per learner with a finite ratio (``--compile`` builds the same learners with

@@ -76,7 +76,13 @@ def newton_direction(P: torch.Tensor, G: torch.Tensor, rho: float) -> torch.Tens
 def newton_step(Z: torch.Tensor, V: torch.Tensor, Y: torch.Tensor, f: torch.Tensor, previous: torch.Tensor,
                 rho: float, tol: float, eps: float) -> tuple[torch.Tensor, ...]:
     """One Newton direction of :func:`softmax_prox_newton` for every row and its tests (a pure tensor
-    function, compiled with ``compile=True``): ``(S, decrease, largest |gradient|, active rows)``."""
+    function, compiled with ``compile=True``): ``(S, decrease, largest |gradient|, active rows,
+    rounding of the objective)``.
+
+    The rounding: near the optimum a row's cross-entropy is the small difference of ``logsumexp(z)``
+    and ``z.y``, each up to ``max|z| + log C`` in size, and the objective's rounding is that of
+    those terms, not of the small objective (whose own rounding made float32 rows halve steps they
+    could not measure, up to 30 times)."""
     P = torch.softmax(Z, dim=1)
     G = P - Y + rho * (Z - V)
     S = newton_direction(P, G, rho)
@@ -84,7 +90,8 @@ def newton_step(Z: torch.Tensor, V: torch.Tensor, Y: torch.Tensor, f: torch.Tens
     largest = G.abs().amax(1)
     stalled = (0.5 * decrease <= 100 * eps * (1.0 + f.abs())) & (largest > 0.5 * previous)
     active = (largest > tol * (1.0 + rho * (Z - V).abs().amax(1))) & ~stalled
-    return S, decrease, largest, active
+    rounding = 4 * eps * (f.abs() + 2 * (Z.abs().amax(1) + math.log(Z.shape[1])))
+    return S, decrease, largest, active, rounding
 
 
 def armijo_trial(Z: torch.Tensor, f: torch.Tensor, S: torch.Tensor, t: torch.Tensor, decrease: torch.Tensor,
@@ -152,11 +159,11 @@ def softmax_prox_newton(V: torch.Tensor, Y: torch.Tensor, rho: float, Z0: torch.
     taken = 0
     previous = torch.full_like(f, math.inf)
     for _ in range(iterations):
-        S, decrease, previous, active = step(Z, V, Y, f, previous, rho, tol, eps)
+        S, decrease, previous, active, slack = step(Z, V, Y, f, previous, rho, tol, eps)
         if not bool(active.any()):  # one host sync per Newton step
             break
         taken += 1
-        slack = 4 * eps * f.abs()  # the objective's own rounding: a step that cannot be resolved is taken
+        # a step that the objective's rounding (slack) cannot resolve is taken
         t = torch.ones_like(decrease)
         for _ in range(max_halvings):
             Z, f, active, t = trial(Z, f, S, t, decrease, active, slack, V, Y, rho, armijo)

@@ -5,7 +5,9 @@ Two worker processes, one importing ``amstream`` from this working tree and one 
 revision exported to a temporary folder (``git archive``), build the same learners on the same
 784-100-100-10 MLP and MNIST batches. The parent asks them in turn for ``--steps`` timed steps of
 each learner, ``--rounds`` times, so both see the same machine conditions; a learner's ratio is the
-median of its per-round ratios (this tree / the revision: below 1 is faster).
+median of its per-round ratios (this tree / the revision: below 1 is faster). Each learner's MNIST
+test accuracy after the same steps on the same batches is printed beside it: a change meant to be
+faster, not to learn differently, shows the same number (or one within rounding's reach).
 
     python scripts/bench_compare.py --against HEAD~1 --threads 1
     python scripts/bench_compare.py --against HEAD~1 --hidden 4096,4096 --batch-size 2048 \
@@ -40,6 +42,7 @@ from amstream.data import load_mnist
 torch.set_num_threads(int(sys.argv[1]))
 batch = int(sys.argv[2])
 train = load_mnist("train", root=sys.argv[3] or None)
+test = load_mnist("test", root=sys.argv[3] or None)
 n = max(4000, 2 * batch)
 x, y = train.x[:n], train.y[:n]
 batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, n - batch + 1, batch)]
@@ -67,6 +70,11 @@ def run(name, n):
 print(json.dumps({"file": amstream.__file__, "learners": list(learners)}), flush=True)
 for line in sys.stdin:
     name, n = json.loads(line)
+    if n == "accuracy":  # of the learner's model after its steps, on the MNIST test images
+        correct = sum(int((learners[name].predict(test.x[i:i + 1000]).argmax(1) == test.y[i:i + 1000]).sum())
+                      for i in range(0, len(test.y), 1000))
+        print(json.dumps(100.0 * correct / len(test.y)), flush=True)
+        continue
     start = time.perf_counter()
     run(name, n)
     print(json.dumps((time.perf_counter() - start) / n * 1e3), flush=True)
@@ -110,7 +118,7 @@ def start_worker(path: Path, args) -> subprocess.Popen:
     return proc
 
 
-def ask(worker: subprocess.Popen, name: str, n: int) -> float:
+def ask(worker: subprocess.Popen, name: str, n: int | str) -> float:
     worker.stdin.write(json.dumps([name, n]) + "\n")
     worker.stdin.flush()
     return json.loads(worker.stdout.readline())
@@ -135,6 +143,7 @@ def main(argv=None) -> None:
             for name in names:
                 for label, worker in workers.items():
                     times[(label, name)].append(ask(worker, name, args.steps))
+        accuracy = {(w, n): ask(workers[w], n, "accuracy") for w in workers for n in names}
         for worker in workers.values():
             worker.stdin.close()
             worker.wait()
@@ -144,14 +153,16 @@ def main(argv=None) -> None:
           f"{args.rounds} interleaved rounds x {args.steps} steps (median ms; ratio IQR in brackets)")
     print(f"command: python scripts/bench_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print()
-    print(f"| learner | {revision}: ms/step | this tree: ms/step | ratio (this tree / {revision}) |")
-    print("|---|---:|---:|---:|")
+    print(f"| learner | {revision}: ms/step | this tree: ms/step | ratio (this tree / {revision}) | "
+          f"test accuracy after the same steps, {revision} / this tree |")
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         new, old_times = times[("this tree", name)], times[(revision, name)]
         ratios = sorted(a / b for a, b in zip(new, old_times))
         q1, q3 = ratios[len(ratios) // 4], ratios[min(len(ratios) - 1, 3 * len(ratios) // 4)]
         print(f"| {name} | {statistics.median(old_times):.2f} | {statistics.median(new):.2f} | "
-              f"{statistics.median(ratios):.2f}x [{q1:.2f}, {q3:.2f}] |")
+              f"{statistics.median(ratios):.2f}x [{q1:.2f}, {q3:.2f}] | "
+              f"{accuracy[(revision, name)]:.2f}% / {accuracy[('this tree', name)]:.2f}% |")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,12 @@ def test_bench_compare_times_this_tree_against_a_revision(data_root, options, ne
     rows = dict(re.findall(r"^\| ([a-z][a-z\- ()]*) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M))
     assert set(rows) == learners, proc.stdout
     assert all(0 < float(r) < 100 for r in rows.values())
+    # the test accuracy after the same steps: the same learners from the same code learn the same
+    accuracies = re.findall(r"\| ([\d.]+)% / ([\d.]+)% \|$", proc.stdout, flags=re.M)
+    assert len(accuracies) == len(learners) and all(0 < float(a) <= 100 for pair in accuracies for a in pair)
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "amstream"], cwd=ROOT).returncode == 0
+    if unchanged:  # (an uncommitted change to amstream may move it)
+        assert all(old == new for old, new in accuracies), proc.stdout
 
 
 @pytest.mark.slow

@@ -73,10 +73,10 @@ def test_backtracking_terminates_and_the_learner_persists_its_constants(digits):
         return 0.5 * (v @ A @ v)
 
     v = torch.ones(5, dtype=torch.float64)
-    new, constant = _linearized_step(v, A @ v, f, f(v), 1e-3, True, 60, "a test")
+    new, constant = _linearized_step(v, A @ v, f, 1e-3, True, 60, "a test")
     assert constant >= 1e-3 and f(new) <= f(v)
     with pytest.raises(BacktrackingError, match="step_size='bound'"):
-        _linearized_step(v, A @ v, f, f(v), 1e-30, True, 3, "a test")
+        _linearized_step(v, A @ v, f, 1e-30, True, 3, "a test")
 
     torch.manual_seed(0)
     learner = DLADMM(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)),

@@ -207,12 +207,19 @@ def fista_last_z(center: torch.Tensor, Y: torch.Tensor, z0: torch.Tensor, rho: f
 
 
 def _linearized_step(x: torch.Tensor, grad: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],
-                     f_x: torch.Tensor, constant: float, backtracking: bool, max_backtracks: int,
+                     constant: float, backtracking: bool, max_backtracks: int,
                      what: str) -> tuple[torch.Tensor, float]:
     """``x - grad / c``; with backtracking, ``c`` doubles until ``f(x_new) <= f(x) + <grad, dx> +
-    c/2 ||dx||^2``. Returns the new point and the constant used."""
+    c/2 ||dx||^2``. Returns the new point and the constant used.
+
+    ``f(x)`` is evaluated here, by the same arithmetic as ``f(x_new)``: a value of ``f(x)`` rounded
+    differently (from pre-activations kept by the caller, say) and lower could never be met as
+    ``c`` grows and ``x_new`` nears ``x``."""
     new = x - grad / constant
-    if not backtracking or not bool(torch.isfinite(f_x)):  # a non-finite start: the step guard rolls back
+    if not backtracking:
+        return new, constant
+    f_x = f(x)
+    if not bool(torch.isfinite(f_x)):  # a non-finite start: the step guard rolls back
         return new, constant
     for _ in range(max_backtracks):
         dx = new - x
@@ -365,9 +372,8 @@ class DLADMM(Learner):
 
             if self.step_size == "bound":
                 thetas[l] = rho * self._gram_bound(l, inp)
-            new, thetas[l] = _linearized_step(
-                W, grad, phi, 0.5 * rho * residual.square().sum(), thetas[l], self.step_size == "backtracking",
-                self.max_backtracks, f"W of layer {l}")
+            new, thetas[l] = _linearized_step(W, grad, phi, thetas[l], self.step_size == "backtracking",
+                                              self.max_backtracks, f"W of layer {l}")
             if self.prox:  # the proximal term (lam/2)||W - W_old||^2 shortens the step from 1/theta to 1/(theta + lam)
                 lam = rho * self.prox * products.squares(l, inp, reduce) / batch
                 new = W + (new - W) * (thetas[l] / (thetas[l] + lam))
@@ -398,8 +404,7 @@ class DLADMM(Learner):
             grad = rho * (r @ W + (a - relu_z))
             if self.step_size == "bound":
                 taus[k - 1] = rho * (self._spectral_bound(W) + 1.0)
-            f_a = 0.5 * rho * (r.square().sum() + (a - relu_z).square().sum())
-            acts[k], taus[k - 1] = _linearized_step(a, grad, f, f_a, taus[k - 1], self.step_size == "backtracking",
+            acts[k], taus[k - 1] = _linearized_step(a, grad, f, taus[k - 1], self.step_size == "backtracking",
                                                     self.max_backtracks, f"the activation of layer {k - 1}")
 
         def update_z(l, dual):

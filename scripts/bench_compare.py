@@ -47,8 +47,15 @@ n = max(4000, 2 * batch)
 x, y = train.x[:n], train.y[:n]
 batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, n - batch + 1, batch)]
 widths = [784, *json.loads(sys.argv[5])]
+sequences = sys.argv[7] == "1"  # --sequences: each image as 28 rows of 28 pixels through an Elman network
+if sequences:
+    batches = [(bx.reshape(-1, 28, 28), by) for bx, by in batches]
+test_x = test.x.reshape(-1, 28, 28) if sequences else test.x
 def mlp():
     torch.manual_seed(0)
+    if sequences:
+        from amstream.models import ElmanRNN
+        return ElmanRNN(28, widths[1], 10)
     layers = [torch.nn.Flatten()]
     for d_in, d_out in zip(widths, widths[1:]):
         layers += [torch.nn.Linear(d_in, d_out), torch.nn.ReLU()]
@@ -71,7 +78,7 @@ print(json.dumps({"file": amstream.__file__, "learners": list(learners)}), flush
 for line in sys.stdin:
     name, n = json.loads(line)
     if n == "accuracy":  # of the learner's model after its steps, on the MNIST test images
-        correct = sum(int((learners[name].predict(test.x[i:i + 1000]).argmax(1) == test.y[i:i + 1000]).sum())
+        correct = sum(int((learners[name].predict(test_x[i:i + 1000]).argmax(1) == test.y[i:i + 1000]).sum())
                       for i in range(0, len(test.y), 1000))
         print(json.dumps(100.0 * correct / len(test.y)), flush=True)
         continue
@@ -93,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="build every learner with compile=True (the warm-up "
                    "steps then include the compilation: give --warmup 3 or more)")
     p.add_argument("--hidden", default="100,100", help="hidden widths of the 784-...-10 ReLU MLP (default: 100,100)")
+    p.add_argument("--sequences", action="store_true", help="read each image as 28 rows of 28 pixels through an "
+                   "Elman network (amstream.models.ElmanRNN) of the first --hidden width: the recurrent learners")
     p.add_argument("--learner", action=CommaList, default=",".join(LEARNERS[:4]),
                    help=f"comma-separated learners to time, from {', '.join(LEARNERS)} (default: the first "
                    "four; the others are the registered learners with their defaults, on the MLP)")
@@ -109,7 +118,7 @@ def start_worker(path: Path, args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(args.threads), str(args.batch_size),
                              args.data_dir or "", "1" if args.compile else "0", json.dumps(args.hidden),
-                             json.dumps(args.learner)], cwd=path, env=env,
+                             json.dumps(args.learner), "1" if args.sequences else "0"], cwd=path, env=env,
                             stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     header = json.loads(proc.stdout.readline())
@@ -147,8 +156,9 @@ def main(argv=None) -> None:
         for worker in workers.values():
             worker.stdin.close()
             worker.wait()
-    print(f"Step time{' (compile=True)' if args.compile else ''}, MNIST "
-          f"{'-'.join(str(w) for w in [784, *args.hidden, 10])} MLP, batch {args.batch_size}, "
+    network = (f"row-sequential Elman network, hidden {args.hidden[0]}" if args.sequences
+               else f"{'-'.join(str(w) for w in [784, *args.hidden, 10])} MLP")
+    print(f"Step time{' (compile=True)' if args.compile else ''}, MNIST {network}, batch {args.batch_size}, "
           f"{args.threads} thread(s) per worker, "
           f"{args.rounds} interleaved rounds x {args.steps} steps (median ms; ratio IQR in brackets)")
     print(f"command: python scripts/bench_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())

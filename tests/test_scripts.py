@@ -242,10 +242,12 @@ def test_bench_smoke(data_root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options, network, learners", [
-    ([], "784-100-100-10", {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}),
-    (["--hidden", "64", "--learner", "backprop-adam,am-mem"], "784-64-10", {"backprop-adam", "am-mem"}),
-    (["--hidden", "32", "--learner", "dladmm,sbe"], "784-32-10", {"dladmm", "sbe"}),  # any registered one
-], ids=["default", "network-and-learners", "registered-learners"])
+    ([], "784-100-100-10 MLP", {"backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"}),
+    (["--hidden", "64", "--learner", "backprop-adam,am-mem"], "784-64-10 MLP", {"backprop-adam", "am-mem"}),
+    (["--hidden", "32", "--learner", "dladmm,sbe"], "784-32-10 MLP", {"dladmm", "sbe"}),  # any registered one
+    (["--sequences", "--hidden", "8", "--batch-size", "20", "--learner", "admm-rnn,backprop-adam"],
+     "row-sequential Elman network, hidden 8", {"admm-rnn", "backprop-adam"}),
+], ids=["default", "network-and-learners", "registered-learners", "sequences"])
 def test_bench_compare_times_this_tree_against_a_revision(data_root, options, network, learners):
     """scripts/bench_compare.py: two workers, this tree and HEAD exported by git archive, the same
     learners; one row per learner with a finite ratio (``--compile`` builds the same learners with
@@ -254,7 +256,7 @@ def test_bench_compare_times_this_tree_against_a_revision(data_root, options, ne
                            "--data-dir", str(data_root), "--rounds", "1", "--steps", "1", "--warmup", "1", *options],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert f"MNIST {network} MLP" in proc.stdout
+    assert f"MNIST {network}," in proc.stdout
     rows = dict(re.findall(r"^\| ([a-z][a-z\- ()]*) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x", proc.stdout, flags=re.M))
     assert set(rows) == learners, proc.stdout
     assert all(0 < float(r) < 100 for r in rows.values())

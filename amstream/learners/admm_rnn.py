@@ -63,8 +63,12 @@ DUALS = ("all", "last")
 
 
 # ------------------------------------------------------------------------------- block solvers
-def _tanh_objective(a, m, q, rho1, rho2):
-    return 0.5 * rho1 * (a - m).square() + 0.5 * rho2 * (q - torch.tanh(a)).square()
+def _tanh_objective(a, m, q, rho1, rho2, out=None, scratch=None):
+    """``rho1/2 (a - m)^2 + rho2/2 (q - tanh a)^2`` elementwise, into ``out`` (using ``scratch``) when
+    given: in place, the passes over the arrays run in cache (a new 1.4 MB output per operation made
+    them several times slower on a CPU, each write missing it)."""
+    mismatch = torch.sub(q, torch.tanh(a, out=scratch), out=scratch)
+    return torch.sub(a, m, out=out).square_().mul_(0.5 * rho1).addcmul_(mismatch, mismatch, value=0.5 * rho2)
 
 
 @torch.no_grad()
@@ -73,24 +77,31 @@ def tanh_prox(m: torch.Tensor, q: torch.Tensor, rho1: float, rho2: float, a0: to
     """Elementwise ``argmin_a rho1/2 (a - m)^2 + rho2/2 (q - tanh a)^2`` from ``a0`` (default ``m``).
 
     Newton steps with the curvature clamped below at ``rho1`` (where tanh's term makes the problem
-    locally concave, a proximal-gradient step), each trying the step lengths 1, 1/2, 1/4 and
-    keeping the best that does not increase the objective: every element's objective decreases
-    monotonically, with no host synchronization.
+    locally concave, a proximal-gradient step). Each moves by 1, then 1/2, then 1/4 of the step, each
+    move kept where it lowers the objective: at most 1.75 steps, which the clamped curvature's short
+    steps need (trying 1, 1/2 and 1/4 from the start alone converged more slowly). Every element's
+    objective decreases monotonically, with no host synchronization. A pure tensor function
+    (compiled with ``compile=True``, its passes fuse); eagerly it works in a few buffers in place.
     """
     a = (m if a0 is None else a0).clone()
+    t, d, mismatch, step, trial, f_trial = (torch.empty_like(a) for _ in range(6))
+    better = torch.empty_like(a, dtype=torch.bool)
     f = _tanh_objective(a, m, q, rho1, rho2)
     for _ in range(iterations):
-        t = torch.tanh(a)
-        d = 1 - t * t
-        grad = rho1 * (a - m) - rho2 * (q - t) * d
-        curvature = (rho1 + rho2 * (d * d + 2 * t * d * (q - t))).clamp_min(rho1)
-        step = grad / curvature
+        torch.tanh(a, out=t)
+        torch.mul(t, t, out=d).neg_().add_(1.0)  # tanh' = 1 - t^2
+        torch.sub(q, t, out=mismatch)
+        # the gradient rho1 (a - m) - rho2 (q - t) d, over the clamped curvature
+        # rho1 + rho2 d (d + 2 t (q - t))
+        torch.sub(a, m, out=step).mul_(rho1).addcmul_(mismatch, d, value=-rho2)
+        curvature = torch.mul(t, mismatch, out=t).mul_(2.0).add_(d).mul_(d).mul_(rho2).add_(rho1).clamp_min_(rho1)
+        step.div_(curvature)
         for length in (1.0, 0.5, 0.25):
-            trial = a - length * step
-            f_trial = _tanh_objective(trial, m, q, rho1, rho2)
-            better = f_trial < f
-            a = torch.where(better, trial, a)
-            f = torch.where(better, f_trial, f)
+            torch.add(a, step, alpha=-length, out=trial)
+            _tanh_objective(trial, m, q, rho1, rho2, out=f_trial, scratch=d)
+            torch.lt(f_trial, f, out=better)
+            torch.where(better, trial, a, out=a)
+            torch.where(better, f_trial, f, out=f)
     return a
 
 
@@ -206,7 +217,8 @@ class ADMMiRNN(Learner):
 
     # --------------------------------------------------------------------------------- the step
     def _whole_step_refusal(self) -> str | None:
-        return "it tests convergence on the host between its compiled Newton steps (its other blocks run eagerly)"
+        return ("it tests convergence on the host between its compiled Newton steps (its a update is compiled too, "
+                "its other blocks run eagerly)")
 
     def _step(self, x: torch.Tensor, loss_fn: LossFn, penalty: Penalty = None) -> StepInfo:
         net: ElmanRNN = self.model
@@ -295,7 +307,8 @@ class ADMMiRNN(Learner):
             v.S = self._solve_states(v)
         elif block == "a":
             centre = net.input(v.X) + v.S_prev @ W.t() - v.L1
-            v.A = tanh_prox(centre, v.S + v.L2, rho, rho, v.A, iterations=self.a_iterations)
+            v.A = self._compiled("the a update", tanh_prox)(centre, v.S + v.L2, rho, rho, v.A,
+                                                            iterations=self.a_iterations)
         else:  # pragma: no cover - the order is built above
             raise ValueError(block)
 
@@ -377,4 +390,7 @@ def _spd_solve_rows(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if int(info) != 0:  # positive definite unless the weights are not finite: the step guard rolls back
         return torch.full_like(rows, math.nan)
     flat = rows.reshape(-1, rows.shape[-1])
-    return torch.cholesky_solve(flat.t(), factor).t().reshape(rows.shape)
+    # X L L^T = rows as two right-sided triangular solves, on the rows as they lie (cholesky_solve on
+    # their transpose took 5.9 ms against 2.6 ms for 2,700 rows of 128 on one CPU thread)
+    half = torch.linalg.solve_triangular(factor.mT, flat, upper=True, left=False)
+    return torch.linalg.solve_triangular(factor, half, upper=False, left=False).reshape(rows.shape)

@@ -88,6 +88,23 @@ def test_sbe_finds_the_top_singular_triple_of_a_low_rank_sum():
     assert float(s2) == pytest.approx(float(s[0]), rel=0.01)
 
 
+def test_sbe_recursion_is_the_papers_formulas():
+    """``SBE._stream`` (running means as lerps, each norm taken once) is the recursion of its
+    docstring written out term by term, to float64 rounding, from a warm start."""
+    x, d = low_rank_rows(300, 20, 10, [3.0, 1.0])
+    estimate = fresh_estimate(10, 20, 1, seed=4)
+    D, s, X = estimate[0][:, 0] * 2.0, torch.tensor(0.7, dtype=torch.float64), estimate[2][:, 0] * 0.5
+    estimate = [D[:, None].clone(), s.reshape(1).clone(), X[:, None].clone()]
+    for j, (xj, dj) in enumerate(zip(x, d), start=1):
+        X = (j * X + xj * (dj @ D) / D.norm()) / (j + 1)
+        D = (j * D + dj * (xj @ X) / X.norm()) / (j + 1)
+        s = (j * s + (xj @ (X / X.norm())) * (dj @ (D / D.norm()))) / (j + 1)
+    d_hat, s2, x_hat = learner(SBE)._stream(estimate, x, d)
+    torch.testing.assert_close(d_hat[:, 0], D / D.norm(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x_hat[:, 0], X / X.norm(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s2[0], s, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("sub_batch", [32, 50])
 def test_sbpca_finds_the_top_k_singular_triples_of_a_low_rank_sum(sub_batch):
     """SBPCA's sub-batch recursion (QR after each update) recovers a rank-3 sum's singular vectors

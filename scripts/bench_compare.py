@@ -26,12 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CommaList, Parser, add_option, parse_int_list, parse_name_list  # noqa: E402
+import amstream  # noqa: E402
 from amstream.hparams import HParam  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the four of section 2's table, then every registered learner by its name (its defaults)
 LEARNERS = ["backprop-adam", "am-adam", "am-adam (autograd path)", "am-mem"]
-LEARNERS += [name for name in __import__("amstream").LEARNERS if name not in LEARNERS]
+LEARNERS += [name for name in amstream.LEARNERS if name not in LEARNERS]
 
 # The worker uses only what every revision of the API has: the learner classes and their registry,
 # learn(), load_mnist.

@@ -290,6 +290,7 @@ class SBE(_LowRankLearner):
         # next sample's X update): 16 small operations per sample instead of 28, which is what a
         # sample costs at these sizes.
         d_norm = torch.linalg.vector_norm(d).clamp_min(tiny)
+        x_norm = torch.linalg.vector_norm(x).clamp_min(tiny)
         for j, (xj, dj) in enumerate(zip(rows_x, rows_d), start=1):
             new = 1.0 / (j + 1)
             x = torch.lerp(x, xj * ((dj @ d) / d_norm), new)
@@ -300,8 +301,7 @@ class SBE(_LowRankLearner):
             s2 = torch.lerp(s2, x_along * ((dj @ d) / d_norm), new)
         # sign flips of X and D come in pairs; s2 itself may turn negative, and is written as it is
         estimate[0][:, 0], estimate[1][0], estimate[2][:, 0] = d, s2, x
-        x_hat = x / torch.linalg.vector_norm(x).clamp_min(tiny)
-        return (d / d_norm)[:, None], s2.reshape(1), x_hat[:, None]
+        return (d / d_norm)[:, None], s2.reshape(1), (x / x_norm)[:, None]
 
 
 class SBPCA(_LowRankLearner):

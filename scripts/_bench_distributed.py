@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
-import json, sys, time
+import json, os, sys, time
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[6] + "/scripts")
 import amstream
@@ -56,7 +56,12 @@ per_step = ((learner._parallel.bytes_reduced - before) / steps) if world > 1 els
 if rank == 0:
     print(json.dumps({"samples_per_s": steps * batch / seconds, "bytes_per_step": per_step}), flush=True)
 if world > 1:
-    dist.destroy_process_group()
+    # The result is out; leave without tearing gloo down: a rank whose peer had already closed its
+    # sockets could abort inside destroy_process_group ("terminate called without an active
+    # exception", seen once in CI), failing a run that had measured everything.
+    sys.stdout.flush()
+    dist.barrier()
+    os._exit(0)
 """
 
 

@@ -239,7 +239,7 @@ class ADMMiRNN(Learner):
                 self._dual_step(v)
             objective = self.augmented_lagrangian(v, labels, loss_fn)
             residual = torch.sqrt(sum(r.square().sum() for r in self._residuals(v)))
-        self.optimizer.step()
+        self._optimizer_step()
         return StepInfo(loss=loss, batch_size=x.shape[0], lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
                         diagnostics={"admm/objective": objective, "admm/primal_residual": residual})
 

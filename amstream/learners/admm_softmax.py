@@ -584,7 +584,7 @@ class ADMMSoftmax(Learner):
         W, diagnostics = self.admm.update(D, W, Y, loss_fn, out_dtype=dtype,
                                           linear_term=self._penalty_gradient(penalty), **self._reduction())
         self._write(W.to(dtype))
-        self.optimizer.step()
+        self._optimizer_step()
         with torch.no_grad():
             diagnostics["admm/objective"] = self.admm.objective(D @ W.T, Y, loss_fn, W, dtype)
         return StepInfo(loss=loss, batch_size=D.shape[0], lrs={"output": 0.0}, diagnostics=diagnostics)

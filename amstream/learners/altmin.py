@@ -341,7 +341,7 @@ class AltMinLearner(BlockLearner):
                 total = total + item
             total.backward()
             add_penalty_grads_(penalty, self._adam_params())
-            self.optimizer.step()
+            self._optimizer_step()
             local = [item.detach() for item in losses]
         # p.grad keeps the last local gradient, as after a backprop step (Synaptic Intelligence reads it).
         return local + self._fit_hidden_extra(inputs, targets, loss_fn, forward_codes)
@@ -365,7 +365,7 @@ class AltMinLearner(BlockLearner):
                 if overlap:
                     self._parallel.start_gradient_reduce([p.grad for p in view.linear.parameters()])
             add_penalty_grads_(penalty, self._adam_params())
-            self.optimizer.step()
+            self._optimizer_step()
             if step + 1 < self.weight_steps:
                 self.optimizer.zero_grad(set_to_none=True)
         return local + self._fit_hidden_extra(inputs, targets, loss_fn, forward_codes)

@@ -102,7 +102,7 @@ class AMRNN(Learner):
         if penalty is not None:
             total = total + penalty_value(penalty)
         total.backward()
-        self.optimizer.step()
+        self._optimizer_step()
         return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
                         diagnostics={"am/local_loss": (recurrent_loss.detach(), output_loss.detach()),

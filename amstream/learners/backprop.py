@@ -104,7 +104,7 @@ class Backprop(Learner):
         loss = loss_fn(out)
         total = loss if penalty is None else loss + penalty_value(penalty)
         total.backward()
-        self.optimizer.step()
+        self._optimizer_step()
         return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups})
 

@@ -28,7 +28,7 @@ from torch import nn
 from .. import hparams as hp
 from ..compiled import CompiledFunction, StepScalars, mark_static, resolve_compile
 from ..functional import CriterionLoss
-from ..optim.adam_update import adam_state
+from ..optim.adam_update import adam_state, fused_adam_step_
 from ..stream import StreamingMixin
 from ..utils import eval_mode, resolve_device
 from ..validation import InputError, InputSpec, is_classification_criterion
@@ -276,6 +276,13 @@ class Learner(StreamingMixin, abc.ABC):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _optimizer_step(self) -> None:
+        """``self.optimizer.step()``; for a fused Adam the same kernels called directly
+        (:func:`~amstream.optim.adam_update.fused_adam_step_`: a tenth of a one-sample step is the
+        Python around them), else the optimizer's own step."""
+        if not fused_adam_step_(self.optimizer):
+            self.optimizer.step()
 
     def _compiled(self, name: str, fn: Callable, fullgraph: bool = False) -> Callable:
         """``fn`` itself, or with ``compile=True`` its compiled version (made once per name)."""

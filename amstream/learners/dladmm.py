@@ -523,7 +523,7 @@ class DLADMM(Learner):
             objective = self._augmented_lagrangian(acts, zs, u, Y, loss_fn, rho, weights)
         if self.persist_steps or self.step_size == "bound":
             self.step_constants = constants
-        self.optimizer.step()
+        self._optimizer_step()
         return StepInfo(loss=loss, batch_size=x.shape[0], lrs={name: 0.0 for name, _ in self._named_groups()},
                         diagnostics={"admm/rho": rho, "admm/primal_residual": residual, "admm/objective": objective,
                                      "dladmm/theta": constants[0], "dladmm/tau": constants[1]})

@@ -98,7 +98,7 @@ class FrankWolfeLearner(Learner):
             copy_all_(self._buffers, after_first)  # the buffers advance once, as one pass would
         else:
             evaluate()
-            self.optimizer.step()
+            self._optimizer_step()
         return StepInfo(loss=first_loss[0], batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups})
 

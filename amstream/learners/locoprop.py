@@ -340,7 +340,7 @@ class LocoProp(BlockLearner):
                             if p.grad is not None:
                                 p.grad.add_(p - anchor, alpha=self.prox)
                 add_penalty_grads_(penalty, self._params)
-                self.optimizer.step()
+                self._optimizer_step()
         finally:
             for group, lr in zip(self.optimizer.param_groups, base):
                 group["lr"] = lr

@@ -185,7 +185,7 @@ class _LowRankLearner(Learner):
             for p, g in zip(others, grads[len(calls):]):
                 p.grad = g
         add_penalty_grads_(penalty, self._params)
-        self.optimizer.step()
+        self._optimizer_step()
         return StepInfo(loss=loss.detach(), batch_size=x.shape[0],
                         lrs={g["name"]: g["lr"] for g in self.optimizer.param_groups},
                         diagnostics={"lowrank/explained_variance": tuple(explained),

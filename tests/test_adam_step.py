@@ -75,7 +75,7 @@ def _hook(*args):
 
 @pytest.mark.parametrize("change", [
     "not fused", "amsgrad", "maximize", "tensor lr", "pre hook", "post hook", "global hook",
-    "scheduler", "subclass", "mixed dtypes",
+    "scheduler", "subclass", "mixed dtypes", "state of another optimizer",
 ])
 def test_declines_and_changes_nothing_where_the_step_would_differ(change):
     net, opt = _stepped_once()
@@ -99,6 +99,8 @@ def test_declines_and_changes_nothing_where_the_step_would_differ(change):
     elif change == "mixed dtypes":
         opt.param_groups[0]["params"][1].data = opt.param_groups[0]["params"][1].data.double()
         opt.param_groups[0]["params"][1].grad = torch.zeros(7, dtype=torch.float64)
+    elif change == "state of another optimizer":  # e.g. loaded from an SGD's state dict
+        opt.state[net[2].weight] = {"momentum_buffer": torch.zeros_like(net[2].weight)}
     before = _state(net, opt)
     try:
         assert fused_adam_step_(opt) is False

@@ -85,8 +85,8 @@ def fused_adam_step_(optimizer: torch.optim.Optimizer) -> bool:
     calls = []
     for group in optimizer.param_groups:
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        if (not group["fused"] or group["amsgrad"] or group["maximize"] or group["differentiable"]
-                or type(lr) is not float or type(beta1) is not float or type(beta2) is not float):
+        if (not group.get("fused") or group.get("amsgrad") or group.get("maximize") or group.get("differentiable")
+                or type(lr) not in (float, int) or type(beta1) is not float or type(beta2) is not float):
             return False
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
@@ -94,7 +94,7 @@ def fused_adam_step_(optimizer: torch.optim.Optimizer) -> bool:
             if grad is None:
                 continue
             state = optimizer.state.get(p)
-            if not state or grad.is_sparse:
+            if not state or "exp_avg" not in state or "exp_avg_sq" not in state or grad.is_sparse:
                 return False
             params.append(p)
             grads.append(grad)
@@ -108,7 +108,7 @@ def fused_adam_step_(optimizer: torch.optim.Optimizer) -> bool:
             calls.append((group, params, grads, exp_avgs, exp_avg_sqs, steps))
     for group, params, grads, exp_avgs, exp_avg_sqs, steps in calls:
         torch._foreach_add_(steps, 1)
-        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+        kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
         kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
                eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)

@@ -11,13 +11,16 @@ want more than one sample); ``flush()`` learns from a partial one.
 """
 from __future__ import annotations
 
+import contextlib
+import operator
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .validation import InputError
+from .validation import InputError, finite_in_float32, is_classification_criterion
 
 __all__ = ["StreamingMixin", "PrequentialResult", "prequential", "iter_prequential"]
 
@@ -62,15 +65,19 @@ class StreamingMixin:
 
     # ------------------------------------------------------------------------------- conversion
     def _as_sample(self, x: object) -> torch.Tensor:
+        return self._convert_sample(x).sample
+
+    def _convert_sample(self, x: object) -> _Converted:
+        """``x`` as a tensor; a sample of plain Python floats (river's dict of features) is also
+        checked for NaN/Inf on the host, where it costs less than a kernel."""
         if isinstance(x, dict):
-            names = tuple(x)
-            if self._feature_names is None:
-                self._feature_names = names
-            elif set(names) != set(self._feature_names):
-                missing = sorted(set(self._feature_names) - set(names), key=str)
-                extra = sorted(set(names) - set(self._feature_names), key=str)
-                raise InputError(f"feature dict keys changed: missing {missing}, unexpected {extra}")
-            x = [x[k] for k in self._feature_names]
+            x = self._feature_values(x)
+        if (isinstance(x, (list, tuple)) and self.inputs.vocab_size is None and x
+                and all(type(v) is float for v in x)):
+            finite = finite_in_float32(x)
+            with contextlib.nullcontext() if finite else np.errstate(over="ignore"):  # inf: refused by the check
+                # np.array rounds each float to float32 as the general path below does
+                return _Converted(torch.from_numpy(np.array(x, dtype=np.float32)), tuple(x), finite)
         if isinstance(x, (list, tuple)):
             try:
                 x = np.asarray(x)  # no dtype: strings must stay strings, to be refused below
@@ -83,31 +90,73 @@ class StreamingMixin:
             x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64 if tokens else np.float32))
         if not isinstance(x, torch.Tensor):
             raise InputError(f"a sample must be a tensor, array, list or dict, got {type(x).__name__}")
-        return x
+        return _Converted(x)
+
+    def _feature_values(self, x: dict) -> list:
+        """A dict sample's values in the feature order (the key order of the first dict seen)."""
+        names = tuple(x)
+        if names != self._feature_names:
+            if self._feature_names is None:
+                self._feature_names = names
+            elif set(names) != set(self._feature_names):
+                missing = sorted(set(self._feature_names) - set(names), key=str)
+                extra = sorted(set(names) - set(self._feature_names), key=str)
+                raise InputError(f"feature dict keys changed: missing {missing}, unexpected {extra}")
+        return [x[k] for k in self._feature_names]
 
     def _as_label(self, y: object) -> torch.Tensor:
         if isinstance(y, torch.Tensor):
             return y.reshape(()) if y.numel() == 1 else y
         if isinstance(y, (bool, np.bool_)):
             raise InputError(f"label must be a class index or a number, got {y!r}")
-        if isinstance(y, (int, np.integer)):
-            return torch.tensor(int(y), dtype=torch.long)
-        if isinstance(y, (float, np.floating)):
-            return torch.tensor(float(y), dtype=torch.float32)
+        try:  # through numpy: a third of torch.tensor's cost for one number
+            if isinstance(y, (int, np.integer)):
+                return torch.from_numpy(np.array(int(y), dtype=np.int64))
+            if isinstance(y, (float, np.floating)):
+                if finite_in_float32((float(y),)):
+                    return torch.from_numpy(np.array(float(y), dtype=np.float32))
+                return torch.tensor(float(y), dtype=torch.float32)  # inf or NaN: refused by the target check
+        except OverflowError:
+            raise InputError(f"label {y!r} does not fit a 64-bit integer: labels are class indices") from None
         array = np.asarray(y)
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):  # a class name, None
             raise InputError(f"label must be a class index or a number, got {y!r}: map class names to indices "
                              "first (for example {'DOWN': 0, 'UP': 1})")
         return torch.as_tensor(array)
 
+    # ----------------------------------------------------------------- test-then-train's sample
+    def _remember_sample(self, x: object, converted: _Converted) -> None:
+        """Keep ``predict_one``'s conversion of ``x``, checked against the learner's fixed shape, for
+        the ``learn_one`` of the same sample that follows it in test-then-train."""
+        fixed = self.inputs.fixed
+        self._sample_memo = None if converted.values is None or fixed is None else (x, converted, fixed)
+
+    def _recall_sample(self, x: object) -> tuple[_Converted, bool]:
+        """``(x converted, whether it passed predict_one's input check)``: predict_one's conversion
+        when ``x`` is the very object it was given, holding the very same values (Python floats
+        are immutable, so equal identities mean equal data) and the learner's input shape has not
+        changed since; else a fresh conversion, unchecked."""
+        memo, self._sample_memo = self._sample_memo, None
+        if memo is not None and memo[0] is x and memo[2] is self.inputs.fixed:
+            converted = memo[1]
+            values = self._feature_values(x) if isinstance(x, dict) else x
+            if len(values) == len(converted.values) and all(map(operator.is_, values, converted.values)):
+                return converted, True
+        return self._convert_sample(x), False
+
+    _sample_memo: tuple | None = None
+
     # ------------------------------------------------------------------------------------ verbs
     def learn_one(self, x: object, y: object) -> None:
         """Learn from one sample (buffered when ``micro_batch > 1``). Returns None, like river.
 
         A buffered sample is checked when it arrives (shape, dtype, NaN/Inf, label), so a bad
-        sample is refused by its own call and never spoils the samples buffered before it.
+        sample is refused by its own call and never spoils the samples buffered before it. In
+        test-then-train, a sample of Python floats that ``predict_one`` has just checked is not
+        converted and checked again; a label given as a Python number is checked on the host.
         """
-        sample, label = self._as_sample(x), self._as_label(y)
+        converted, checked = self._recall_sample(x)
+        sample, label = converted.sample, self._as_label(y)
         if self.micro_batch == 1:
             self.learn(sample[None], label[None])
             return
@@ -116,7 +165,8 @@ class StreamingMixin:
                 f"sample shape {tuple(sample.shape)} differs from the buffered samples' "
                 f"{tuple(self._buffer_x[0].shape)}"
             )
-        self._check(sample.unsqueeze(0), label.unsqueeze(0), training=False)
+        if not (checked and self.inputs.host_label_ok(y, is_classification_criterion(self.criterion))):
+            self._check(sample.unsqueeze(0), label.unsqueeze(0), training=False, finite=converted.finite)
         self._buffer_x.append(sample)
         self._buffer_y.append(label)
         if len(self._buffer_x) >= self.micro_batch:
@@ -147,20 +197,37 @@ class StreamingMixin:
             y = torch.stack([self._as_label(v) for v in y]) if isinstance(y, (list, tuple)) else self._as_label(y)
         self.learn(X, y)
 
+    def _predict_one_output(self, x: object) -> torch.Tensor:
+        """The network output for one sample (remembered for the ``learn_one`` that may follow)."""
+        self._sample_memo = None
+        converted = self._convert_sample(x)
+        out = self._predict(converted.sample.unsqueeze(0), finite=converted.finite)[0]
+        self._remember_sample(x, converted)
+        return out
+
     def predict_proba_one(self, x: object) -> dict[int, float] | list[dict[int, float]]:
         """Class probabilities ``{class: p}`` (softmax of the output) for one sample; for a model
         with an output per position (per time step: ``(classes, time)``), one dict per position."""
-        probs = torch.softmax(self.predict(self._as_sample(x).unsqueeze(0))[0].float(), dim=0)
+        probs = torch.softmax(self._predict_one_output(x).float(), dim=0)
         if probs.dim() > 1:
             return [{i: float(p) for i, p in enumerate(col)} for col in probs.flatten(1).t().tolist()]
         return {i: float(p) for i, p in enumerate(probs.tolist())}
 
     def predict_one(self, x: object) -> int | list[int]:
         """Most likely class for one sample (a list, one per position, for per-step outputs)."""
-        out = self.predict(self._as_sample(x).unsqueeze(0))[0]
+        out = self._predict_one_output(x)
         if out.dim() > 1:  # classes first, as nn.CrossEntropyLoss reads them
             return out.argmax(dim=0).flatten().tolist()
         return int(out.argmax())
+
+
+class _Converted(NamedTuple):
+    """A sample as a tensor; ``values``: the Python floats it was made from (None: another form),
+    ``finite``: they were checked for NaN/Inf on the host."""
+
+    sample: torch.Tensor
+    values: tuple | None = None
+    finite: bool = False
 
 
 # ---------------------------------------------------------------------------------- prequential

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["InputError", "InputSpec", "is_classification_criterion"]
+__all__ = ["InputError", "InputSpec", "is_classification_criterion", "finite_in_float32"]
 
 
 #: integer label types converted to torch.long (the type every torch classification loss takes)
@@ -122,14 +122,16 @@ class InputSpec:
 
     # ---------------------------------------------------------------------------- the one pass
     def check(self, x: object, y: object = None, *, training: bool, classification: bool = False,
-              validate: bool = True, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              validate: bool = True, dtype: torch.dtype | None = None,
+              finite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x, y)`` on the learner's device, after every check; raises :class:`InputError`.
 
         ``dtype``: the model's floating dtype, which floating inputs and regression targets are
         converted to (a float64 array from numpy for a float32 model, as river and scikit-learn take
         it; torch's own layers would refuse the mix deep inside a step). Class labels in a narrower
         integer type become ``torch.long``. With ``validate=False`` the batch is only moved to the
-        device and converted.
+        device and converted. ``finite=True``: the inputs are known to be finite (a sample checked on
+        the host as it was converted, see :func:`finite_in_float32`), so their NaN/Inf test is skipped.
         """
         if isinstance(x, torch.Tensor):
             x = x.to(self.device, dtype if dtype is not None and x.is_floating_point() else None, non_blocking=True)
@@ -149,7 +151,7 @@ class InputSpec:
                 "without BatchNorm")
         # A sum is finite exactly when the elements are, unless it overflows: a non-finite sum is
         # confirmed element by element (isfinite(x).all() is ~20x slower than a sum on the CPU).
-        flags = list(torch.aminmax(x)) if self.vocab_size is not None else [x.sum()]
+        flags = list(torch.aminmax(x)) if self.vocab_size is not None else [] if finite else [x.sum()]
         if y is not None:
             # a sequence model's per-step outputs have as many positions as the batch has steps
             steps = x.shape[1] if fixed.sample_shape and fixed.sample_shape[0] is None else None
@@ -163,7 +165,7 @@ class InputSpec:
             if lo < 0 or hi >= self.vocab_size:
                 raise InputError(f"token id out of range: ids must lie in [0, {self.vocab_size - 1}] for a model "
                                  f"with a vocabulary of {self.vocab_size}, got values in [{lo}, {hi}]")
-        elif not math.isfinite(values.pop(0)) and not bool(torch.isfinite(x).all()):
+        elif not finite and not math.isfinite(values.pop(0)) and not bool(torch.isfinite(x).all()):
             raise InputError("inputs contain NaN or Inf values")
         if y is not None and len(values) == 2:  # class labels: their range
             lo, hi = int(values[0]), int(values[1])
@@ -174,6 +176,18 @@ class InputSpec:
         elif y is not None and len(values) == 1 and not math.isfinite(values[0]) and not bool(torch.isfinite(y).all()):
             raise InputError("targets contain NaN or Inf values")
         return x, y
+
+    def host_label_ok(self, label: object, classification: bool) -> bool:
+        """Whether one sample's label, a plain Python number, is valid against the fixed shape, seen
+        on the host without a kernel: a class index in range for a model with one output vector
+        per sample, or a finite float regression target. False means "not shown here", not
+        "invalid": the caller then checks the label tensor the usual way (with its error)."""
+        fixed = self.fixed
+        if fixed is None:
+            return False
+        if classification:
+            return type(label) is int and len(fixed.output_shape) == 1 and 0 <= label < fixed.output_shape[0]
+        return type(label) is float and finite_in_float32((label,))
 
     @staticmethod
     def _check_structure(x: object, vocab_size: int | None = None) -> None:
@@ -238,6 +252,17 @@ class InputSpec:
                         "sample to one vector (flatten a sequence, or use a recurrent model)")
             raise InputError(f"class labels must have shape {_shape(expected)}, got {_shape(y.shape)}{hint}")
         return list(torch.aminmax(y))
+
+
+#: the largest finite float32
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def finite_in_float32(values: tuple | list) -> bool:
+    """True when Python floats are all finite and stay finite as float32 (checked on the host, no
+    kernel). False may also mean "not sure" (a sum that overflowed float64): check the tensor."""
+    # NaN or an infinity anywhere makes the sum non-finite
+    return math.isfinite(sum(values)) and (not values or max(map(abs, values)) <= _FLOAT32_MAX)
 
 
 def _n_outputs(output_shape: tuple) -> int:

@@ -433,3 +433,35 @@ def test_backprop_uses_the_fused_adam_unless_the_user_chose_an_implementation():
     chosen = amstream.Backprop(nn.Linear(3, 2), device="cpu", optimizer_kwargs={"foreach": True})
     assert chosen.optimizer.defaults["foreach"] is True and not chosen.optimizer.defaults["fused"]
     chosen.learn(torch.randn(4, 3), torch.randint(0, 2, (4,)))  # fused and foreach together would raise
+
+
+# ------------------------------------------------------------------------------- eval_mode
+def test_eval_mode_sets_every_module_and_restores_each_ones_own_mode():
+    from amstream.utils import eval_mode
+
+    shared = nn.Dropout(0.5)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Sequential(shared, nn.BatchNorm1d(4)))
+    model[2][1].eval()  # a module already in eval mode stays so
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model) as inside:
+            assert inside is model
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == before == [True, True, True, True, False]
+
+
+def test_eval_mode_calls_a_module_s_own_train():
+    from amstream.utils import eval_mode
+
+    calls = []
+
+    class Tracked(nn.Linear):
+        def train(self, mode: bool = True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = nn.Sequential(nn.Linear(4, 4), Tracked(4, 4))
+    with eval_mode(model):
+        assert not model.training and not model[1].training
+    assert calls == [False, True] and model.training and model[1].training

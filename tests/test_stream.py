@@ -371,6 +371,150 @@ def test_rejected_sample_does_not_discard_the_buffer(flat):
     assert_same_weights(twin.state_dict(), learner.state_dict())
 
 
+# ------------------------------------------------------------- test-then-train's one conversion
+def _test_then_train(learner, X, y, form=as_dict) -> list:
+    """predict_one then learn_one on each sample, the same object to both; returns the predictions."""
+    predictions = []
+    for i in range(len(X)):
+        sample = form(X[i])
+        predictions.append(learner.predict_one(sample))
+        learner.learn_one(sample, int(y[i]))
+    return predictions
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+@pytest.mark.parametrize("form", [as_dict, lambda v: v.tolist()], ids=["dict", "list"])
+def test_test_then_train_reuses_the_checked_sample_and_learns_the_same(name, form, flat):
+    """learn_one takes predict_one's conversion of the same dict (or list) of floats without
+    converting or checking it again, and learns exactly what learn on the stacked samples learns."""
+    X, y = flat
+    learner = make(name)
+    learner.set_micro_batch(8)
+    recalled = []
+    recall = learner._recall_sample
+    learner._recall_sample = lambda x: _spy(recall, x, recalled)
+    _test_then_train(learner, X[:32], y[:32], form)
+    assert learner.step_count == 4
+    assert recalled[8:] == [True] * 24  # from the first learned batch on (it fixes the input shape)
+    twin = make(name)
+    for start in range(0, 32, 8):
+        twin.learn(X[start:start + 8], y[start:start + 8])
+    assert_same_weights(twin.state_dict(), learner.state_dict())
+
+
+def _spy(recall, x, recalled):
+    converted, checked = recall(x)
+    recalled.append(checked)
+    return converted, checked
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda d: d.__setitem__("px_03", float("nan")), id="nan"),
+    pytest.param(lambda d: d.__setitem__("px_03", 1e39), id="float32-overflow"),
+    pytest.param(lambda d: d.__setitem__("px_03", "0.5"), id="string"),
+    pytest.param(lambda d: d.__setitem__("px_03", complex(0.5, 0.0)), id="complex"),
+    pytest.param(lambda d: d.pop("px_03"), id="missing-key"),
+])
+def test_sample_changed_after_predict_one_is_checked_again(change, flat):
+    """A dict changed between predict_one and learn_one is converted and checked anew: a bad value
+    is refused by learn_one, and the samples buffered before it stay as they were."""
+    X, y = flat
+    learner = make("am-mem")
+    learner.set_micro_batch(4)
+    _test_then_train(learner, X[:5], y[:5])  # one step, then one buffered sample
+    before = snapshot(learner)
+    sample = as_dict(X[5])
+    learner.predict_one(sample)
+    change(sample)
+    with pytest.raises(InputError):
+        learner.learn_one(sample, int(y[5]))
+    assert_same_state(before, learner.state_dict())
+    _test_then_train(learner, X[5:8], y[5:8])
+    twin = make("am-mem")
+    twin.learn(X[0:4], y[0:4])
+    twin.learn(X[4:8], y[4:8])
+    assert_same_weights(twin.state_dict(), learner.state_dict())
+
+
+def test_list_changed_in_place_after_predict_one_is_learned_as_it_is_now(flat):
+    """The same list object with a value replaced: learn_one learns the new value."""
+    X, y = flat
+    learner, twin = make("backprop"), make("backprop")
+    learner.set_micro_batch(2)
+    twin.set_micro_batch(2)
+    for i in range(4):
+        sample = X[i].tolist()
+        learner.predict_one(sample)
+        sample[10] = 0.75
+        learner.learn_one(sample, int(y[i]))
+        twin.learn_one(sample, int(y[i]))
+    assert_same_weights(twin.state_dict(), learner.state_dict())
+
+
+@pytest.mark.parametrize("label", [10, -1, True, 2.0, "UP"])
+def test_bad_label_after_predict_one_is_rejected(label, flat):
+    """The label of a sample predict_one has checked is still checked (on the host when it is a
+    Python int)."""
+    X, y = flat
+    learner = make("am-adam")
+    learner.set_micro_batch(4)
+    _test_then_train(learner, X[:4], y[:4])
+    before = snapshot(learner)
+    sample = as_dict(X[4])
+    learner.predict_one(sample)
+    with pytest.raises(InputError):
+        learner.learn_one(sample, label)
+    assert_same_state(before, learner.state_dict())
+
+
+def test_regression_label_after_predict_one_is_checked(flat):
+    """A regression target given as a Python float: NaN and float32 overflow are refused."""
+    X, _ = flat
+    torch.manual_seed(0)
+    learner = Backprop(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 1), nn.Flatten(0)), device="cpu",
+                       criterion=nn.MSELoss())
+    learner.set_micro_batch(2)
+    for i in range(2):
+        learner.predict_one(as_dict(X[i]))
+        learner.learn_one(as_dict(X[i]), 0.5)
+    assert learner.step_count == 1
+    before = snapshot(learner)
+    for bad in (float("nan"), 1e39):
+        sample = as_dict(X[2])
+        learner.predict_one(sample)
+        with pytest.raises(InputError, match="NaN or Inf"):
+            learner.learn_one(sample, bad)
+        assert_same_state(before, learner.state_dict())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e39])
+def test_sample_of_floats_not_finite_in_float32_is_refused(value, flat):
+    X, _ = flat
+    learner = make("backprop")
+    sample = X[0].tolist()
+    sample[7] = value
+    with pytest.raises(InputError, match="NaN or Inf"):
+        learner.predict_one(sample)
+
+
+def test_finite_in_float32():
+    from amstream.validation import finite_in_float32
+
+    assert finite_in_float32([0.0, -1.5, 3.4e38])
+    assert not finite_in_float32([0.0, float("nan")])
+    assert not finite_in_float32([float("-inf"), 1.0])
+    assert not finite_in_float32([1e39])  # finite as a Python float, infinite as float32
+    assert not finite_in_float32([1.7e308, 1.7e308])  # the sum overflows: "not sure"
+    assert finite_in_float32([])
+
+
+def test_huge_integer_label_is_refused(flat):
+    X, _ = flat
+    learner = make("backprop")
+    with pytest.raises(InputError, match="64-bit"):
+        learner.learn_one(X[0], 2**70)
+
+
 @pytest.mark.parametrize("size", [0, -3])
 def test_set_micro_batch_below_one_is_refused(size):
     learner = make("backprop")

@@ -537,19 +537,23 @@ class Learner(StreamingMixin, abc.ABC):
     def _weight_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._params)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Network output for a batch, in eval mode, without building a graph."""
-        x, _ = self._check(x, None, training=False)
+        return self._predict(x)
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor, *, finite: bool = False) -> torch.Tensor:
+        """:meth:`predict`; ``finite``: the inputs were checked for NaN/Inf on the host already."""
+        x, _ = self._check(x, None, training=False, finite=finite)
         with eval_mode(self.model):
             return self._model_call(x)
 
     # ------------------------------------------------------------------------------ the guard
-    def _check(self, x, y, *, training: bool):
+    def _check(self, x, y, *, training: bool, finite: bool = False):
         dtype = self._params[0].dtype
         return self.inputs.check(x, y, training=training, validate=self.validate,
                                  classification=is_classification_criterion(self.criterion),
-                                 dtype=dtype if dtype.is_floating_point else None)
+                                 dtype=dtype if dtype.is_floating_point else None, finite=finite)
 
     def _check_training(self, x, y):
         """:meth:`_check` of a training batch; a data-parallel learner's ranks then agree on it

@@ -5,11 +5,12 @@ so a learner registered later is checked with no edit here: exact resume, same s
 trajectory, learning on real data, graph-free prediction, bad input refused with the state
 unchanged, rollback of non-finite steps, batch size one, a custom loss, independent copies of a
 state loaded into the learner's own tensors, frozen layers held, buffered samples kept by
-checkpoints, the strategy's forward pass reused by the step, the declared hyperparameters, whether
+checkpoints, test-then-train's one check per sample, the strategy's forward pass reused by the step, the declared hyperparameters, whether
 compile=True captures the step, CPU/GPU agreement.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 
@@ -386,6 +387,51 @@ def test_buffered_samples_survive_a_checkpoint(name, digits, tmp_path):
     stream(resumed, samples[13:])
     assert resumed.step_count == straight.step_count == 2
     assert_same_state(straight.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_test_then_train_learns_what_the_batches_learn(name, digits, tmp_path):
+    """predict_one then learn_one on each sample (learn_one takes predict_one's checked conversion of
+    the same sample): the same weights as learning the stacked micro-batches; a sample changed
+    between the two calls (a NaN) is refused with the state unchanged, and a checkpoint taken
+    between them resumes exactly."""
+    case = CASES[name]
+    x, y = case.inputs(digits[0].x[:24]), digits[0].y[:24]
+    if case.model == "mlp":
+        samples = [({f"f{j}": float(v) for j, v in enumerate(row.flatten())}, int(t)) for row, t in zip(x, y)]
+    else:
+        samples = [(row.tolist(), int(t)) for row, t in zip(x, y)]
+    learner = case.make()
+    learner.set_micro_batch(8)
+    for sample, label in samples[:19]:
+        learner.predict_one(sample)
+        learner.learn_one(sample, label)
+    sample, label = samples[19]
+    learner.predict_one(sample)
+    before = snapshot(learner)
+    bad = copy.deepcopy(sample)
+    if isinstance(bad, dict):
+        bad["f3"] = float("nan")
+    else:
+        bad[0] = [float("nan")] * len(bad[0]) if isinstance(bad[0], list) else float("nan")
+    with pytest.raises(InputError):
+        learner.learn_one(bad, label)
+    assert_same_state(before, learner.state_dict())
+    learner.predict_one(sample)
+    amstream.save_checkpoint(tmp_path / "ck.pt", learner)  # between predict_one and learn_one
+    resumed = case.make(seed=3)
+    amstream.load_checkpoint(tmp_path / "ck.pt", resumed)
+    for each in (learner, resumed):
+        for sample, label in samples[19:]:
+            each.learn_one(sample, label)
+            each.predict_one(sample)
+    assert learner.step_count == resumed.step_count == 3
+    twin = case.make()
+    flat = x.flatten(1) if case.model == "mlp" else x  # the dicts' samples are flat
+    for start in range(0, 24, 8):
+        twin.learn(flat[start:start + 8], y[start:start + 8])
+    assert_same_state(twin.state_dict(), learner.state_dict(), ignore=("stream",))
+    assert_same_state(learner.state_dict(), resumed.state_dict())
 
 
 @pytest.mark.parametrize("name", CASES)

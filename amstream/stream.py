@@ -165,7 +165,8 @@ class StreamingMixin:
                 f"sample shape {tuple(sample.shape)} differs from the buffered samples' "
                 f"{tuple(self._buffer_x[0].shape)}"
             )
-        if not (checked and self.inputs.host_label_ok(y, is_classification_criterion(self.criterion))):
+        if not (checked and self.inputs.host_label_ok(y, is_classification_criterion(self.criterion),
+                                                      self._params[0].dtype)):
             self._check(sample.unsqueeze(0), label.unsqueeze(0), training=False, finite=converted.finite)
         self._buffer_x.append(sample)
         self._buffer_y.append(label)

@@ -141,6 +141,8 @@ class InputSpec:
                 y = y.long()
         if not validate:
             return x, y  # type: ignore[return-value]
+        # finite as float32 stays finite in a wider dtype only (float16 overflows above 65504)
+        finite = finite and isinstance(x, torch.Tensor) and x.dtype in _AT_LEAST_FLOAT32
         self.pending = None
         self._check_structure(x, self.vocab_size)
         fixed = self._check_sample_shape(x)
@@ -177,17 +179,18 @@ class InputSpec:
             raise InputError("targets contain NaN or Inf values")
         return x, y
 
-    def host_label_ok(self, label: object, classification: bool) -> bool:
+    def host_label_ok(self, label: object, classification: bool, dtype: torch.dtype | None = None) -> bool:
         """Whether one sample's label, a plain Python number, is valid against the fixed shape, seen
         on the host without a kernel: a class index in range for a model with one output vector
-        per sample, or a finite float regression target. False means "not shown here", not
-        "invalid": the caller then checks the label tensor the usual way (with its error)."""
+        per sample, or a regression target finite in the model's floating ``dtype`` (float32 or
+        wider). False means "not shown here", not "invalid": the caller then checks the label
+        tensor the usual way (with its error)."""
         fixed = self.fixed
         if fixed is None:
             return False
         if classification:
             return type(label) is int and len(fixed.output_shape) == 1 and 0 <= label < fixed.output_shape[0]
-        return type(label) is float and finite_in_float32((label,))
+        return type(label) is float and dtype in _AT_LEAST_FLOAT32 and finite_in_float32((label,))
 
     @staticmethod
     def _check_structure(x: object, vocab_size: int | None = None) -> None:
@@ -254,6 +257,8 @@ class InputSpec:
         return list(torch.aminmax(y))
 
 
+#: floating dtypes in which a value finite as float32 stays finite
+_AT_LEAST_FLOAT32 = (torch.float32, torch.float64)
 #: the largest finite float32
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 

@@ -689,3 +689,22 @@ def test_prequential_result_state_dict_round_trip():
     assert math.isnan(PrequentialResult().accuracy)
     back.curve.append((30, 0.7))
     assert len(r.curve) == 2  # state_dict copies the lists
+
+
+def test_float32_finite_sample_that_overflows_a_half_precision_model_is_refused():
+    """The host check says "finite as float32"; a float16 model's inputs are checked after conversion
+    (70,000 is beyond float16's 65,504), and so is a regression target."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.Flatten(0)).to(torch.float16)
+    learner = Backprop(model, device="cpu", criterion=nn.MSELoss())
+    with pytest.raises(InputError, match="NaN or Inf"):
+        learner.predict_one([7e4, 0.2, 0.3, 0.4])
+    learner.set_micro_batch(2)
+    for _ in range(2):
+        learner.predict_one([0.1, 0.2, 0.3, 0.4])
+        learner.learn_one([0.1, 0.2, 0.3, 0.4], 0.5)
+    assert learner.step_count == 1
+    sample = [0.1, 0.2, 0.3, 0.4]
+    learner.predict_one(sample)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        learner.learn_one(sample, 7e4)

@@ -109,15 +109,17 @@ class StreamingMixin:
             return y.reshape(()) if y.numel() == 1 else y
         if isinstance(y, (bool, np.bool_)):
             raise InputError(f"label must be a class index or a number, got {y!r}")
-        try:  # through numpy: a third of torch.tensor's cost for one number
-            if isinstance(y, (int, np.integer)):
+        # through numpy: a third of torch.tensor's cost for one number
+        if isinstance(y, (int, np.integer)):
+            try:
                 return torch.from_numpy(np.array(int(y), dtype=np.int64))
-            if isinstance(y, (float, np.floating)):
-                if finite_in_float32((float(y),)):
-                    return torch.from_numpy(np.array(float(y), dtype=np.float32))
-                return torch.tensor(float(y), dtype=torch.float32)  # inf or NaN: refused by the target check
-        except OverflowError:
-            raise InputError(f"label {y!r} does not fit a 64-bit integer: labels are class indices") from None
+            except OverflowError:
+                raise InputError(f"label {y!r} does not fit a 64-bit integer: labels are class indices") from None
+        if isinstance(y, (float, np.floating)):
+            value = float(y)
+            if finite_in_float32((value,)):
+                return torch.from_numpy(np.array(value, dtype=np.float32))
+            return torch.tensor(value, dtype=torch.float32)  # inf or NaN: refused by the target check
         array = np.asarray(y)
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):  # a class name, None
             raise InputError(f"label must be a class index or a number, got {y!r}: map class names to indices "

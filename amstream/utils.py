@@ -31,7 +31,7 @@ class eval_mode:
 
     ``nn.Module.train`` walks the tree through ``nn.Module.__setattr__``: 32 us for eval and back on
     a 3-layer MLP, more than its forward pass on one sample. When no module overrides ``train``, the
-    flags are set directly (2 us, as a class rather than a generator-based context manager); a
+    flags are set directly (4 us, as a class rather than a generator-based context manager); a
     module with its own ``train`` gets the full call.
     """
 
